@@ -1,0 +1,39 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Minimal CO-RE views of the kernel structures nsflow reads.
+ *
+ * A full vmlinux.h is 134k lines; these stubs name only the fields the
+ * program dereferences. preserve_access_index makes clang emit CO-RE
+ * relocations, so the loader (cilium/ebpf) rewrites every offset against the
+ * running kernel's BTF: the layout below need not match any real kernel.
+ */
+#ifndef NSFLOW_KERNEL_H
+#define NSFLOW_KERNEL_H
+
+#include <linux/types.h>
+
+struct ns_common {
+	unsigned int inum;
+} __attribute__((preserve_access_index));
+
+struct net {
+	struct ns_common ns;
+} __attribute__((preserve_access_index));
+
+typedef struct {
+	struct net *net;
+} __attribute__((preserve_access_index)) possible_net_t;
+
+struct net_device {
+	possible_net_t nd_net;
+	unsigned short hard_header_len;
+} __attribute__((preserve_access_index));
+
+struct sk_buff {
+	struct net_device *dev;
+} __attribute__((preserve_access_index));
+
+/* Kernel 6.3+: turns the __sk_buff context into the kernel's sk_buff. */
+extern void *bpf_cast_to_kern_ctx(void *obj) __ksym;
+
+#endif

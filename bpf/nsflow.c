@@ -1,0 +1,387 @@
+//go:build ignore
+
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * nsflow TC programs: count every packet per observation point
+ * (network namespace, interface, direction) and per flow.
+ *
+ * One object is loaded once and its two programs are attached to the ingress
+ * and egress hooks of every interface of every observed namespace. Each packet
+ * names its own namespace (skb->dev->nd_net.net->ns.inum), so an attachment
+ * costs an attach, never a program load. The programs never change a verdict:
+ * they always return TC_NEXT (TCX_NEXT == TC_ACT_UNSPEC == -1), so the next
+ * program on the hook, or the kernel's default, decides.
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "kernel.h"
+
+char __license[] SEC("license") = "Dual BSD/GPL";
+
+/* Both TCX_NEXT (not in Debian's UAPI headers yet) and TC_ACT_UNSPEC. */
+#define TC_NEXT -1
+
+#define ETH_P_8021Q_ 0x8100
+#define ETH_P_8021AD_ 0x88A8
+#define IPV6_MAX_EXT_HEADERS 6
+
+enum direction {
+	DIR_RX = 0, /* ingress hook: the namespace receives */
+	DIR_TX = 1, /* egress hook: the namespace sends */
+};
+
+/* An observation point. */
+struct obs_key {
+	__u32 netns;   /* inode of the network namespace */
+	__u32 ifindex; /* interface index inside that namespace */
+	__u8 dir;      /* enum direction */
+	__u8 pad[3];
+};
+
+struct counters {
+	__u64 packets;
+	__u64 bytes; /* skb->len at the hook: the L2 frame, Ethernet header included */
+};
+
+/* A flow as seen at one observation point. Ports are in host byte order;
+ * for ICMP and ICMPv6 they carry the message type and code. */
+struct flow_key {
+	__u32 netns;
+	__u32 ifindex;
+	__u8 dir;
+	__u8 family; /* 4 or 6 */
+	__u8 proto;  /* IPPROTO_* of the transport header (after IPv6 extensions) */
+	__u8 pad;
+	__u16 sport;
+	__u16 dport;
+	__u8 saddr[16]; /* IPv4 in the first 4 bytes */
+	__u8 daddr[16];
+};
+
+struct flow_val {
+	__u64 packets;
+	__u64 bytes;
+	__u64 first_ns; /* CLOCK_MONOTONIC_COARSE, 0 on CPUs that never saw it */
+	__u64 last_ns;
+	__u8 tcp_flags; /* OR of the TCP flags seen */
+	__u8 pad[7];
+};
+
+/* Per-CPU event counters, indexed by enum stat. */
+enum stat {
+	STAT_TOTALS_FULL = 0, /* a new observation point did not fit in totals */
+	STAT_FLOW_NEW = 1,    /* flows created (evictions = created - live - deleted) */
+	STAT_FLOW_ERR = 2,    /* a new flow could not be inserted */
+	STAT_NON_IP = 3,      /* frames that carry no IPv4/IPv6 (ARP, ...): totals only */
+	STAT_TRUNCATED = 4,   /* IP frames too short to parse: totals only */
+	STAT_NO_DEV = 5,      /* sk_buff without a device: cannot be attributed */
+	STAT_MAX = 6,
+};
+
+/* Set by the loader before load (CollectionSpec.Variables). */
+volatile const __u8 flows_enabled = 1;
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct obs_key);
+	__type(value, struct counters);
+} totals SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_PERCPU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct flow_key);
+	__type(value, struct flow_val);
+} flows SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} stats SEC(".maps");
+
+/* Force BTF for the types user space decodes (bpf2go -type). */
+const enum direction *unused_direction __attribute__((unused));
+const enum stat *unused_stat __attribute__((unused));
+
+static __always_inline void stat_inc(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&stats, &idx);
+
+	if (v)
+		*v += 1;
+}
+
+static __always_inline void count_total(struct obs_key *key, __u32 len)
+{
+	struct counters *c = bpf_map_lookup_elem(&totals, key);
+
+	if (!c) {
+		struct counters init = { .packets = 1, .bytes = len };
+		long err = bpf_map_update_elem(&totals, key, &init, BPF_NOEXIST);
+
+		if (!err)
+			return;
+		if (err != -17 /* EEXIST: another CPU inserted it first */) {
+			stat_inc(STAT_TOTALS_FULL);
+			return;
+		}
+		c = bpf_map_lookup_elem(&totals, key);
+		if (!c)
+			return;
+	}
+	/* Per-CPU value: no other CPU writes it, no atomics needed. */
+	c->packets++;
+	c->bytes += len;
+}
+
+static __always_inline void count_flow(struct flow_key *key, __u32 len, __u8 tcp_flags)
+{
+	__u64 now = bpf_ktime_get_coarse_ns();
+	struct flow_val *v = bpf_map_lookup_elem(&flows, key);
+
+	if (!v) {
+		struct flow_val init = {
+			.packets = 1,
+			.bytes = len,
+			.first_ns = now,
+			.last_ns = now,
+			.tcp_flags = tcp_flags,
+		};
+		long err = bpf_map_update_elem(&flows, key, &init, BPF_NOEXIST);
+
+		if (!err) {
+			stat_inc(STAT_FLOW_NEW);
+			return;
+		}
+		v = bpf_map_lookup_elem(&flows, key);
+		if (!v) {
+			stat_inc(STAT_FLOW_ERR);
+			return;
+		}
+		/* Per-CPU LRU: this CPU's slot of an entry another CPU created. */
+		if (!v->first_ns)
+			v->first_ns = now;
+	}
+	v->packets++;
+	v->bytes += len;
+	v->last_ns = now;
+	v->tcp_flags |= tcp_flags;
+}
+
+/*
+ * Parses the transport header at off. Returns 0 when ports (and TCP flags)
+ * were read, -1 when the frame ends too early. Every access is checked against
+ * data_end right before it: the verifier rejects any packet read it cannot
+ * prove in bounds.
+ */
+static __always_inline int parse_l4(void *data, void *data_end, __u64 off, struct flow_key *key,
+				    __u8 *tcp_flags)
+{
+	__u8 *l4 = data + off;
+
+	switch (key->proto) {
+	case IPPROTO_TCP:
+		/* ports (4), seq (4), ack (4), data offset (1), flags (1) */
+		if ((void *)(l4 + 14) > data_end)
+			return -1;
+		*tcp_flags = l4[13];
+		/* fallthrough */
+	case IPPROTO_UDP:
+	case IPPROTO_UDPLITE:
+	case IPPROTO_SCTP:
+		if ((void *)(l4 + 4) > data_end)
+			return -1;
+		key->sport = ((__u16)l4[0] << 8) | l4[1];
+		key->dport = ((__u16)l4[2] << 8) | l4[3];
+		return 0;
+	case IPPROTO_ICMP:
+	case IPPROTO_ICMPV6:
+		if ((void *)(l4 + 2) > data_end)
+			return -1;
+		key->sport = l4[0]; /* type */
+		key->dport = l4[1]; /* code */
+		return 0;
+	}
+	return 0; /* no ports in this protocol */
+}
+
+static __always_inline int parse_ipv4(void *data, void *data_end, __u64 off, struct flow_key *key,
+				      __u8 *tcp_flags)
+{
+	struct iphdr *ip = data + off;
+
+	if ((void *)(ip + 1) > data_end)
+		return -1;
+	if (ip->version != 4 || ip->ihl < 5)
+		return -1;
+	key->family = 4;
+	key->proto = ip->protocol;
+	__builtin_memcpy(key->saddr, &ip->saddr, 4);
+	__builtin_memcpy(key->daddr, &ip->daddr, 4);
+	/* Non-first fragments carry no transport header: ports stay 0. */
+	if (ip->frag_off & bpf_htons(0x1fff))
+		return 0;
+	return parse_l4(data, data_end, off + ip->ihl * 4, key, tcp_flags);
+}
+
+static __always_inline int parse_ipv6(void *data, void *data_end, __u64 off, struct flow_key *key,
+				      __u8 *tcp_flags)
+{
+	struct ipv6hdr *ip6 = data + off;
+	__u8 next;
+
+	if ((void *)(ip6 + 1) > data_end)
+		return -1;
+	if (ip6->version != 6)
+		return -1;
+	key->family = 6;
+	__builtin_memcpy(key->saddr, &ip6->saddr, 16);
+	__builtin_memcpy(key->daddr, &ip6->daddr, 16);
+	next = ip6->nexthdr;
+	off += sizeof(*ip6);
+
+	/* A bounded walk over extension headers; the verifier needs the bound. */
+#pragma unroll
+	for (int i = 0; i < IPV6_MAX_EXT_HEADERS; i++) {
+		__u8 *ext = data + off;
+
+		switch (next) {
+		case IPPROTO_HOPOPTS:
+		case IPPROTO_ROUTING:
+		case IPPROTO_DSTOPTS:
+			if ((void *)(ext + 2) > data_end)
+				return -1;
+			next = ext[0];
+			off += ((__u64)ext[1] + 1) * 8;
+			continue;
+		case IPPROTO_AH:
+			if ((void *)(ext + 2) > data_end)
+				return -1;
+			next = ext[0];
+			off += ((__u64)ext[1] + 2) * 4;
+			continue;
+		case IPPROTO_FRAGMENT:
+			/* next (1), reserved (1), offset+flags (2), id (4) */
+			if ((void *)(ext + 8) > data_end)
+				return -1;
+			next = ext[0];
+			off += 8;
+			if (((ext[2] << 8) | ext[3]) & 0xfff8) {
+				/* Not the first fragment: no transport header. */
+				key->proto = next;
+				return 0;
+			}
+			continue;
+		}
+		break;
+	}
+	key->proto = next;
+	switch (next) {
+	case IPPROTO_HOPOPTS:
+	case IPPROTO_ROUTING:
+	case IPPROTO_DSTOPTS:
+	case IPPROTO_AH:
+	case IPPROTO_FRAGMENT:
+		/* More extension headers than we walk: keep the flow, without ports. */
+		return 0;
+	}
+	/* off is bounded by the unrolled walk (each step adds at most 2048). */
+	if (off > 0xffff)
+		return -1;
+	return parse_l4(data, data_end, off, key, tcp_flags);
+}
+
+static __always_inline int account(struct __sk_buff *ctx, __u8 dir)
+{
+	struct sk_buff *skb = bpf_cast_to_kern_ctx(ctx);
+	struct net_device *dev = skb->dev;
+	__u32 len = ctx->len;
+
+	if (!dev) {
+		stat_inc(STAT_NO_DEV);
+		return TC_NEXT;
+	}
+
+	struct obs_key okey = {
+		.netns = dev->nd_net.net->ns.inum,
+		.ifindex = ctx->ifindex,
+		.dir = dir,
+	};
+	count_total(&okey, len);
+
+	if (!flows_enabled)
+		return TC_NEXT;
+
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u64 off = 0;
+	__u16 proto = ctx->protocol; /* network byte order */
+
+	/* Devices without a link-layer header (tun, wireguard) start at L3. */
+	if (dev->hard_header_len) {
+		struct ethhdr *eth = data;
+
+		if ((void *)(eth + 1) > data_end) {
+			stat_inc(STAT_TRUNCATED);
+			return TC_NEXT;
+		}
+		proto = eth->h_proto;
+		off = sizeof(*eth);
+		if (proto == bpf_htons(ETH_P_8021Q_) || proto == bpf_htons(ETH_P_8021AD_)) {
+			/* One VLAN tag: TCI (2), then the encapsulated ethertype (2). */
+			__u16 *vlan = data + off;
+
+			if ((void *)(vlan + 2) > data_end) {
+				stat_inc(STAT_TRUNCATED);
+				return TC_NEXT;
+			}
+			proto = vlan[1];
+			off += 4;
+		}
+	}
+
+	struct flow_key fkey = {
+		.netns = okey.netns,
+		.ifindex = okey.ifindex,
+		.dir = dir,
+	};
+	__u8 tcp_flags = 0;
+	int err;
+
+	if (proto == bpf_htons(ETH_P_IP)) {
+		err = parse_ipv4(data, data_end, off, &fkey, &tcp_flags);
+	} else if (proto == bpf_htons(ETH_P_IPV6)) {
+		err = parse_ipv6(data, data_end, off, &fkey, &tcp_flags);
+	} else {
+		stat_inc(STAT_NON_IP);
+		return TC_NEXT;
+	}
+	if (err) {
+		stat_inc(STAT_TRUNCATED);
+		return TC_NEXT;
+	}
+	count_flow(&fkey, len, tcp_flags);
+	return TC_NEXT;
+}
+
+SEC("tc")
+int nsflow_ingress(struct __sk_buff *ctx)
+{
+	return account(ctx, DIR_RX);
+}
+
+SEC("tc")
+int nsflow_egress(struct __sk_buff *ctx)
+{
+	return account(ctx, DIR_TX);
+}
