@@ -1,0 +1,188 @@
+package collector
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+)
+
+// Mode selects how programs are attached to interfaces.
+type Mode string
+
+const (
+	// ModeAuto uses TCX where the kernel has it (6.6+) and clsact otherwise.
+	ModeAuto Mode = "auto"
+	// ModeTCX attaches with TCX links (bpf_link, kernel 6.6+).
+	ModeTCX Mode = "tcx"
+	// ModeClsact attaches cls_bpf filters to a clsact qdisc via netlink.
+	ModeClsact Mode = "clsact"
+)
+
+// ParseMode parses a --attach-mode value.
+func ParseMode(s string) (Mode, error) {
+	switch m := Mode(strings.ToLower(s)); m {
+	case ModeAuto, ModeTCX, ModeClsact:
+		return m, nil
+	}
+	return "", fmt.Errorf("unknown attach mode %q (want auto, tcx or clsact)", s)
+}
+
+// clsact filter identity: nsflow's filters are found and removed by these.
+const (
+	clsactPriority = 1 // first on the hook: counts what later filters drop
+	clsactHandle   = 0x6e73 // "ns"
+	clsactName     = "nsflow"
+)
+
+// attachment is the pair of hooks (ingress, egress) nsflow holds on one
+// interface. close detaches both; it is safe on an interface that is gone.
+type attachment interface {
+	close() error
+}
+
+// attacher attaches the two programs to one interface of a namespace.
+type attacher interface {
+	attach(ns netns.NsHandle, nl *netlink.Handle, ifindex int) (attachment, error)
+}
+
+type tcxAttacher struct{ ingress, egress *ebpf.Program }
+
+type tcxAttachment struct{ links []link.Link }
+
+func (a *tcxAttacher) attach(ns netns.NsHandle, _ *netlink.Handle, ifindex int) (attachment, error) {
+	var att tcxAttachment
+	// ifindex is relative to the calling thread's namespace: attach from inside.
+	err := inNetns(ns, func() error {
+		for _, h := range []struct {
+			prog *ebpf.Program
+			typ  ebpf.AttachType
+			name string
+		}{{a.ingress, ebpf.AttachTCXIngress, "ingress"}, {a.egress, ebpf.AttachTCXEgress, "egress"}} {
+			l, err := link.AttachTCX(link.TCXOptions{
+				Interface: ifindex,
+				Program:   h.prog,
+				Attach:    h.typ,
+				Anchor:    link.Head(), // first: counts what later programs drop
+			})
+			if err != nil {
+				return fmt.Errorf("tcx %s: %w", h.name, err)
+			}
+			att.links = append(att.links, l)
+		}
+		return nil
+	})
+	if err != nil {
+		_ = att.close()
+		return nil, err
+	}
+	return &att, nil
+}
+
+func (a *tcxAttachment) close() error {
+	var errs []error
+	for _, l := range a.links {
+		errs = append(errs, l.Close())
+	}
+	a.links = nil
+	return errors.Join(errs...)
+}
+
+type clsactAttacher struct{ ingress, egress *ebpf.Program }
+
+type clsactAttachment struct {
+	nl        *netlink.Handle
+	ifindex   int
+	ownsQdisc bool
+	filters   []*netlink.BpfFilter
+}
+
+func clsactQdisc(ifindex int) *netlink.GenericQdisc {
+	return &netlink.GenericQdisc{
+		QdiscAttrs: netlink.QdiscAttrs{
+			LinkIndex: ifindex,
+			Handle:    netlink.MakeHandle(0xffff, 0),
+			Parent:    netlink.HANDLE_CLSACT,
+		},
+		QdiscType: "clsact",
+	}
+}
+
+func (a *clsactAttacher) attach(_ netns.NsHandle, nl *netlink.Handle, ifindex int) (attachment, error) {
+	att := &clsactAttachment{nl: nl, ifindex: ifindex}
+	// Another tool's clsact qdisc is shared, never replaced or removed.
+	switch err := nl.QdiscAdd(clsactQdisc(ifindex)); {
+	case err == nil:
+		att.ownsQdisc = true
+	case errors.Is(err, unix.EEXIST):
+	default:
+		return nil, fmt.Errorf("add clsact qdisc: %w", err)
+	}
+	for _, h := range []struct {
+		prog   *ebpf.Program
+		parent uint32
+		name   string
+	}{{a.ingress, netlink.HANDLE_MIN_INGRESS, "ingress"}, {a.egress, netlink.HANDLE_MIN_EGRESS, "egress"}} {
+		f := &netlink.BpfFilter{
+			FilterAttrs: netlink.FilterAttrs{
+				LinkIndex: ifindex,
+				Parent:    h.parent,
+				Handle:    clsactHandle,
+				Priority:  clsactPriority,
+				Protocol:  unix.ETH_P_ALL,
+			},
+			Fd:           h.prog.FD(),
+			Name:         clsactName,
+			DirectAction: true,
+		}
+		if err := nl.FilterAdd(f); err != nil {
+			_ = att.close()
+			return nil, fmt.Errorf("add cls_bpf filter %s: %w", h.name, err)
+		}
+		att.filters = append(att.filters, f)
+	}
+	return att, nil
+}
+
+func (a *clsactAttachment) close() error {
+	var errs []error
+	for _, f := range a.filters {
+		if err := a.nl.FilterDel(f); err != nil && !gone(err) {
+			errs = append(errs, fmt.Errorf("delete cls_bpf filter: %w", err))
+		}
+	}
+	a.filters = nil
+	if a.ownsQdisc && a.qdiscUnused() {
+		if err := a.nl.QdiscDel(clsactQdisc(a.ifindex)); err != nil && !gone(err) {
+			errs = append(errs, fmt.Errorf("delete clsact qdisc: %w", err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// qdiscUnused reports whether no other filter sits on the clsact qdisc that
+// nsflow created (another tool may have added one meanwhile).
+func (a *clsactAttachment) qdiscUnused() bool {
+	l, err := a.nl.LinkByIndex(a.ifindex)
+	if err != nil {
+		return false
+	}
+	for _, parent := range []uint32{netlink.HANDLE_MIN_INGRESS, netlink.HANDLE_MIN_EGRESS} {
+		fs, err := a.nl.FilterList(l, parent)
+		if err != nil || len(fs) > 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// gone reports whether err says the interface or the object on it no longer
+// exists: detaching from a vanished interface is not a failure.
+func gone(err error) bool {
+	return errors.Is(err, unix.ENODEV) || errors.Is(err, unix.ENOENT) || errors.Is(err, unix.EINVAL)
+}

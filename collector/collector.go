@@ -1,0 +1,404 @@
+// Package collector attaches nsflow's TC programs to every interface of the
+// observed network namespaces, follows interfaces as they appear and vanish
+// (netlink events), and reads the BPF maps into snapshots.
+package collector
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
+	"github.com/nsflow/nsflow/bpf"
+)
+
+// Config configures a Collector.
+type Config struct {
+	// Mode selects the attach mechanism; empty means ModeAuto.
+	Mode Mode
+	// FlowEntries is the flow map's capacity; 0 means bpf.DefaultFlowEntries.
+	FlowEntries uint32
+	// NoFlows keeps only the exact per-interface totals.
+	NoFlows bool
+	// Logger receives one line per lifecycle event; nil discards them.
+	Logger *slog.Logger
+}
+
+// AttachState is the state of nsflow's programs on one interface.
+type AttachState string
+
+const (
+	StateAttached AttachState = "attached"
+	StateFailed   AttachState = "failed"
+	StateDetached AttachState = "detached"
+)
+
+// Collector owns the loaded BPF objects and everything attached with them.
+// It is safe for concurrent use.
+type Collector struct {
+	objs *bpf.NsflowObjects
+	log  *slog.Logger
+	cfg  Config
+
+	mu         sync.Mutex
+	mode       Mode // resolved: ModeTCX or ModeClsact
+	att        attacher
+	namespaces map[uint64]*namespace
+	closed     bool
+	// flowsDeleted counts flow entries removed by Prune, so that LRU
+	// evictions can be told apart from deliberate deletions.
+	flowsDeleted uint64
+	attachErrors map[string]uint64
+}
+
+type namespace struct {
+	name   string
+	path   string
+	inode  uint64
+	handle netns.NsHandle
+	nl     *netlink.Handle
+	ifaces map[int]*iface
+	stop   chan struct{}
+	done   chan struct{}
+	gone   time.Time
+}
+
+type iface struct {
+	index int
+	name  string
+	state AttachState
+	err   error
+	att   attachment
+}
+
+// New loads the BPF programs and maps; nothing is attached yet.
+func New(cfg Config) (*Collector, error) {
+	if cfg.Mode == "" {
+		cfg.Mode = ModeAuto
+	}
+	if _, err := ParseMode(string(cfg.Mode)); err != nil {
+		return nil, err
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	objs, err := bpf.Load(bpf.Options{FlowEntries: cfg.FlowEntries, NoFlows: cfg.NoFlows})
+	if err != nil {
+		return nil, err
+	}
+	c := &Collector{
+		objs:         objs,
+		log:          cfg.Logger,
+		cfg:          cfg,
+		namespaces:   map[uint64]*namespace{},
+		attachErrors: map[string]uint64{},
+	}
+	c.setMode(cfg.Mode)
+	return c, nil
+}
+
+func (c *Collector) setMode(m Mode) {
+	c.mode = m
+	if m == ModeClsact {
+		c.att = &clsactAttacher{ingress: c.objs.NsflowIngress, egress: c.objs.NsflowEgress}
+	} else {
+		c.att = &tcxAttacher{ingress: c.objs.NsflowIngress, egress: c.objs.NsflowEgress}
+	}
+}
+
+// Mode returns the attach mechanism in use. Under ModeAuto it is ModeTCX
+// until an attach finds the kernel without TCX, then ModeClsact.
+func (c *Collector) Mode() Mode {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.mode == ModeAuto {
+		return ModeTCX
+	}
+	return c.mode
+}
+
+// Add starts observing the namespace t refers to: every interface in it now,
+// and every interface that appears later. Observing a namespace twice (under
+// two names or paths) is a no-op. It returns the namespace inode. An error
+// for one interface does not stop the others; all such errors are returned.
+func (c *Collector) Add(t Target) (uint64, error) {
+	h, err := netns.GetFromPath(t.Path)
+	if err != nil {
+		if errors.Is(err, unix.ENOENT) {
+			return 0, fmt.Errorf("netns %s: %w", t.Name, ErrNamespaceNotFound)
+		}
+		return 0, fmt.Errorf("open netns %s: %w", t.Name, err)
+	}
+	ino, err := inode(h)
+	if err != nil {
+		h.Close()
+		return 0, fmt.Errorf("stat netns %s: %w", t.Name, err)
+	}
+
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		h.Close()
+		return 0, errors.New("collector closed")
+	}
+	if ns, ok := c.namespaces[ino]; ok && ns.gone.IsZero() {
+		h.Close()
+		return ino, nil
+	}
+	nl, err := netlink.NewHandleAt(h)
+	if err != nil {
+		h.Close()
+		return 0, fmt.Errorf("netlink in netns %s: %w", t.Name, err)
+	}
+	ns := &namespace{
+		name: t.Name, path: t.Path, inode: ino, handle: h, nl: nl,
+		ifaces: map[int]*iface{}, stop: make(chan struct{}), done: make(chan struct{}),
+	}
+	// Subscribe before listing, so that no interface added in between is missed.
+	updates := make(chan netlink.LinkUpdate, 128)
+	err = netlink.LinkSubscribeWithOptions(updates, ns.stop, netlink.LinkSubscribeOptions{
+		Namespace: &h,
+		ErrorCallback: func(err error) {
+			c.log.Warn("link events", "netns", t.Name, "err", err)
+		},
+	})
+	if err != nil {
+		nl.Close()
+		h.Close()
+		return 0, fmt.Errorf("subscribe to link events in netns %s: %w", t.Name, err)
+	}
+	c.namespaces[ino] = ns
+	go c.follow(ns, updates)
+
+	links, err := nl.LinkList()
+	if err != nil {
+		return ino, fmt.Errorf("list interfaces in netns %s: %w", t.Name, err)
+	}
+	var errs []error
+	for _, l := range links {
+		if err := c.attachLocked(ns, l.Attrs().Index, l.Attrs().Name); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	c.log.Info("observing netns", "netns", t.Name, "inode", ino, "interfaces", len(links), "mode", c.mode)
+	return ino, errors.Join(errs...)
+}
+
+// follow applies the link events of one namespace until it is removed.
+func (c *Collector) follow(ns *namespace, updates <-chan netlink.LinkUpdate) {
+	defer close(ns.done)
+	for u := range updates {
+		a := u.Link.Attrs()
+		c.mu.Lock()
+		if !ns.gone.IsZero() {
+			c.mu.Unlock()
+			continue // drain until the subscription closes the channel
+		}
+		switch u.Header.Type {
+		case unix.RTM_NEWLINK:
+			if err := c.attachLocked(ns, a.Index, a.Name); err != nil {
+				c.log.Warn("attach", "err", err)
+			}
+		case unix.RTM_DELLINK:
+			c.detachLocked(ns, a.Index, "interface removed")
+		}
+		c.mu.Unlock()
+	}
+}
+
+// attachLocked attaches to one interface unless already attached; a renamed
+// interface keeps its attachment under the new name.
+func (c *Collector) attachLocked(ns *namespace, index int, name string) error {
+	if i, ok := ns.ifaces[index]; ok && i.state == StateAttached {
+		i.name = name
+		return nil
+	}
+	att, err := c.att.attach(ns.handle, ns.nl, index)
+	if err != nil && c.mode == ModeAuto && errors.Is(err, ebpf.ErrNotSupported) {
+		c.log.Info("kernel without TCX: falling back to clsact + cls_bpf")
+		c.setMode(ModeClsact)
+		att, err = c.att.attach(ns.handle, ns.nl, index)
+	}
+	i := &iface{index: index, name: name, state: StateAttached, att: att}
+	if err != nil {
+		i.state, i.err, i.att = StateFailed, err, nil
+		c.attachErrors[errorReason(err)]++
+		ns.ifaces[index] = i
+		return fmt.Errorf("attach to %s in netns %s: %w", name, ns.name, err)
+	}
+	ns.ifaces[index] = i
+	c.log.Debug("attached", "netns", ns.name, "interface", name, "ifindex", index)
+	return nil
+}
+
+func (c *Collector) detachLocked(ns *namespace, index int, why string) {
+	i, ok := ns.ifaces[index]
+	if !ok {
+		return
+	}
+	if i.att != nil {
+		if err := i.att.close(); err != nil {
+			c.log.Warn("detach", "netns", ns.name, "interface", i.name, "err", err)
+		}
+		i.att = nil
+	}
+	if i.state == StateAttached {
+		i.state = StateDetached
+	}
+	c.log.Debug("detached", "netns", ns.name, "interface", i.name, "reason", why)
+}
+
+// errorReason names an attach error for the attach-errors metric: the errno
+// where there is one, so the label set stays small.
+func errorReason(err error) string {
+	var errno unix.Errno
+	switch {
+	case errors.Is(err, ebpf.ErrNotSupported):
+		return "not_supported"
+	case errors.As(err, &errno):
+		return unix.ErrnoName(errno)
+	}
+	return "other"
+}
+
+// Remove stops observing a namespace: its interfaces are detached and every
+// handle into it is closed, so the kernel can free it. Its counters stay
+// readable (marked gone) until Prune forgets them.
+func (c *Collector) Remove(inode uint64) {
+	c.mu.Lock()
+	ns, ok := c.namespaces[inode]
+	if !ok || !ns.gone.IsZero() {
+		c.mu.Unlock()
+		return
+	}
+	ns.gone = time.Now()
+	for idx := range ns.ifaces {
+		c.detachLocked(ns, idx, "namespace removed")
+	}
+	close(ns.stop)
+	c.mu.Unlock()
+	<-ns.done // follow() has returned: the subscription socket is closed
+	ns.nl.Close()
+	ns.handle.Close()
+	c.log.Info("stopped observing netns", "netns", ns.name, "inode", inode)
+}
+
+// Prune forgets namespaces removed before the given time, deleting their
+// counters and flows from the maps.
+func (c *Collector) Prune(before time.Time) error {
+	c.mu.Lock()
+	forget := map[uint32]bool{}
+	for ino, ns := range c.namespaces {
+		if !ns.gone.IsZero() && ns.gone.Before(before) {
+			forget[uint32(ino)] = true
+			delete(c.namespaces, ino)
+		}
+	}
+	c.mu.Unlock()
+	if len(forget) == 0 {
+		return nil
+	}
+	var errs []error
+	var ok bpf.NsflowObsKey
+	var okeys []bpf.NsflowObsKey
+	var cv []bpf.NsflowCounters
+	it := c.objs.Totals.Iterate()
+	for it.Next(&ok, &cv) {
+		if forget[ok.Netns] {
+			okeys = append(okeys, ok)
+		}
+	}
+	errs = append(errs, it.Err())
+	for _, k := range okeys {
+		if err := c.objs.Totals.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	var fk bpf.NsflowFlowKey
+	var fkeys []bpf.NsflowFlowKey
+	var fv []bpf.NsflowFlowVal
+	it = c.objs.Flows.Iterate()
+	for it.Next(&fk, &fv) {
+		if forget[fk.Netns] {
+			fkeys = append(fkeys, fk)
+		}
+	}
+	errs = append(errs, it.Err())
+	var deleted uint64
+	for _, k := range fkeys {
+		if err := c.objs.Flows.Delete(k); err == nil {
+			deleted++
+		}
+	}
+	c.mu.Lock()
+	c.flowsDeleted += deleted
+	c.mu.Unlock()
+	return errors.Join(errs...)
+}
+
+// Close detaches everything and releases the BPF objects.
+func (c *Collector) Close() error {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return nil
+	}
+	c.closed = true
+	var live []uint64
+	for ino, ns := range c.namespaces {
+		if ns.gone.IsZero() {
+			live = append(live, ino)
+		}
+	}
+	c.mu.Unlock()
+	for _, ino := range live {
+		c.Remove(ino)
+	}
+	return c.objs.Close()
+}
+
+// Interfaces describes the observed namespaces, their interfaces and the
+// attach state of each, sorted by namespace name and ifindex.
+func (c *Collector) Interfaces() []NamespaceInfo {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := make([]NamespaceInfo, 0, len(c.namespaces))
+	for _, ns := range c.namespaces {
+		ni := NamespaceInfo{Name: ns.name, Path: ns.path, Inode: ns.inode, Gone: !ns.gone.IsZero()}
+		for _, i := range ns.ifaces {
+			ii := InterfaceInfo{Name: i.name, Index: i.index, State: i.state}
+			if i.err != nil {
+				ii.Error = i.err.Error()
+			}
+			ni.Interfaces = append(ni.Interfaces, ii)
+		}
+		sort.Slice(ni.Interfaces, func(a, b int) bool { return ni.Interfaces[a].Index < ni.Interfaces[b].Index })
+		out = append(out, ni)
+	}
+	sort.Slice(out, func(a, b int) bool { return out[a].Name < out[b].Name })
+	return out
+}
+
+// NamespaceInfo describes an observed namespace.
+type NamespaceInfo struct {
+	Name       string          `json:"name"`
+	Path       string          `json:"path"`
+	Inode      uint64          `json:"inode"`
+	Gone       bool            `json:"gone,omitempty"`
+	Interfaces []InterfaceInfo `json:"interfaces"`
+}
+
+// InterfaceInfo describes one interface and nsflow's programs on it.
+type InterfaceInfo struct {
+	Name  string      `json:"name"`
+	Index int         `json:"ifindex"`
+	State AttachState `json:"state"`
+	Error string      `json:"error,omitempty"`
+}

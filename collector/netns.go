@@ -1,0 +1,135 @@
+package collector
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+)
+
+// ErrNamespaceNotFound is returned when a namespace selector names nothing.
+var ErrNamespaceNotFound = errors.New("network namespace not found")
+
+// ErrBadSelector is returned for a namespace selector that cannot be parsed.
+var ErrBadSelector = errors.New("bad namespace selector")
+
+// NetnsDirs are the directories where `ip netns` and CNI plugins bind-mount
+// named namespaces, in lookup order.
+var NetnsDirs = []string{"/run/netns", "/var/run/netns"}
+
+// HostName is the name under which the host's own namespace is reported.
+const HostName = "host"
+
+// Target is a network namespace to observe: a file that refers to it (a bind
+// mount or /proc/PID/ns/net) and the human name it is reported under.
+type Target struct {
+	Name string
+	Path string
+}
+
+// ParseTarget resolves a namespace selector:
+//
+//	NAME        an `ip netns` name (/run/netns/NAME)
+//	pid:PID     the namespace of a process
+//	/PATH       any file that refers to a namespace (bind mount, /proc/PID/ns/net)
+//	host        the namespace of PID 1
+func ParseTarget(sel string) (Target, error) {
+	switch {
+	case sel == "":
+		return Target{}, fmt.Errorf("%w: empty", ErrBadSelector)
+	case sel == HostName:
+		return Target{Name: HostName, Path: "/proc/1/ns/net"}, checkNetns("/proc/1/ns/net")
+	case strings.HasPrefix(sel, "pid:"):
+		pid, err := strconv.Atoi(strings.TrimPrefix(sel, "pid:"))
+		if err != nil || pid <= 0 {
+			return Target{}, fmt.Errorf("%w: %q: want pid:PID with a positive process id", ErrBadSelector, sel)
+		}
+		p := fmt.Sprintf("/proc/%d/ns/net", pid)
+		return Target{Name: sel, Path: p}, checkNetns(p)
+	case strings.HasPrefix(sel, "/") || strings.HasPrefix(sel, "."):
+		p := filepath.Clean(sel)
+		name := p
+		for _, d := range NetnsDirs {
+			if filepath.Dir(p) == d {
+				name = filepath.Base(p)
+			}
+		}
+		return Target{Name: name, Path: p}, checkNetns(p)
+	case strings.ContainsAny(sel, "/\x00") || sel == "." || sel == "..":
+		return Target{}, fmt.Errorf("%w: %q is not a valid ip netns name", ErrBadSelector, sel)
+	}
+	for _, d := range NetnsDirs {
+		p := filepath.Join(d, sel)
+		if _, err := os.Stat(p); err == nil {
+			return Target{Name: sel, Path: p}, checkNetns(p)
+		}
+	}
+	return Target{}, fmt.Errorf("%w: no %q in %s (see `ip netns list`)", ErrNamespaceNotFound, sel, strings.Join(NetnsDirs, " or "))
+}
+
+// checkNetns verifies that path refers to a network namespace.
+func checkNetns(path string) error {
+	h, err := netns.GetFromPath(path)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) || errors.Is(err, unix.ESRCH) {
+			return fmt.Errorf("%w: %s", ErrNamespaceNotFound, path)
+		}
+		return fmt.Errorf("open %s: %w", path, err)
+	}
+	defer h.Close()
+	ns, err := unix.IoctlRetInt(int(h), unix.NS_GET_NSTYPE)
+	if err != nil {
+		return fmt.Errorf("%s: not a namespace file: %w", path, err)
+	}
+	if ns != unix.CLONE_NEWNET {
+		return fmt.Errorf("%w: %s is not a network namespace", ErrBadSelector, path)
+	}
+	return nil
+}
+
+// inode returns the namespace inode a handle refers to: its identity, the
+// number the BPF programs key their counters by.
+func inode(h netns.NsHandle) (uint64, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(int(h), &st); err != nil {
+		return 0, err
+	}
+	return st.Ino, nil
+}
+
+// inNetns runs fn on a dedicated, locked OS thread switched into ns. Only that
+// thread changes namespace; if it cannot switch back it is never unlocked, so
+// the Go runtime discards it instead of reusing a thread in the wrong
+// namespace.
+func inNetns(ns netns.NsHandle, fn func() error) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		orig, err := netns.Get()
+		if err != nil {
+			runtime.UnlockOSThread()
+			errc <- fmt.Errorf("get current netns: %w", err)
+			return
+		}
+		defer orig.Close()
+		if err := netns.Set(ns); err != nil {
+			runtime.UnlockOSThread()
+			errc <- fmt.Errorf("enter netns: %w", err)
+			return
+		}
+		ferr := fn()
+		if err := netns.Set(orig); err != nil {
+			errc <- errors.Join(ferr, fmt.Errorf("return to original netns: %w", err))
+			return // the thread stays locked and dies with this goroutine
+		}
+		runtime.UnlockOSThread()
+		errc <- ferr
+	}()
+	return <-errc
+}
