@@ -35,7 +35,7 @@ func ParseMode(s string) (Mode, error) {
 
 // clsact filter identity: nsflow's filters are found and removed by these.
 const (
-	clsactPriority = 1 // first on the hook: counts what later filters drop
+	clsactPriority = 1      // first on the hook: counts what later filters drop
 	clsactHandle   = 0x6e73 // "ns"
 	clsactName     = "nsflow"
 )

@@ -1,0 +1,61 @@
+# nsflow — see README.md. Targets that load BPF or create namespaces need root.
+
+GO        ?= go
+BIN       := bin/nsflow
+PKGS      := ./...
+# Debian packages the build, the tests and the demo need (clang only for `make generate`).
+DEB_PKGS  := clang llvm libbpf-dev linux-libc-dev bpftool iproute2 iputils-ping iperf3 tcpdump prometheus procps
+TEST_TIMEOUT ?= 25m
+
+.PHONY: all build generate check-generate deps lint test test-unit bench fuzz demo clean
+
+all: build
+
+## build: the static nsflow binary (no cgo, no clang: the BPF objects are committed)
+build:
+	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN) ./cmd/nsflow
+
+## generate: recompile bpf/nsflow.c and regenerate its Go bindings with bpf2go
+generate:
+	$(GO) generate ./bpf/
+
+## check-generate: fail if the committed bpf2go outputs are stale
+check-generate: generate
+	@git diff --exit-code -- bpf/ || { echo "bpf2go outputs are stale: run 'make generate' and commit them" >&2; exit 1; }
+
+## deps: install the Debian packages that are missing (needs root and apt)
+deps:
+	@missing=""; for p in $(DEB_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+## lint: go vet and gofmt
+lint:
+	$(GO) vet $(PKGS)
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:\n$$out" >&2; exit 1; fi
+
+## test: everything CI runs (as root): deps, fresh generated code, lint, all tests
+test: deps check-generate lint
+	$(GO) test -count=1 -timeout $(TEST_TIMEOUT) $(PKGS)
+
+## test-unit: the tests without the dependency and generate checks
+test-unit:
+	$(GO) test -count=1 -timeout $(TEST_TIMEOUT) $(PKGS)
+
+## bench: the benchmarks (figures go to docs/BENCHMARKS.md)
+bench:
+	$(GO) test -run '^$$' -bench . -benchtime 200000x -count 5 ./bpf/
+
+## fuzz: bounded fuzzing of the BPF parser (FUZZTIME per target)
+FUZZTIME ?= 60s
+fuzz:
+	$(GO) test -run '^$$' -fuzz FuzzProgram -fuzztime $(FUZZTIME) ./bpf/
+
+## demo: two pods, traffic between them and inside one of them, traced
+demo: deps build
+	./test/demo.sh $(BIN)
+
+clean:
+	rm -rf bin
