@@ -121,12 +121,12 @@ static __always_inline void stat_inc(__u32 idx)
 		*v += 1;
 }
 
-static __always_inline void count_total(struct obs_key *key, __u32 len)
+static __always_inline void count_total(struct obs_key *key, __u32 packets, __u64 len)
 {
 	struct counters *c = bpf_map_lookup_elem(&totals, key);
 
 	if (!c) {
-		struct counters init = { .packets = 1, .bytes = len };
+		struct counters init = { .packets = packets, .bytes = len };
 		long err = bpf_map_update_elem(&totals, key, &init, BPF_NOEXIST);
 
 		if (!err)
@@ -140,18 +140,18 @@ static __always_inline void count_total(struct obs_key *key, __u32 len)
 			return;
 	}
 	/* Per-CPU value: no other CPU writes it, no atomics needed. */
-	c->packets++;
+	c->packets += packets;
 	c->bytes += len;
 }
 
-static __always_inline void count_flow(struct flow_key *key, __u32 len, __u8 tcp_flags)
+static __always_inline void count_flow(struct flow_key *key, __u32 packets, __u64 len, __u8 tcp_flags)
 {
 	__u64 now = bpf_ktime_get_coarse_ns();
 	struct flow_val *v = bpf_map_lookup_elem(&flows, key);
 
 	if (!v) {
 		struct flow_val init = {
-			.packets = 1,
+			.packets = packets,
 			.bytes = len,
 			.first_ns = now,
 			.last_ns = now,
@@ -172,11 +172,17 @@ static __always_inline void count_flow(struct flow_key *key, __u32 len, __u8 tcp
 		if (!v->first_ns)
 			v->first_ns = now;
 	}
-	v->packets++;
+	v->packets += packets;
 	v->bytes += len;
 	v->last_ns = now;
 	v->tcp_flags |= tcp_flags;
 }
+
+/* What the parser learns beyond the flow key. */
+struct l4_info {
+	__u64 hdr_len; /* bytes of headers before the transport payload */
+	__u8 tcp_flags;
+};
 
 /*
  * Parses the transport header at off. Returns 0 when ports (and TCP flags)
@@ -185,19 +191,27 @@ static __always_inline void count_flow(struct flow_key *key, __u32 len, __u8 tcp
  * prove in bounds.
  */
 static __always_inline int parse_l4(void *data, void *data_end, __u64 off, struct flow_key *key,
-				    __u8 *tcp_flags)
+				    struct l4_info *l4i)
 {
 	__u8 *l4 = data + off;
 
+	l4i->hdr_len = off;
 	switch (key->proto) {
 	case IPPROTO_TCP:
 		/* ports (4), seq (4), ack (4), data offset (1), flags (1) */
 		if ((void *)(l4 + 14) > data_end)
 			return -1;
-		*tcp_flags = l4[13];
-		/* fallthrough */
+		l4i->tcp_flags = l4[13];
+		l4i->hdr_len = off + (l4[12] >> 4) * 4;
+		if ((void *)(l4 + 4) > data_end)
+			return -1;
+		key->sport = ((__u16)l4[0] << 8) | l4[1];
+		key->dport = ((__u16)l4[2] << 8) | l4[3];
+		return 0;
 	case IPPROTO_UDP:
 	case IPPROTO_UDPLITE:
+		l4i->hdr_len = off + 8;
+		/* fallthrough */
 	case IPPROTO_SCTP:
 		if ((void *)(l4 + 4) > data_end)
 			return -1;
@@ -216,7 +230,7 @@ static __always_inline int parse_l4(void *data, void *data_end, __u64 off, struc
 }
 
 static __always_inline int parse_ipv4(void *data, void *data_end, __u64 off, struct flow_key *key,
-				      __u8 *tcp_flags)
+				      struct l4_info *l4i)
 {
 	struct iphdr *ip = data + off;
 
@@ -231,11 +245,11 @@ static __always_inline int parse_ipv4(void *data, void *data_end, __u64 off, str
 	/* Non-first fragments carry no transport header: ports stay 0. */
 	if (ip->frag_off & bpf_htons(0x1fff))
 		return 0;
-	return parse_l4(data, data_end, off + ip->ihl * 4, key, tcp_flags);
+	return parse_l4(data, data_end, off + ip->ihl * 4, key, l4i);
 }
 
 static __always_inline int parse_ipv6(void *data, void *data_end, __u64 off, struct flow_key *key,
-				      __u8 *tcp_flags)
+				      struct l4_info *l4i)
 {
 	struct ipv6hdr *ip6 = data + off;
 	__u8 next;
@@ -298,14 +312,68 @@ static __always_inline int parse_ipv6(void *data, void *data_end, __u64 off, str
 	/* off is bounded by the unrolled walk (each step adds at most 2048). */
 	if (off > 0xffff)
 		return -1;
-	return parse_l4(data, data_end, off, key, tcp_flags);
+	return parse_l4(data, data_end, off, key, l4i);
+}
+
+/*
+ * segments returns how many packets the device will put on the wire for this
+ * sk_buff. At egress a GSO sk_buff longer than the device's GSO limit is
+ * segmented in software after the TC hook (net/core/dev.c,
+ * gso_features_check), and the device counts every segment; below the limit
+ * the device takes it whole and counts one. Mirroring that keeps nsflow's
+ * counts equal to the kernel's own interface counters.
+ */
+static __always_inline __u32 segments(struct __sk_buff *ctx, struct net_device *dev, __u8 dir)
+{
+	__u32 segs = ctx->gso_segs;
+	__u32 max;
+
+	if (dir != DIR_TX || segs <= 1)
+		return 1;
+	max = ctx->protocol == bpf_htons(ETH_P_IPV6) ? dev->gso_max_size : dev->gso_ipv4_max_size;
+	return ctx->len >= max ? segs : 1;
+}
+
+/* Parses the frame into key; returns 0 when the flow key is complete. */
+static __always_inline int parse(struct __sk_buff *ctx, struct net_device *dev, struct flow_key *key,
+				 struct l4_info *l4i)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u64 off = 0;
+	__u16 proto = ctx->protocol; /* network byte order */
+
+	/* Devices without a link-layer header (tun, wireguard) start at L3. */
+	if (dev->hard_header_len) {
+		struct ethhdr *eth = data;
+
+		if ((void *)(eth + 1) > data_end)
+			return STAT_TRUNCATED;
+		proto = eth->h_proto;
+		off = sizeof(*eth);
+		if (proto == bpf_htons(ETH_P_8021Q_) || proto == bpf_htons(ETH_P_8021AD_)) {
+			/* One VLAN tag: TCI (2), then the encapsulated ethertype (2). */
+			__u16 *vlan = data + off;
+
+			if ((void *)(vlan + 2) > data_end)
+				return STAT_TRUNCATED;
+			proto = vlan[1];
+			off += 4;
+		}
+	}
+	if (proto == bpf_htons(ETH_P_IP))
+		return parse_ipv4(data, data_end, off, key, l4i) ? STAT_TRUNCATED : 0;
+	if (proto == bpf_htons(ETH_P_IPV6))
+		return parse_ipv6(data, data_end, off, key, l4i) ? STAT_TRUNCATED : 0;
+	return STAT_NON_IP;
 }
 
 static __always_inline int account(struct __sk_buff *ctx, __u8 dir)
 {
 	struct sk_buff *skb = bpf_cast_to_kern_ctx(ctx);
 	struct net_device *dev = skb->dev;
-	__u32 len = ctx->len;
+	__u64 bytes = ctx->len;
+	__u32 packets;
 
 	if (!dev) {
 		stat_inc(STAT_NO_DEV);
@@ -317,60 +385,32 @@ static __always_inline int account(struct __sk_buff *ctx, __u8 dir)
 		.ifindex = ctx->ifindex,
 		.dir = dir,
 	};
-	count_total(&okey, len);
-
-	if (!flows_enabled)
-		return TC_NEXT;
-
-	void *data = (void *)(long)ctx->data;
-	void *data_end = (void *)(long)ctx->data_end;
-	__u64 off = 0;
-	__u16 proto = ctx->protocol; /* network byte order */
-
-	/* Devices without a link-layer header (tun, wireguard) start at L3. */
-	if (dev->hard_header_len) {
-		struct ethhdr *eth = data;
-
-		if ((void *)(eth + 1) > data_end) {
-			stat_inc(STAT_TRUNCATED);
-			return TC_NEXT;
-		}
-		proto = eth->h_proto;
-		off = sizeof(*eth);
-		if (proto == bpf_htons(ETH_P_8021Q_) || proto == bpf_htons(ETH_P_8021AD_)) {
-			/* One VLAN tag: TCI (2), then the encapsulated ethertype (2). */
-			__u16 *vlan = data + off;
-
-			if ((void *)(vlan + 2) > data_end) {
-				stat_inc(STAT_TRUNCATED);
-				return TC_NEXT;
-			}
-			proto = vlan[1];
-			off += 4;
-		}
-	}
-
 	struct flow_key fkey = {
 		.netns = okey.netns,
 		.ifindex = okey.ifindex,
 		.dir = dir,
 	};
-	__u8 tcp_flags = 0;
-	int err;
+	struct l4_info l4i = {};
+	int res = -1; /* not parsed */
 
-	if (proto == bpf_htons(ETH_P_IP)) {
-		err = parse_ipv4(data, data_end, off, &fkey, &tcp_flags);
-	} else if (proto == bpf_htons(ETH_P_IPV6)) {
-		err = parse_ipv6(data, data_end, off, &fkey, &tcp_flags);
-	} else {
-		stat_inc(STAT_NON_IP);
+	packets = segments(ctx, dev, dir);
+	if (packets > 1) {
+		/* Each segment repeats the headers. */
+		res = parse(ctx, dev, &fkey, &l4i);
+		if (res == 0 && l4i.hdr_len < bytes)
+			bytes += (packets - 1) * l4i.hdr_len;
+	}
+	count_total(&okey, packets, bytes);
+
+	if (!flows_enabled)
+		return TC_NEXT;
+	if (res < 0)
+		res = parse(ctx, dev, &fkey, &l4i);
+	if (res) {
+		stat_inc(res);
 		return TC_NEXT;
 	}
-	if (err) {
-		stat_inc(STAT_TRUNCATED);
-		return TC_NEXT;
-	}
-	count_flow(&fkey, len, tcp_flags);
+	count_flow(&fkey, packets, bytes, l4i.tcp_flags);
 	return TC_NEXT;
 }
 

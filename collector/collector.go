@@ -402,3 +402,17 @@ type InterfaceInfo struct {
 	State AttachState `json:"state"`
 	Error string      `json:"error,omitempty"`
 }
+
+// ProgramIDs returns the kernel IDs of the loaded programs (ingress, egress),
+// e.g. to check with the kernel that they are gone after Close.
+func (c *Collector) ProgramIDs() []ebpf.ProgramID {
+	var ids []ebpf.ProgramID
+	for _, p := range []*ebpf.Program{c.objs.NsflowIngress, c.objs.NsflowEgress} {
+		if info, err := p.Info(); err == nil {
+			if id, ok := info.ID(); ok {
+				ids = append(ids, id)
+			}
+		}
+	}
+	return ids
+}

@@ -27,6 +27,8 @@ typedef struct {
 struct net_device {
 	possible_net_t nd_net;
 	unsigned short hard_header_len;
+	unsigned int gso_max_size;      /* GSO limit for IPv6 and others */
+	unsigned int gso_ipv4_max_size; /* GSO limit for IPv4 (6.3+) */
 } __attribute__((preserve_access_index));
 
 struct sk_buff {

@@ -1,0 +1,207 @@
+package e2e
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"errors"
+	"net"
+	"net/netip"
+	"os/exec"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"golang.org/x/sys/unix"
+
+	"github.com/nsflow/nsflow/exporter/report"
+	"github.com/nsflow/nsflow/test/podns"
+	"github.com/nsflow/nsflow/test/testenv"
+)
+
+// tcxPrograms counts the TCX programs attached to the pod's interfaces, as
+// the kernel reports them (BPF_PROG_QUERY): an oracle independent of nsflow.
+func tcxPrograms(t *testing.T, p *podns.Pod) int {
+	t.Helper()
+	n := 0
+	err := p.Do(func() error {
+		ifs, err := net.Interfaces()
+		if err != nil {
+			return err
+		}
+		for _, i := range ifs {
+			for _, at := range []ebpf.AttachType{ebpf.AttachTCXIngress, ebpf.AttachTCXEgress} {
+				r, err := link.QueryPrograms(link.QueryOptions{Target: i.Index, Attach: at})
+				if err != nil {
+					return err
+				}
+				n += len(r.Programs)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("query tcx programs in %s: %v", p.Name, err)
+	}
+	return n
+}
+
+func TestTraceCLI(t *testing.T) {
+	testenv.RequireRoot(t)
+	pods := newPods(t, "10.213.101.0/24", "e2e-tc-a", "e2e-tc-b")
+	a, b := pods[0], pods[1]
+
+	for _, mode := range []string{"tcx", "clsact"} {
+		t.Run(mode, func(t *testing.T) {
+			// a by name, b by path: two of the selector forms.
+			cmd := exec.Command(nsflowBin, "trace", "--netns", a.Name, "--netns", b.NetnsPath,
+				"--output", "json", "--verbose", "--attach-mode", mode)
+			var stdout bytes.Buffer
+			cmd.Stdout = &stdout
+			stderr, err := cmd.StderrPipe()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+			// Wait until both namespaces are observed (a condition, not a sleep).
+			lines := bufio.NewScanner(stderr)
+			observed := 0
+			var log strings.Builder
+			for observed < 2 && lines.Scan() {
+				log.WriteString(lines.Text() + "\n")
+				if strings.Contains(lines.Text(), "observing netns") {
+					observed++
+				}
+			}
+			if observed < 2 {
+				t.Fatalf("trace did not attach:\n%s", log.String())
+			}
+			go func() {
+				for lines.Scan() {
+				}
+			}()
+			if mode == "tcx" {
+				if n := tcxPrograms(t, a); n != 4 { // lo and eth0, ingress and egress
+					t.Fatalf("pod a has %d tcx programs while tracing, want 4", n)
+				}
+			}
+
+			run(t, a, exec.Command("ping", "-c", "4", "-i", "0.05", "-W", "2", b.IPv4.String()))
+
+			// SIGTERM ends the trace: it prints its result and detaches.
+			if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+				t.Fatal(err)
+			}
+			done := make(chan error, 1)
+			go func() { done <- cmd.Wait() }()
+			select {
+			case err := <-done:
+				if err != nil {
+					t.Fatalf("trace exited with %v\n%s", err, log.String())
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatal("trace did not exit on SIGTERM")
+			}
+
+			var tr report.Trace
+			if err := json.Unmarshal(stdout.Bytes(), &tr); err != nil {
+				t.Fatalf("trace output is not JSON: %v\n%s", err, stdout.String())
+			}
+			if tr.AttachMode != mode {
+				t.Errorf("attach_mode %q, want %q", tr.AttachMode, mode)
+			}
+			if len(tr.Namespaces) != 2 {
+				t.Fatalf("%d namespaces in trace, want 2: %+v", len(tr.Namespaces), tr.Namespaces)
+			}
+			for _, p := range []*podns.Pod{a, b} {
+				var st unix.Stat_t
+				if err := unix.Stat(p.NetnsPath, &st); err != nil {
+					t.Fatal(err)
+				}
+				var ns *report.Namespace
+				for i := range tr.Namespaces {
+					if tr.Namespaces[i].Name == p.Name {
+						ns = &tr.Namespaces[i]
+					}
+				}
+				if ns == nil || ns.Inode != st.Ino {
+					t.Fatalf("namespace %s (inode %d) missing or wrong: %+v", p.Name, st.Ino, tr.Namespaces)
+				}
+				names := map[string]report.Interface{}
+				for _, i := range ns.Interfaces {
+					names[i.Name] = i
+				}
+				if _, ok := names["lo"]; !ok {
+					t.Errorf("%s: lo missing from %+v", p.Name, ns.Interfaces)
+				}
+				if e := names["eth0"]; e.TXPackets < 4 || e.RXPackets < 4 {
+					t.Errorf("%s eth0: %+v, want at least the 4 pings each way", p.Name, e)
+				}
+			}
+			count := func(netns, iface, dir, proto string, src, dst netip.Addr, typ uint16) uint64 {
+				for _, f := range tr.Flows {
+					if f.Netns == netns && f.Interface == iface && f.Direction == dir && f.Protocol == proto &&
+						f.Src == src && f.Dst == dst && f.SrcPort == typ {
+						return f.Packets
+					}
+				}
+				return 0
+			}
+			if n := count(a.Name, "eth0", "tx", "icmp", a.IPv4, b.IPv4, 8); n != 4 {
+				t.Errorf("echo requests leaving a: %d, want 4", n)
+			}
+			if n := count(b.Name, "eth0", "rx", "icmp", a.IPv4, b.IPv4, 8); n != 4 {
+				t.Errorf("echo requests reaching b: %d, want 4", n)
+			}
+			if n := count(a.Name, "eth0", "rx", "icmp", b.IPv4, a.IPv4, 0); n != 4 {
+				t.Errorf("echo replies reaching a: %d, want 4", n)
+			}
+			// Nothing is left attached.
+			if n := tcxPrograms(t, a) + tcxPrograms(t, b); n != 0 {
+				t.Errorf("%d tcx programs left after trace exited", n)
+			}
+			assertNoClsact(t, a)
+			assertNoClsact(t, b)
+		})
+	}
+}
+
+func TestTraceCLIBadInput(t *testing.T) {
+	testenv.RequireRoot(t)
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"trace"}, "no namespace selected"},
+		{[]string{"trace", "--netns", "e2e-does-not-exist"}, "not found"},
+		{[]string{"trace", "--netns", "pid:abc"}, "pid:PID"},
+		{[]string{"trace", "--netns", "pid:999999999"}, "not found"},
+		{[]string{"trace", "--netns", "/etc/hostname"}, "namespace"},
+		{[]string{"trace", "--netns", "host", "--output", "xml"}, "--output"},
+		{[]string{"trace", "--netns", "host", "--duration", "-1s"}, "--duration"},
+		{[]string{"trace", "--netns", "host", "--duration", "soon"}, "invalid argument"},
+		{[]string{"trace", "--netns", "host", "--attach-mode", "xdp"}, "attach mode"},
+		{[]string{"trace", "--netns", "host", "--top", "-5"}, "--top"},
+		{[]string{"trace", "--netns", "host", "--flow-entries", "0"}, "--flow-entries"},
+		{[]string{"trace", "--bogus"}, "unknown flag"},
+		{[]string{"trace", "extra-arg", "--netns", "host"}, "unknown command"},
+		{[]string{"frobnicate"}, "unknown command"},
+	} {
+		t.Run(strings.Join(tc.args, "_"), func(t *testing.T) {
+			out, err := exec.Command(nsflowBin, tc.args...).CombinedOutput()
+			var ee *exec.ExitError
+			if !errors.As(err, &ee) || ee.ExitCode() != 2 {
+				t.Fatalf("exit %v, want status 2\n%s", err, out)
+			}
+			if !strings.Contains(string(out), tc.want) {
+				t.Errorf("message %q does not mention %q", out, tc.want)
+			}
+		})
+	}
+}
