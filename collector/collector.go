@@ -162,13 +162,7 @@ func (c *Collector) Add(t Target) (uint64, error) {
 		ifaces: map[int]*iface{}, stop: make(chan struct{}), done: make(chan struct{}),
 	}
 	// Subscribe before listing, so that no interface added in between is missed.
-	updates := make(chan netlink.LinkUpdate, 128)
-	err = netlink.LinkSubscribeWithOptions(updates, ns.stop, netlink.LinkSubscribeOptions{
-		Namespace: &h,
-		ErrorCallback: func(err error) {
-			c.log.Warn("link events", "netns", t.Name, "err", err)
-		},
-	})
+	updates, err := c.subscribe(ns)
 	if err != nil {
 		nl.Close()
 		h.Close()
@@ -177,39 +171,109 @@ func (c *Collector) Add(t Target) (uint64, error) {
 	c.namespaces[ino] = ns
 	go c.follow(ns, updates)
 
-	links, err := nl.LinkList()
+	links, errs := c.resyncLocked(ns)
+	c.log.Info("observing netns", "netns", t.Name, "inode", ino, "interfaces", links, "mode", c.mode)
+	return ino, errs
+}
+
+// subscribe opens a netlink subscription to the link events of ns.
+func (c *Collector) subscribe(ns *namespace) (<-chan netlink.LinkUpdate, error) {
+	updates := make(chan netlink.LinkUpdate, 256)
+	err := netlink.LinkSubscribeWithOptions(updates, ns.stop, netlink.LinkSubscribeOptions{
+		Namespace: &ns.handle,
+		ErrorCallback: func(err error) {
+			select {
+			case <-ns.stop: // closing the subscription makes it fail: expected
+			default:
+				c.log.Warn("link events", "netns", ns.name, "err", err)
+			}
+		},
+	})
+	return updates, err
+}
+
+// resyncLocked attaches to every interface of ns not yet attached and
+// releases those that are gone. It returns the number of interfaces.
+func (c *Collector) resyncLocked(ns *namespace) (int, error) {
+	links, err := ns.nl.LinkList()
 	if err != nil {
-		return ino, fmt.Errorf("list interfaces in netns %s: %w", t.Name, err)
+		return 0, fmt.Errorf("list interfaces in netns %s: %w", ns.name, err)
 	}
 	var errs []error
+	present := map[int]bool{}
 	for _, l := range links {
+		present[l.Attrs().Index] = true
 		if err := c.attachLocked(ns, l.Attrs().Index, l.Attrs().Name); err != nil {
 			errs = append(errs, err)
 		}
 	}
-	c.log.Info("observing netns", "netns", t.Name, "inode", ino, "interfaces", len(links), "mode", c.mode)
-	return ino, errors.Join(errs...)
+	for idx := range ns.ifaces {
+		if !present[idx] {
+			c.detachLocked(ns, idx, "interface gone")
+		}
+	}
+	return len(links), errors.Join(errs...)
 }
 
-// follow applies the link events of one namespace until it is removed.
+// follow applies the link events of one namespace until it is removed. If
+// the subscription fails (events lost to a full socket buffer), it
+// subscribes again and resynchronizes from a full listing.
 func (c *Collector) follow(ns *namespace, updates <-chan netlink.LinkUpdate) {
 	defer close(ns.done)
-	for u := range updates {
-		a := u.Link.Attrs()
-		c.mu.Lock()
-		if !ns.gone.IsZero() {
-			c.mu.Unlock()
-			continue // drain until the subscription closes the channel
+	backoff := 10 * time.Millisecond
+	for {
+		for u := range updates {
+			c.apply(ns, u)
 		}
-		switch u.Header.Type {
-		case unix.RTM_NEWLINK:
-			if err := c.attachLocked(ns, a.Index, a.Name); err != nil {
-				c.log.Warn("attach", "err", err)
+		select {
+		case <-ns.stop:
+			return
+		default:
+		}
+		var err error
+		if updates, err = c.subscribe(ns); err != nil {
+			c.log.Warn("resubscribe to link events", "netns", ns.name, "err", err, "retry_in", backoff)
+			select {
+			case <-ns.stop:
+				return
+			case <-time.After(backoff):
 			}
-		case unix.RTM_DELLINK:
-			c.detachLocked(ns, a.Index, "interface removed")
+			backoff = min(2*backoff, 5*time.Second)
+			updates = closedUpdates
+			continue
+		}
+		backoff = 10 * time.Millisecond
+		c.mu.Lock()
+		if ns.gone.IsZero() {
+			if _, err := c.resyncLocked(ns); err != nil {
+				c.log.Warn("resync", "netns", ns.name, "err", err)
+			}
 		}
 		c.mu.Unlock()
+	}
+}
+
+// closedUpdates is an empty, closed channel: a subscription that failed.
+var closedUpdates = func() chan netlink.LinkUpdate {
+	ch := make(chan netlink.LinkUpdate)
+	close(ch)
+	return ch
+}()
+
+func (c *Collector) apply(ns *namespace, u netlink.LinkUpdate) {
+	a := u.Link.Attrs()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !ns.gone.IsZero() {
+		return // drain until the subscription closes the channel
+	}
+	switch u.Header.Type {
+	case unix.RTM_NEWLINK:
+		if err := c.attachLocked(ns, a.Index, a.Name); err != nil {
+			c.log.Warn("attach", "err", err)
+		}
+	case unix.RTM_DELLINK:
+		c.detachLocked(ns, a.Index, "interface removed")
 	}
 }
 

@@ -38,13 +38,14 @@ type Target struct {
 //	NAME        an `ip netns` name (/run/netns/NAME)
 //	pid:PID     the namespace of a process
 //	/PATH       any file that refers to a namespace (bind mount, /proc/PID/ns/net)
-//	host        the namespace of PID 1
+//	host        the namespace nsflow runs in (the node's, for a DaemonSet
+//	            with hostNetwork)
 func ParseTarget(sel string) (Target, error) {
 	switch {
 	case sel == "":
 		return Target{}, fmt.Errorf("%w: empty", ErrBadSelector)
 	case sel == HostName:
-		return Target{Name: HostName, Path: "/proc/1/ns/net"}, checkNetns("/proc/1/ns/net")
+		return Target{Name: HostName, Path: "/proc/self/ns/net"}, checkNetns("/proc/self/ns/net")
 	case strings.HasPrefix(sel, "pid:"):
 		pid, err := strconv.Atoi(strings.TrimPrefix(sel, "pid:"))
 		if err != nil || pid <= 0 {
@@ -85,7 +86,7 @@ func checkNetns(path string) error {
 	defer h.Close()
 	ns, err := unix.IoctlRetInt(int(h), unix.NS_GET_NSTYPE)
 	if err != nil {
-		return fmt.Errorf("%s: not a namespace file: %w", path, err)
+		return fmt.Errorf("%w: %s is not a namespace file (%v)", ErrBadSelector, path, err)
 	}
 	if ns != unix.CLONE_NEWNET {
 		return fmt.Errorf("%w: %s is not a network namespace", ErrBadSelector, path)

@@ -37,7 +37,7 @@ A namespace is selected by its ip netns name, by pid:PID, by a path to a
 namespace file (/run/netns/NAME, /proc/PID/ns/net), or as "host".`,
 		Example: `  nsflow trace --netns web --netns db --duration 10s
   nsflow trace --netns pid:4242 --output json
-  nsflow trace --netns /proc/1/ns/net --duration 5s --top 5`,
+  nsflow trace --netns /proc/self/ns/net --duration 5s --top 5`,
 		Args: checkArgs(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return runTrace(cmd.Context(), f)

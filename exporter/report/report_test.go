@@ -1,0 +1,88 @@
+package report
+
+import (
+	"bytes"
+	"flag"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/nsflow/nsflow/collector"
+)
+
+var update = flag.Bool("update", false, "rewrite the golden files")
+
+func fixture() *collector.Snapshot {
+	t0 := time.Date(2026, 11, 24, 12, 0, 0, 0, time.UTC)
+	a4, b4 := netip.MustParseAddr("10.213.0.2"), netip.MustParseAddr("10.213.0.3")
+	lo := netip.MustParseAddr("127.0.0.1")
+	return &collector.Snapshot{
+		Time: t0.Add(10 * time.Second),
+		Namespaces: []collector.NamespaceStats{
+			{Name: "db", Inode: 4026532300, Interfaces: []collector.InterfaceStats{
+				{Name: "lo", Index: 1, State: collector.StateAttached},
+				{Name: "eth0", Index: 2, State: collector.StateAttached, RX: collector.Counters{Packets: 5, Bytes: 490}, TX: collector.Counters{Packets: 5, Bytes: 490}},
+			}},
+			{Name: "web", Inode: 4026532200, Interfaces: []collector.InterfaceStats{
+				{Name: "lo", Index: 1, State: collector.StateAttached, RX: collector.Counters{Packets: 40, Bytes: 3 << 20}, TX: collector.Counters{Packets: 40, Bytes: 3 << 20}},
+				{Name: "eth0", Index: 2, State: collector.StateAttached, RX: collector.Counters{Packets: 5, Bytes: 490}, TX: collector.Counters{Packets: 5, Bytes: 490}},
+			}},
+		},
+		Flows: []collector.Flow{
+			{Netns: "web", NetnsInode: 4026532200, Interface: "lo", Ifindex: 1, Direction: collector.TX, Protocol: 6,
+				Src: lo, Dst: lo, SrcPort: 40000, DstPort: 8080, Packets: 20, Bytes: 3 << 19, TCPFlags: 0x1b,
+				FirstSeen: t0.Add(time.Second), LastSeen: t0.Add(2 * time.Second)},
+			{Netns: "web", NetnsInode: 4026532200, Interface: "eth0", Ifindex: 2, Direction: collector.TX, Protocol: 1,
+				Src: a4, Dst: b4, SrcPort: 8, DstPort: 0, Packets: 5, Bytes: 490,
+				FirstSeen: t0.Add(time.Second), LastSeen: t0.Add(5 * time.Second)},
+			{Netns: "db", NetnsInode: 4026532300, Interface: "eth0", Ifindex: 2, Direction: collector.RX, Protocol: 17,
+				Src: a4, Dst: b4, SrcPort: 5353, DstPort: 53, Packets: 1, Bytes: 80,
+				FirstSeen: t0.Add(3 * time.Second), LastSeen: t0.Add(3 * time.Second)},
+		},
+		Stats: collector.Stats{FlowEntries: 3, FlowCapacity: 65536, FlowsCreated: 3},
+	}
+}
+
+func golden(t *testing.T, name string, got []byte) {
+	t.Helper()
+	path := filepath.Join("testdata", name)
+	if *update {
+		if err := os.WriteFile(path, got, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatalf("%v (run go test -update to create it)", err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Errorf("%s differs from the golden file (review, then go test -update):\n%s", name, got)
+	}
+}
+
+func TestTraceGolden(t *testing.T) {
+	start := time.Date(2026, 11, 24, 12, 0, 0, 0, time.UTC)
+	tr := NewTrace(fixture(), start, "tcx", 2)
+	if tr.FlowsShown != 2 || tr.FlowsTotal != 3 {
+		t.Errorf("top 2 of 3: shown %d of %d", tr.FlowsShown, tr.FlowsTotal)
+	}
+	var js, table bytes.Buffer
+	if err := tr.WriteJSON(&js); err != nil {
+		t.Fatal(err)
+	}
+	if err := tr.WriteTable(&table); err != nil {
+		t.Fatal(err)
+	}
+	golden(t, "trace.json", js.Bytes())
+	golden(t, "trace.txt", table.Bytes())
+}
+
+func TestBytes(t *testing.T) {
+	for n, want := range map[uint64]string{0: "0 B", 1023: "1023 B", 1024: "1.0 KiB", 1536: "1.5 KiB", 3 << 20: "3.0 MiB", 5 << 30: "5.0 GiB"} {
+		if got := Bytes(n); got != want {
+			t.Errorf("Bytes(%d) = %q, want %q", n, got, want)
+		}
+	}
+}
