@@ -76,6 +76,7 @@ type iface struct {
 	state AttachState
 	err   error
 	att   attachment
+	gone  time.Time // when the interface was deleted; zero while it exists
 }
 
 // New loads the BPF programs and maps; nothing is attached yet.
@@ -148,9 +149,20 @@ func (c *Collector) Add(t Target) (uint64, error) {
 		h.Close()
 		return 0, errors.New("collector closed")
 	}
-	if ns, ok := c.namespaces[ino]; ok && ns.gone.IsZero() {
-		h.Close()
-		return ino, nil
+	if ns, ok := c.namespaces[ino]; ok {
+		if ns.gone.IsZero() {
+			h.Close()
+			return ino, nil
+		}
+		// The kernel reused the inode of a namespace removed earlier: its
+		// counters must not carry over into the new one.
+		delete(c.namespaces, ino)
+		c.mu.Unlock()
+		err := c.forget(func(netns, _ uint32) bool { return netns == uint32(ino) })
+		c.mu.Lock()
+		if err != nil {
+			c.log.Warn("forget reused namespace inode", "inode", ino, "err", err)
+		}
 	}
 	nl, err := netlink.NewHandleAt(h)
 	if err != nil {
@@ -207,9 +219,10 @@ func (c *Collector) resyncLocked(ns *namespace) (int, error) {
 			errs = append(errs, err)
 		}
 	}
-	for idx := range ns.ifaces {
-		if !present[idx] {
+	for idx, i := range ns.ifaces {
+		if !present[idx] && i.gone.IsZero() {
 			c.detachLocked(ns, idx, "interface gone")
+			i.gone = time.Now()
 		}
 	}
 	return len(links), errors.Join(errs...)
@@ -274,6 +287,9 @@ func (c *Collector) apply(ns *namespace, u netlink.LinkUpdate) {
 		}
 	case unix.RTM_DELLINK:
 		c.detachLocked(ns, a.Index, "interface removed")
+		if i, ok := ns.ifaces[a.Index]; ok {
+			i.gone = time.Now()
+		}
 	}
 }
 
@@ -319,19 +335,6 @@ func (c *Collector) detachLocked(ns *namespace, index int, why string) {
 	c.log.Debug("detached", "netns", ns.name, "interface", i.name, "reason", why)
 }
 
-// errorReason names an attach error for the attach-errors metric: the errno
-// where there is one, so the label set stays small.
-func errorReason(err error) string {
-	var errno unix.Errno
-	switch {
-	case errors.Is(err, ebpf.ErrNotSupported):
-		return "not_supported"
-	case errors.As(err, &errno):
-		return unix.ErrnoName(errno)
-	}
-	return "other"
-}
-
 // Remove stops observing a namespace: its interfaces are detached and every
 // handle into it is closed, so the kernel can free it. Its counters stay
 // readable (marked gone) until Prune forgets them.
@@ -354,28 +357,43 @@ func (c *Collector) Remove(inode uint64) {
 	c.log.Info("stopped observing netns", "netns", ns.name, "inode", inode)
 }
 
-// Prune forgets namespaces removed before the given time, deleting their
-// counters and flows from the maps.
+// Prune forgets namespaces and interfaces removed before the given time,
+// deleting their counters and flows from the maps.
 func (c *Collector) Prune(before time.Time) error {
+	type ifKey struct{ netns, ifindex uint32 }
+	nsGone := map[uint32]bool{}
+	ifGone := map[ifKey]bool{}
 	c.mu.Lock()
-	forget := map[uint32]bool{}
 	for ino, ns := range c.namespaces {
 		if !ns.gone.IsZero() && ns.gone.Before(before) {
-			forget[uint32(ino)] = true
+			nsGone[uint32(ino)] = true
 			delete(c.namespaces, ino)
+			continue
+		}
+		for idx, i := range ns.ifaces {
+			if !i.gone.IsZero() && i.gone.Before(before) {
+				ifGone[ifKey{uint32(ino), uint32(idx)}] = true
+				delete(ns.ifaces, idx)
+			}
 		}
 	}
 	c.mu.Unlock()
-	if len(forget) == 0 {
+	if len(nsGone) == 0 && len(ifGone) == 0 {
 		return nil
 	}
+	return c.forget(func(netns, ifindex uint32) bool { return nsGone[netns] || ifGone[ifKey{netns, ifindex}] })
+}
+
+// forget deletes the counters and flows of the matching observation points
+// from the maps.
+func (c *Collector) forget(match func(netns, ifindex uint32) bool) error {
 	var errs []error
 	var ok bpf.NsflowObsKey
 	var okeys []bpf.NsflowObsKey
 	var cv []bpf.NsflowCounters
 	it := c.objs.Totals.Iterate()
 	for it.Next(&ok, &cv) {
-		if forget[ok.Netns] {
+		if match(ok.Netns, ok.Ifindex) {
 			okeys = append(okeys, ok)
 		}
 	}
@@ -390,7 +408,7 @@ func (c *Collector) Prune(before time.Time) error {
 	var fv []bpf.NsflowFlowVal
 	it = c.objs.Flows.Iterate()
 	for it.Next(&fk, &fv) {
-		if forget[fk.Netns] {
+		if match(fk.Netns, fk.Ifindex) {
 			fkeys = append(fkeys, fk)
 		}
 	}
@@ -405,6 +423,16 @@ func (c *Collector) Prune(before time.Time) error {
 	c.flowsDeleted += deleted
 	c.mu.Unlock()
 	return errors.Join(errs...)
+}
+
+// Rename changes the name a namespace is reported under.
+func (c *Collector) Rename(inode uint64, name string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if ns, ok := c.namespaces[inode]; ok {
+		c.log.Info("namespace renamed", "inode", inode, "from", ns.name, "to", name)
+		ns.name = name
+	}
 }
 
 // Close detaches everything and releases the BPF objects.

@@ -43,7 +43,7 @@ eBPF programs attached to every interface of the observed namespaces.`,
 		SilenceErrors: true,
 	}
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
-	root.AddCommand(newPodCmd(), newTraceCmd())
+	root.AddCommand(newServeCmd(), newTraceCmd(), newListCmd(), newPodCmd())
 	return root
 }
 

@@ -1,0 +1,79 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"regexp"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+
+	"github.com/spf13/cobra"
+
+	"github.com/nsflow/nsflow/collector"
+)
+
+func newListCmd() *cobra.Command {
+	var output, include, exclude string
+	var host, proc bool
+	cmd := &cobra.Command{
+		Use:   "list",
+		Short: "List the network namespaces on this node, their interfaces and nsflow's attachments",
+		Example: `  nsflow list
+  nsflow list -o json --netns.include '^web'`,
+		Args: checkArgs(cobra.NoArgs),
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if output != "table" && output != "json" {
+				return usagef("--output must be table or json, got %q", output)
+			}
+			cfg := collector.DiscoveryConfig{Host: host, Proc: proc}
+			var err error
+			if include != "" {
+				if cfg.Include, err = regexp.Compile(include); err != nil {
+					return usagef("--netns.include: %v", err)
+				}
+			}
+			if exclude != "" {
+				if cfg.Exclude, err = regexp.Compile(exclude); err != nil {
+					return usagef("--netns.exclude: %v", err)
+				}
+			}
+			nss, err := collector.List(cfg)
+			if err != nil {
+				return err
+			}
+			if output == "json" {
+				enc := json.NewEncoder(cmd.OutOrStdout())
+				enc.SetIndent("", "  ")
+				return enc.Encode(nss)
+			}
+			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 0, 2, ' ', 0)
+			fmt.Fprintln(tw, "NETNS\tINODE\tPIDS\tINTERFACE\tIFINDEX\tTYPE\tUP\tNSFLOW")
+			for _, ns := range nss {
+				pids := make([]string, 0, len(ns.Pids))
+				for i, p := range ns.Pids {
+					if i == 3 {
+						pids = append(pids, fmt.Sprintf("+%d", len(ns.Pids)-3))
+						break
+					}
+					pids = append(pids, strconv.Itoa(p))
+				}
+				if ns.Error != "" {
+					fmt.Fprintf(tw, "%s\t%d\t%s\t(error: %s)\t\t\t\t\n", ns.Name, ns.Inode, strings.Join(pids, ","), ns.Error)
+				}
+				for _, i := range ns.Interfaces {
+					fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%d\t%s\t%v\t%s\n", ns.Name, ns.Inode, strings.Join(pids, ","),
+						i.Name, i.Index, i.Type, i.Up, i.Attach)
+				}
+			}
+			return tw.Flush()
+		},
+	}
+	fl := cmd.Flags()
+	fl.StringVarP(&output, "output", "o", "table", "output format: table or json")
+	fl.BoolVar(&host, "netns.host", true, "include the host's own namespace")
+	fl.BoolVar(&proc, "netns.proc", true, "include namespaces of processes under /proc")
+	fl.StringVar(&include, "netns.include", "", "only namespaces whose name matches this regular expression")
+	fl.StringVar(&exclude, "netns.exclude", "", "skip namespaces whose name matches this regular expression")
+	return cmd
+}

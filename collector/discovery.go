@@ -1,0 +1,342 @@
+package collector
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/fsnotify/fsnotify"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// DiscoveryConfig selects the namespaces a Discovery observes.
+type DiscoveryConfig struct {
+	// Host observes the namespace nsflow itself runs in (the node's, for a
+	// DaemonSet with hostNetwork). When false, processes in that namespace
+	// (hostNetwork pods) are not observed either: they are not a namespace
+	// of their own.
+	Host bool
+	// NetnsDirs are watched for `ip netns` / CNI bind mounts; nil means
+	// the package's NetnsDirs.
+	NetnsDirs []string
+	// Proc observes the namespaces of processes found under ProcDir.
+	Proc bool
+	// ProcDir is /proc unless set.
+	ProcDir string
+	// Include, when set, observes only namespaces whose name matches;
+	// Exclude skips those whose name matches. Names: the ip netns name,
+	// pid:PID, or host.
+	Include, Exclude *regexp.Regexp
+	// Resync is the interval of the safety-net full rescan; 0 means 30s.
+	// Namespaces are found through events (inotify, the proc connector),
+	// not through this.
+	Resync time.Duration
+	Logger *slog.Logger
+}
+
+// Discovery finds network namespaces as they come and go and makes a
+// Collector observe them.
+type Discovery struct {
+	c   *Collector
+	cfg DiscoveryConfig
+	log *slog.Logger
+
+	hostIno uint64
+	kick    chan struct{}
+	ready   chan struct{}
+
+	mu    sync.Mutex
+	known map[uint64]string // inode → name it is observed under
+	pids  map[int]uint64    // processes that keep a process-found namespace alive
+	scans uint64
+}
+
+// NewDiscovery prepares discovery for c; Run starts it.
+func NewDiscovery(c *Collector, cfg DiscoveryConfig) (*Discovery, error) {
+	if cfg.NetnsDirs == nil {
+		cfg.NetnsDirs = NetnsDirs
+	}
+	if cfg.ProcDir == "" {
+		cfg.ProcDir = "/proc"
+	}
+	if cfg.Resync <= 0 {
+		cfg.Resync = 30 * time.Second
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	host, err := nsInode("/proc/self/ns/net")
+	if err != nil {
+		return nil, fmt.Errorf("own network namespace: %w", err)
+	}
+	return &Discovery{
+		c: c, cfg: cfg, log: cfg.Logger, hostIno: host,
+		kick: make(chan struct{}, 1), ready: make(chan struct{}),
+		known: map[uint64]string{}, pids: map[int]uint64{},
+	}, nil
+}
+
+// Ready is closed once the first scan has attached to every namespace found.
+func (d *Discovery) Ready() <-chan struct{} { return d.ready }
+
+// Scans returns how many full scans have run (for tests and metrics).
+func (d *Discovery) Scans() uint64 {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.scans
+}
+
+// Run discovers until ctx is done. Namespaces appear through inotify events
+// on the netns directories and exec events of the kernel's proc connector,
+// and vanish on unlink and process exit; a full rescan every Resync is the
+// safety net for anything those miss.
+func (d *Discovery) Run(ctx context.Context) error {
+	w, err := fsnotify.NewWatcher()
+	if err != nil {
+		return fmt.Errorf("inotify: %w", err)
+	}
+	defer w.Close()
+	for _, dir := range d.cfg.NetnsDirs {
+		if err := w.Add(dir); err != nil && !errors.Is(err, os.ErrNotExist) {
+			d.log.Warn("watch netns directory", "dir", dir, "err", err)
+		}
+	}
+
+	var procEvents chan netlink.ProcEvent
+	if d.cfg.Proc {
+		procEvents = make(chan netlink.ProcEvent, 1024)
+		procErrs := make(chan error, 16)
+		done := make(chan struct{})
+		defer close(done)
+		if err := netlink.ProcEventMonitor(procEvents, done, procErrs); err != nil {
+			// Without the proc connector, process namespaces are found by
+			// the periodic rescan only.
+			d.log.Warn("proc connector unavailable: process namespaces found by rescan only", "err", err)
+			procEvents = nil
+		} else {
+			go func() {
+				for err := range procErrs {
+					d.log.Debug("proc events", "err", err)
+					d.trigger() // events may be lost: rescan
+				}
+			}()
+		}
+	}
+
+	d.reconcile()
+	close(d.ready)
+
+	ticker := time.NewTicker(d.cfg.Resync)
+	defer ticker.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case ev, ok := <-w.Events:
+			if !ok {
+				return errors.New("inotify watcher closed")
+			}
+			if ev.Has(fsnotify.Create) {
+				// The file exists before it is bind-mounted: look again
+				// shortly until the mount is there.
+				for _, delay := range []time.Duration{0, 2 * time.Millisecond, 10 * time.Millisecond, 50 * time.Millisecond, 250 * time.Millisecond, time.Second} {
+					time.AfterFunc(delay, d.trigger)
+				}
+			} else {
+				d.trigger()
+			}
+		case err := <-w.Errors:
+			d.log.Warn("inotify", "err", err)
+			d.trigger()
+		case ev := <-procEvents:
+			d.procEvent(ev)
+		case <-d.kick:
+			d.reconcile()
+		case <-ticker.C:
+			d.reconcile()
+		}
+	}
+}
+
+// trigger asks for a rescan; triggers while one is pending coalesce.
+func (d *Discovery) trigger() {
+	select {
+	case d.kick <- struct{}{}:
+	default:
+	}
+}
+
+func (d *Discovery) procEvent(ev netlink.ProcEvent) {
+	switch m := ev.Msg.(type) {
+	case *netlink.ExecProcEvent:
+		// A process that unshared its network namespace (or was cloned
+		// into one) and exec'd: a new namespace if its inode is unknown.
+		ino, err := nsInode(filepath.Join(d.cfg.ProcDir, strconv.Itoa(int(m.ProcessTgid)), "ns/net"))
+		if err != nil || ino == d.hostIno {
+			return
+		}
+		d.mu.Lock()
+		_, known := d.known[ino]
+		d.mu.Unlock()
+		if !known {
+			d.trigger()
+		}
+	case *netlink.ExitProcEvent:
+		if m.ProcessPid != m.ProcessTgid {
+			return // a thread, not a process
+		}
+		d.mu.Lock()
+		_, tracked := d.pids[int(m.ProcessTgid)]
+		d.mu.Unlock()
+		if tracked {
+			d.trigger() // maybe the last process of its namespace
+		}
+	}
+}
+
+// found is a namespace seen by a scan.
+type found struct {
+	target Target
+	pids   []int
+}
+
+// scan lists every namespace the configuration selects, keyed by inode.
+func (d *Discovery) scan() map[uint64]*found {
+	out := map[uint64]*found{}
+	if d.cfg.Host {
+		out[d.hostIno] = &found{target: Target{Name: HostName, Path: "/proc/self/ns/net"}}
+	}
+	for _, dir := range d.cfg.NetnsDirs {
+		ents, err := os.ReadDir(dir)
+		if err != nil {
+			continue
+		}
+		for _, e := range ents {
+			p := filepath.Join(dir, e.Name())
+			ino, err := nsInode(p)
+			if err != nil || ino == d.hostIno {
+				continue // not (yet) a mounted namespace
+			}
+			if _, ok := out[ino]; !ok {
+				out[ino] = &found{target: Target{Name: e.Name(), Path: p}}
+			}
+		}
+	}
+	if d.cfg.Proc {
+		ents, _ := os.ReadDir(d.cfg.ProcDir)
+		for _, e := range ents {
+			pid, err := strconv.Atoi(e.Name())
+			if err != nil {
+				continue
+			}
+			p := filepath.Join(d.cfg.ProcDir, e.Name(), "ns/net")
+			ino, err := nsInode(p)
+			if err != nil || ino == d.hostIno {
+				continue // gone, kernel thread, or not ours to read
+			}
+			f, ok := out[ino]
+			if !ok {
+				f = &found{target: Target{Name: "pid:" + e.Name(), Path: p}}
+				out[ino] = f
+			}
+			f.pids = append(f.pids, pid)
+		}
+	}
+	for ino, f := range out {
+		if !d.selected(f.target.Name) {
+			delete(out, ino)
+		}
+	}
+	return out
+}
+
+func (d *Discovery) selected(name string) bool {
+	if d.cfg.Include != nil && !d.cfg.Include.MatchString(name) {
+		return false
+	}
+	return d.cfg.Exclude == nil || !d.cfg.Exclude.MatchString(name)
+}
+
+// reconcile makes the collector observe exactly what a scan finds.
+func (d *Discovery) reconcile() {
+	now := d.scan()
+	d.mu.Lock()
+	d.scans++
+	d.pids = map[int]uint64{}
+	for ino, f := range now {
+		if strings.HasPrefix(f.target.Name, "pid:") {
+			for _, pid := range f.pids {
+				d.pids[pid] = ino
+			}
+		}
+	}
+	var gone []uint64
+	for ino := range d.known {
+		if _, ok := now[ino]; !ok {
+			gone = append(gone, ino)
+			delete(d.known, ino)
+		}
+	}
+	var added []*found
+	for ino, f := range now {
+		name, ok := d.known[ino]
+		switch {
+		case !ok:
+			added = append(added, f)
+		case strings.HasPrefix(name, "pid:") && !strings.HasPrefix(f.target.Name, "pid:"):
+			// A process namespace that got a name (bind-mounted later).
+			d.c.Rename(ino, f.target.Name)
+			d.known[ino] = f.target.Name
+		}
+	}
+	d.mu.Unlock()
+
+	for _, ino := range gone {
+		d.c.Remove(ino)
+	}
+	for _, f := range added {
+		ino, err := d.c.Add(f.target)
+		if ino == 0 {
+			// The namespace vanished between the scan and the attach, or
+			// cannot be opened: the next event or rescan settles it.
+			d.log.Debug("namespace not observed", "netns", f.target.Name, "err", err)
+			continue
+		}
+		if err != nil {
+			d.log.Warn("observe namespace", "netns", f.target.Name, "err", err)
+		}
+		d.mu.Lock()
+		d.known[ino] = f.target.Name
+		d.mu.Unlock()
+	}
+}
+
+// nsfsMagic is the filesystem magic of namespace files (NSFS_MAGIC).
+const nsfsMagic = 0x6e736673
+
+// nsInode returns the inode of the network namespace path refers to, or an
+// error if it refers to none (an unmounted bind-mount target, a gone
+// process).
+func nsInode(path string) (uint64, error) {
+	var fs unix.Statfs_t
+	if err := unix.Statfs(path, &fs); err != nil {
+		return 0, err
+	}
+	if fs.Type != nsfsMagic {
+		return 0, fmt.Errorf("%s: not a namespace", path)
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return 0, err
+	}
+	return st.Ino, nil
+}

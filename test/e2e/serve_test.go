@@ -1,0 +1,205 @@
+package e2e
+
+import (
+	"fmt"
+	"net/netip"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+
+	"github.com/nsflow/nsflow/collector"
+	"github.com/nsflow/nsflow/test/podns"
+	"github.com/nsflow/nsflow/test/testenv"
+)
+
+// scrapeCounts reads the pods' counters from a scrape, as counts.
+func scrapeCounts(s samples, pods map[uint64]*podns.Pod, ifaces []string) counts {
+	out := counts{}
+	for ino, p := range pods {
+		for _, i := range ifaces {
+			for _, d := range []collector.Direction{collector.RX, collector.TX} {
+				pk, ok1 := s[pointSeries("nsflow_packets_total", p.Name, i, string(d))]
+				by, ok2 := s[pointSeries("nsflow_bytes_total", p.Name, i, string(d))]
+				if ok1 && ok2 {
+					out[point{ino, i, d}] = collector.Counters{Packets: uint64(pk), Bytes: uint64(by)}
+				}
+			}
+		}
+	}
+	return out
+}
+
+// quiescentScrape scrapes between two reads of the kernel's counters, until
+// both reads agree: the scrape then saw the same instant as the kernel.
+func quiescentScrape(t *testing.T, srv *server, pods map[uint64]*podns.Pod) (kernel, scraped counts, raw string) {
+	t.Helper()
+	paths := map[uint64]string{}
+	for ino, p := range pods {
+		paths[ino] = p.NetnsPath
+	}
+	for try := 0; try < 100; try++ {
+		before := kernelCounts(t, paths)
+		s, body := srv.scrape(t)
+		after := kernelCounts(t, paths)
+		if equalCounts(before, after) {
+			return after, scrapeCounts(s, pods, []string{"lo", "eth0"}), body
+		}
+	}
+	t.Fatal("interfaces never quiet for one scrape")
+	return nil, nil, ""
+}
+
+func TestServe(t *testing.T) {
+	testenv.RequireRoot(t)
+	srv := startServe(t, "http", "--netns.host=false", "--netns.include", "^e2e-sv-", "--netns.grace-period", "2s")
+	pods := newPods(t, "10.213.120.0/24", "e2e-sv-a", "e2e-sv-b")
+	a, b := pods[0], pods[1]
+	byIno := map[uint64]*podns.Pod{inodeOf(t, a): a, inodeOf(t, b): b}
+
+	// Pods created after serve started are discovered (inotify) and attached.
+	waitUntil(t, 10*time.Second, "both pods' eth0 and lo in /metrics", func() bool {
+		s, _ := srv.scrape(t)
+		for _, p := range pods {
+			for _, i := range []string{"lo", "eth0"} {
+				if _, ok := s[pointSeries("nsflow_packets_total", p.Name, i, "tx")]; !ok {
+					return false
+				}
+			}
+		}
+		return true
+	})
+
+	k0, s0, _ := quiescentScrape(t, srv, byIno)
+	run(t, a, exec.Command("ping", "-c", "3", "-i", "0.05", "-W", "2", b.IPv4.String()))
+	udpExchange(t, a, b, netip.AddrPortFrom(b.IPv6, 9200), 25, 120)
+	tcpExchange(t, a, a, netip.MustParseAddrPort("127.0.0.1:9201"), 128<<10)
+	udpExchange(t, a, a, netip.MustParseAddrPort("127.0.0.1:9202"), 17, 50)
+	k1, s1, body := quiescentScrape(t, srv, byIno)
+
+	kd, sd := delta(k0, k1), delta(s0, s1)
+	for p, want := range kd {
+		if got, ok := sd[p]; !ok || got != want {
+			t.Errorf("%s: /metrics %+v, kernel %+v", p, got, want)
+		}
+	}
+	inoA := inodeOf(t, a)
+	if kd[point{inoA, "lo", collector.TX}].Packets == 0 || kd[point{inoA, "eth0", collector.TX}].Packets == 0 {
+		t.Errorf("no traffic measured: %+v", kd)
+	}
+	t.Logf("scraped deltas equal to the kernel's: a lo tx %+v, a eth0 tx %+v, b eth0 rx %+v",
+		sd[point{inoA, "lo", collector.TX}], sd[point{inoA, "eth0", collector.TX}], sd[point{inodeOf(t, b), "eth0", collector.RX}])
+
+	// The exposition passes promtool's lint.
+	check := exec.Command("promtool", "check", "metrics")
+	check.Stdin = strings.NewReader(body)
+	if out, err := check.CombinedOutput(); err != nil || len(strings.TrimSpace(string(out))) > 0 {
+		t.Errorf("promtool check metrics: %v\n%s", err, out)
+	}
+
+	// Deleting pod b: its programs, links and fds are released at once;
+	// its series stay for the grace period, then vanish.
+	pid := srv.cmd.Process.Pid
+	inoB := inodeOf(t, b)
+	linksBefore := countFDs(fds(t, pid), "bpf_link")
+	if _, err := podns.Delete(podns.Config{}, b.Name); err != nil {
+		t.Fatal(err)
+	}
+	deleted := time.Now()
+	waitUntil(t, 10*time.Second, "pod b's links and netns fds released", func() bool {
+		f := fds(t, pid)
+		return countFDs(f, fmt.Sprintf("net:[%d]", inoB)) == 0 && countFDs(f, "bpf_link") == linksBefore-4
+	})
+	if s, _ := srv.scrape(t); time.Since(deleted) < 1500*time.Millisecond {
+		if _, ok := s[pointSeries("nsflow_packets_total", b.Name, "eth0", "rx")]; !ok {
+			t.Errorf("pod b's series vanished before the grace period")
+		}
+	}
+	waitUntil(t, 15*time.Second, "pod b's series removed after the grace period", func() bool {
+		s, _ := srv.scrape(t)
+		_, ok := s[pointSeries("nsflow_packets_total", b.Name, "eth0", "rx")]
+		return !ok
+	})
+	if gone := time.Since(deleted); gone < 2*time.Second {
+		t.Errorf("series removed %s after delete, before the 2s grace period", gone)
+	}
+	s, _ := srv.scrape(t)
+	if _, ok := s[pointSeries("nsflow_packets_total", a.Name, "lo", "tx")]; !ok {
+		t.Errorf("pod a's series went with pod b's")
+	}
+
+	// SIGTERM detaches everything from pod a.
+	srv.stop(t)
+	if n := tcxPrograms(t, a); n != 0 {
+		t.Errorf("%d tcx programs left in pod a after serve exited", n)
+	}
+}
+
+// Namespaces made by other tools are discovered too: `ip netns add` with a
+// veth moved in afterwards, as a CNI plugin does, and a process that
+// unshared its network namespace without any bind mount.
+func TestServeForeignNamespaces(t *testing.T) {
+	testenv.RequireRoot(t)
+	unshared := exec.Command("unshare", "-n", "sleep", "60")
+	if err := unshared.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unshared.Process.Kill(); unshared.Wait() })
+	procName := fmt.Sprintf("pid:%d", unshared.Process.Pid)
+
+	srv := startServe(t, "http", "--netns.host=false", "--netns.include", "^(e2e-fn-|"+procName+"$)", "--netns.grace-period", "1s")
+	// Found by the first scan (it started before serve).
+	waitUntil(t, 10*time.Second, procName+" lo in /metrics", func() bool {
+		s, _ := srv.scrape(t)
+		_, ok := s[pointSeries("nsflow_packets_total", procName, "lo", "rx")]
+		return ok
+	})
+
+	const name = "e2e-fn-ipnetns"
+	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
+		t.Fatalf("ip netns add: %v %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("ip", "netns", "del", name).Run() })
+	waitUntil(t, 10*time.Second, name+" lo in /metrics", func() bool {
+		s, _ := srv.scrape(t)
+		_, ok := s[pointSeries("nsflow_packets_total", name, "lo", "rx")]
+		return ok
+	})
+	// A veth moved in after the namespace exists (what CNI does).
+	veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "e2efn0"}, PeerName: "e2efn1"}
+	if err := netlink.LinkAdd(veth); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { netlink.LinkDel(veth) })
+	peer, err := netlink.LinkByName("e2efn1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, err := netns.GetFromName(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	if err := netlink.LinkSetNsFd(peer, int(h)); err != nil {
+		t.Fatal(err)
+	}
+	moved := time.Now()
+	waitUntil(t, 10*time.Second, "moved veth in /metrics", func() bool {
+		s, _ := srv.scrape(t)
+		_, ok := s[pointSeries("nsflow_packets_total", name, "e2efn1", "rx")]
+		return ok
+	})
+	t.Logf("veth moved into %s observed within %s (including scrape polling)", name, time.Since(moved))
+
+	// The unshared process exits: its namespace's series go after the grace period.
+	unshared.Process.Kill()
+	unshared.Wait()
+	waitUntil(t, 15*time.Second, procName+" removed after its process exited", func() bool {
+		s, _ := srv.scrape(t)
+		_, ok := s[pointSeries("nsflow_packets_total", procName, "lo", "rx")]
+		return !ok
+	})
+}
