@@ -56,8 +56,7 @@ func startServe(t *testing.T, scheme string, args ...string) *server {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	s := &server{cmd: cmd, url: fmt.Sprintf("%s://127.0.0.1:%d", scheme, port), log: logf,
-		client: &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}}}
+	s := &server{cmd: cmd, url: fmt.Sprintf("%s://127.0.0.1:%d", scheme, port), log: logf, client: startServeClient()}
 	t.Cleanup(func() { s.stop(t) })
 	waitUntil(t, 20*time.Second, "serve ready", func() bool {
 		code, _ := s.get("/-/ready")
@@ -192,4 +191,9 @@ func countFDs(list []string, substr string) int {
 		}
 	}
 	return n
+}
+
+// startServeClient is an HTTP client for the test's own self-signed server.
+func startServeClient() *http.Client {
+	return &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}}
 }

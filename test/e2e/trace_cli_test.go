@@ -5,6 +5,8 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"os"
 	"net"
 	"net/netip"
 	"os/exec"
@@ -172,36 +174,90 @@ func TestTraceCLI(t *testing.T) {
 	}
 }
 
-func TestTraceCLIBadInput(t *testing.T) {
+// Bad input to every subcommand: a message naming the problem, exit
+// status 2 (usage) or 1 (a runtime failure), and nothing left behind.
+func TestCLIBadInput(t *testing.T) {
 	testenv.RequireRoot(t)
+	before := leftovers(t)
 	for _, tc := range []struct {
 		args []string
 		want string
+		code int
 	}{
-		{[]string{"trace"}, "no namespace selected"},
-		{[]string{"trace", "--netns", "e2e-does-not-exist"}, "not found"},
-		{[]string{"trace", "--netns", "pid:abc"}, "pid:PID"},
-		{[]string{"trace", "--netns", "pid:999999999"}, "not found"},
-		{[]string{"trace", "--netns", "/etc/hostname"}, "namespace"},
-		{[]string{"trace", "--netns", "host", "--output", "xml"}, "--output"},
-		{[]string{"trace", "--netns", "host", "--duration", "-1s"}, "--duration"},
-		{[]string{"trace", "--netns", "host", "--duration", "soon"}, "invalid argument"},
-		{[]string{"trace", "--netns", "host", "--attach-mode", "xdp"}, "attach mode"},
-		{[]string{"trace", "--netns", "host", "--top", "-5"}, "--top"},
-		{[]string{"trace", "--netns", "host", "--flow-entries", "0"}, "--flow-entries"},
-		{[]string{"trace", "--bogus"}, "unknown flag"},
-		{[]string{"trace", "extra-arg", "--netns", "host"}, "unknown command"},
-		{[]string{"frobnicate"}, "unknown command"},
+		{[]string{"trace"}, "no namespace selected", 2},
+		{[]string{"trace", "--netns", "e2e-does-not-exist"}, "not found", 2},
+		{[]string{"trace", "--netns", "pid:abc"}, "pid:PID", 2},
+		{[]string{"trace", "--netns", "pid:999999999"}, "not found", 2},
+		{[]string{"trace", "--netns", "/etc/hostname"}, "namespace", 2},
+		{[]string{"trace", "--netns", "host", "--output", "xml"}, "--output", 2},
+		{[]string{"trace", "--netns", "host", "--duration", "-1s"}, "--duration", 2},
+		{[]string{"trace", "--netns", "host", "--duration", "soon"}, "invalid argument", 2},
+		{[]string{"trace", "--netns", "host", "--attach-mode", "xdp"}, "attach mode", 2},
+		{[]string{"trace", "--netns", "host", "--top", "-5"}, "--top", 2},
+		{[]string{"trace", "--netns", "host", "--flow-entries", "0"}, "--flow-entries", 2},
+		{[]string{"trace", "--bogus"}, "unknown flag", 2},
+		{[]string{"trace", "extra-arg", "--netns", "host"}, "unknown command", 2},
+		{[]string{"frobnicate"}, "unknown command", 2},
+		{[]string{"serve", "--attach-mode", "xdp"}, "attach mode", 2},
+		{[]string{"serve", "--log.level", "loud"}, "--log.level", 2},
+		{[]string{"serve", "--web.telemetry-path", "metrics"}, "--web.telemetry-path", 2},
+		{[]string{"serve", "--web.config.file", "/nonexistent/web.yml"}, "--web.config.file", 2},
+		{[]string{"serve", "--netns.include", "("}, "--netns.include", 2},
+		{[]string{"serve", "--flows.max-series", "-1"}, "--flows.max-series", 2},
+		{[]string{"serve", "--netns.resync-interval", "0s"}, "resync-interval", 2},
+		{[]string{"serve", "extra"}, "unknown command", 2},
+		{[]string{"list", "-o", "yaml"}, "--output", 2},
+		{[]string{"list", "--netns.exclude", "["}, "--netns.exclude", 2},
+		{[]string{"pod", "create", "Bad_Name"}, "invalid pod name", 2},
+		{[]string{"pod", "create"}, "accepts 1 arg", 2},
+		{[]string{"pod", "create", "e2e-bad", "--subnet", "10.0.0.0/8"}, "between /16 and /30", 2},
+		{[]string{"pod", "create", "e2e-bad", "--subnet", "10.213.5.1/24"}, "network address", 2},
+		{[]string{"pod", "create", "e2e-bad", "--subnet", "fd00::/64"}, "IPv4 only", 2},
+		{[]string{"pod", "create", "e2e-bad", "--subnet", "nonsense"}, "not a CIDR", 2},
+		{[]string{"pod", "create", "e2e-bad", "--ip", "nonsense"}, "not an IP", 2},
+		{[]string{"pod", "create", "e2e-bad", "--subnet", "10.213.230.0/24", "--ip", "10.213.231.5"}, "not in subnet", 2},
+		{[]string{"pod", "create", "e2e-bad", "--subnet", "10.213.230.0/24", "--ip", "10.213.230.1"}, "reserved", 2},
+		{[]string{"pod", "create", "e2e-bad", "--subnet", "127.0.0.0/24"}, "overlaps", 2},
+		{[]string{"pod", "delete", "Bad_Name"}, "invalid pod name", 2},
+		{[]string{"pod", "exec", "e2e-no-such-pod", "--", "true"}, "pod not found", 1},
+		{[]string{"pod", "exec", "e2e-no-such-pod"}, "requires at least 2", 2},
+		{[]string{"pod", "list", "-o", "xml"}, "--output", 2},
 	} {
+		if tc.code == 0 {
+			tc.code = 2
+		}
 		t.Run(strings.Join(tc.args, "_"), func(t *testing.T) {
 			out, err := exec.Command(nsflowBin, tc.args...).CombinedOutput()
 			var ee *exec.ExitError
-			if !errors.As(err, &ee) || ee.ExitCode() != 2 {
-				t.Fatalf("exit %v, want status 2\n%s", err, out)
+			if !errors.As(err, &ee) || ee.ExitCode() != tc.code {
+				t.Fatalf("exit %v, want status %d\n%s", err, tc.code, out)
 			}
 			if !strings.Contains(string(out), tc.want) {
 				t.Errorf("message %q does not mention %q", out, tc.want)
 			}
 		})
 	}
+	if after := leftovers(t); after != before {
+		t.Errorf("bad input left something behind:\nbefore: %s\nafter:  %s", before, after)
+	}
+}
+
+// leftovers summarizes what a failed command could leave behind: named
+// namespaces, links and pod state files.
+func leftovers(t *testing.T) string {
+	t.Helper()
+	ns, _ := exec.Command("ip", "netns", "list").Output()
+	links, _ := exec.Command("ip", "-o", "link", "show").Output()
+	var names []string
+	for _, l := range strings.Split(string(links), "\n") {
+		if f := strings.Fields(l); len(f) > 1 {
+			names = append(names, f[1])
+		}
+	}
+	state, _ := os.ReadDir("/run/nsflow/pods")
+	var files []string
+	for _, e := range state {
+		files = append(files, e.Name())
+	}
+	return fmt.Sprintf("netns=%q links=%q state=%q", strings.Fields(string(ns)), names, files)
 }
