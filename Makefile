@@ -11,9 +11,13 @@ TEST_TIMEOUT ?= 25m
 
 all: build
 
+VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+REVISION  ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
+LDFLAGS   := -X github.com/prometheus/common/version.Version=$(VERSION) -X github.com/prometheus/common/version.Revision=$(REVISION)
+
 ## build: the static nsflow binary (no cgo, no clang: the BPF objects are committed)
 build:
-	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN) ./cmd/nsflow
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/nsflow
 
 ## generate: recompile bpf/nsflow.c and regenerate its Go bindings with bpf2go
 generate:
@@ -46,7 +50,7 @@ test-unit:
 
 ## bench: the benchmarks (figures go to docs/BENCHMARKS.md)
 bench:
-	$(GO) test -run '^$$' -bench . -benchtime 200000x -count 5 ./bpf/
+	$(GO) test -run '^$$' -bench . -benchtime 200000x -count 5 ./bpf/ | tee docs/bench/bpf.txt
 
 ## fuzz: bounded fuzzing of the BPF parser (FUZZTIME per target)
 FUZZTIME ?= 60s
