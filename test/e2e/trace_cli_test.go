@@ -242,22 +242,23 @@ func TestCLIBadInput(t *testing.T) {
 	}
 }
 
-// leftovers summarizes what a failed command could leave behind: named
-// namespaces, links and pod state files.
+// leftovers summarizes what a failed `pod create e2e-bad` could leave
+// behind: its namespace, host veth, state file, and the bridges of the
+// subnets the cases name (other tests' pods are not looked at).
 func leftovers(t *testing.T) string {
 	t.Helper()
-	ns, _ := exec.Command("ip", "netns", "list").Output()
-	links, _ := exec.Command("ip", "-o", "link", "show").Output()
-	var names []string
-	for _, l := range strings.Split(string(links), "\n") {
-		if f := strings.Fields(l); len(f) > 1 {
-			names = append(names, f[1])
+	var found []string
+	if _, err := os.Lstat("/run/netns/e2e-bad"); err == nil {
+		found = append(found, "netns")
+	}
+	if _, err := os.Stat("/run/nsflow/pods/e2e-bad.json"); err == nil {
+		found = append(found, "state")
+	}
+	for _, l := range []string{podns.HostVethName("e2e-bad"), podns.BridgeName(netip.MustParsePrefix("10.213.230.0/24")),
+		podns.BridgeName(netip.MustParsePrefix("127.0.0.0/24"))} {
+		if _, err := net.InterfaceByName(l); err == nil {
+			found = append(found, "link:"+l)
 		}
 	}
-	state, _ := os.ReadDir("/run/nsflow/pods")
-	var files []string
-	for _, e := range state {
-		files = append(files, e.Name())
-	}
-	return fmt.Sprintf("netns=%q links=%q state=%q", strings.Fields(string(ns)), names, files)
+	return fmt.Sprint(found)
 }

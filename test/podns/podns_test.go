@@ -155,12 +155,20 @@ func TestCreateErrors(t *testing.T) {
 		{"pt-e9", Options{Subnet: subnetA, IP: netip.MustParseAddr("10.213.200.255")}, ErrInvalidIP},
 		{"pt-e10", Options{Subnet: subnetA, IP: netip.MustParseAddr("10.213.200.2")}, ErrInvalidIP}, // taken by pt-dup
 	} {
-		before := snapshot(t, cfg)
+		names := []string{tc.name}
+		if ValidateName(tc.name) != nil {
+			names = nil
+		}
+		subnets := []netip.Prefix{subnetA}
+		if tc.opts.Subnet.IsValid() && tc.opts.Subnet.Addr().Is4() {
+			subnets = append(subnets, tc.opts.Subnet.Masked())
+		}
+		before := snapshot(t, cfg, names, subnets...)
 		_, err := Create(cfg, tc.name, tc.opts)
 		if !errors.Is(err, tc.want) {
 			t.Errorf("Create(%q, %+v): %v, want %v", tc.name, tc.opts, err, tc.want)
 		}
-		if after := snapshot(t, cfg); after != before {
+		if after := snapshot(t, cfg, names, subnets...); after != before {
 			t.Errorf("Create(%q) failed but left something:\n%s\n%s", tc.name, before, after)
 		}
 	}
@@ -172,24 +180,29 @@ func TestCreateErrors(t *testing.T) {
 	}
 }
 
-// snapshot summarizes what Create could leave behind.
-func snapshot(t *testing.T, cfg Config) string {
+// snapshot summarizes what Create could leave behind for the given pod
+// names and subnets (other tests create pods at the same time, so only
+// these are looked at).
+func snapshot(t *testing.T, cfg Config, names []string, subnets ...netip.Prefix) string {
 	t.Helper()
-	ns, _ := os.ReadDir(NetnsDir)
-	var names []string
-	for _, e := range ns {
-		names = append(names, e.Name())
+	var found []string
+	for _, n := range names {
+		if _, err := os.Lstat(filepath.Join(NetnsDir, n)); err == nil {
+			found = append(found, "netns:"+n)
+		}
+		if linkExists(HostVethName(n)) {
+			found = append(found, "veth:"+HostVethName(n))
+		}
+		if _, err := os.Stat(filepath.Join(cfg.dir(), n+".json")); err == nil {
+			found = append(found, "state:"+n)
+		}
 	}
-	links, err := netlink.LinkList()
-	if err != nil {
-		t.Fatal(err)
+	for _, s := range subnets {
+		if linkExists(BridgeName(s)) {
+			found = append(found, "bridge:"+BridgeName(s))
+		}
 	}
-	var ls []string
-	for _, l := range links {
-		ls = append(ls, l.Attrs().Name)
-	}
-	state, _ := filepath.Glob(filepath.Join(cfg.dir(), "*.json"))
-	return fmt.Sprintf("netns=%v links=%v state=%v", names, ls, state)
+	return fmt.Sprint(found)
 }
 
 // A failure at any step of Create undoes every step before it.
@@ -199,14 +212,15 @@ func TestCreateRollback(t *testing.T) {
 	subnet := netip.MustParsePrefix("10.213.202.0/24")
 	for _, step := range []string{"bridge", "netns", "veth", "pod network", "state"} {
 		t.Run(step, func(t *testing.T) {
-			before := snapshot(t, cfg)
+			names := []string{"pt-rollback"}
+			before := snapshot(t, cfg, names, subnet)
 			failStep = step
 			_, err := Create(cfg, "pt-rollback", Options{Subnet: subnet})
 			failStep = ""
 			if err == nil || !strings.Contains(err.Error(), "injected failure") {
 				t.Fatalf("Create: %v, want the injected failure", err)
 			}
-			if after := snapshot(t, cfg); after != before {
+			if after := snapshot(t, cfg, names, subnet); after != before {
 				t.Errorf("rollback after %q left:\nbefore %s\nafter  %s", step, before, after)
 			}
 			if linkExists(BridgeName(subnet)) || linkExists(HostVethName("pt-rollback")) {
