@@ -4,4 +4,4 @@
 // them.
 package bpf
 
-//go:generate go tool bpf2go -tags linux -target bpfel -type obs_key -type counters -type flow_key -type flow_val -type direction -type stat Nsflow nsflow.c -- -I./include -I/usr/include/x86_64-linux-gnu -I/usr/include/aarch64-linux-gnu -O2 -g -Wall -Werror
+//go:generate go tool bpf2go -tags linux -target bpfel -type obs_key -type counters -type flow_key -type flow_val -type flow_event -type direction -type stat Nsflow nsflow.c -- -I./include -I/usr/include/x86_64-linux-gnu -I/usr/include/aarch64-linux-gnu -O2 -g -Wall -Werror

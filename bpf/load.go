@@ -26,6 +26,10 @@ type Options struct {
 	FlowEntries uint32
 	// NoFlows disables per-flow accounting: only the exact totals are kept.
 	NoFlows bool
+	// Events streams every new flow through the flow_events ring buffer;
+	// the caller must read it (a full buffer drops events, counted in
+	// STAT_EVENTS_LOST).
+	Events bool
 }
 
 // Load loads nsflow's programs and maps into the kernel. The caller owns the
@@ -42,6 +46,11 @@ func Load(opts Options) (*NsflowObjects, error) {
 	if opts.NoFlows {
 		if err := spec.Variables[NsflowVarFlowsEnabled].Set(uint8(0)); err != nil {
 			return nil, fmt.Errorf("set %s: %w", NsflowVarFlowsEnabled, err)
+		}
+	}
+	if opts.Events {
+		if err := spec.Variables[NsflowVarEventsEnabled].Set(uint8(1)); err != nil {
+			return nil, fmt.Errorf("set %s: %w", NsflowVarEventsEnabled, err)
 		}
 	}
 	var objs NsflowObjects

@@ -82,11 +82,19 @@ enum stat {
 	STAT_NON_IP = 3,      /* frames that carry no IPv4/IPv6 (ARP, ...): totals only */
 	STAT_TRUNCATED = 4,   /* IP frames too short to parse: totals only */
 	STAT_NO_DEV = 5,      /* sk_buff without a device: cannot be attributed */
-	STAT_MAX = 6,
+	STAT_EVENTS_LOST = 6, /* new-flow events dropped: the ring buffer was full */
+	STAT_MAX = 7,
+};
+
+/* A new flow, streamed to user space through the flow_events ring buffer. */
+struct flow_event {
+	__u64 ts_ns; /* CLOCK_MONOTONIC */
+	struct flow_key key;
 };
 
 /* Set by the loader before load (CollectionSpec.Variables). */
 volatile const __u8 flows_enabled = 1;
+volatile const __u8 events_enabled = 0;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
@@ -103,6 +111,11 @@ struct {
 } flows SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+} flow_events SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, STAT_MAX);
 	__type(key, __u32);
@@ -112,6 +125,7 @@ struct {
 /* Force BTF for the types user space decodes (bpf2go -type). */
 const enum direction *unused_direction __attribute__((unused));
 const enum stat *unused_stat __attribute__((unused));
+const struct flow_event *unused_flow_event __attribute__((unused));
 
 static __always_inline void stat_inc(__u32 idx)
 {
@@ -144,6 +158,19 @@ static __always_inline void count_total(struct obs_key *key, __u32 packets, __u6
 	c->bytes += len;
 }
 
+static __always_inline void emit_flow_event(struct flow_key *key)
+{
+	struct flow_event *e = bpf_ringbuf_reserve(&flow_events, sizeof(*e), 0);
+
+	if (!e) {
+		stat_inc(STAT_EVENTS_LOST);
+		return;
+	}
+	e->ts_ns = bpf_ktime_get_ns();
+	__builtin_memcpy(&e->key, key, sizeof(*key));
+	bpf_ringbuf_submit(e, 0);
+}
+
 static __always_inline void count_flow(struct flow_key *key, __u32 packets, __u64 len, __u8 tcp_flags)
 {
 	__u64 now = bpf_ktime_get_coarse_ns();
@@ -161,6 +188,9 @@ static __always_inline void count_flow(struct flow_key *key, __u32 packets, __u6
 
 		if (!err) {
 			stat_inc(STAT_FLOW_NEW);
+			/* Only the CPU whose insert won reports the flow: once. */
+			if (events_enabled)
+				emit_flow_event(key);
 			return;
 		}
 		v = bpf_map_lookup_elem(&flows, key);

@@ -26,6 +26,12 @@ const (
 	NsflowDirectionDIR_TX NsflowDirection = 1
 )
 
+type NsflowFlowEvent struct {
+	_    structs.HostLayout
+	TsNs uint64
+	Key  NsflowFlowKey
+}
+
 type NsflowFlowKey struct {
 	_       structs.HostLayout
 	Netns   uint32
@@ -67,20 +73,24 @@ const (
 	NsflowStatSTAT_NON_IP      NsflowStat = 3
 	NsflowStatSTAT_TRUNCATED   NsflowStat = 4
 	NsflowStatSTAT_NO_DEV      NsflowStat = 5
-	NsflowStatSTAT_MAX         NsflowStat = 6
+	NsflowStatSTAT_EVENTS_LOST NsflowStat = 6
+	NsflowStatSTAT_MAX         NsflowStat = 7
 )
 
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	NsflowMapFlowEvents      = "flow_events"
 	NsflowMapFlows           = "flows"
 	NsflowMapStats           = "stats"
 	NsflowMapTotals          = "totals"
 	NsflowProgNsflowEgress   = "nsflow_egress"
 	NsflowProgNsflowIngress  = "nsflow_ingress"
+	NsflowVarEventsEnabled   = "events_enabled"
 	NsflowVarFlowsEnabled    = "flows_enabled"
 	NsflowVarUnusedDirection = "unused_direction"
+	NsflowVarUnusedFlowEvent = "unused_flow_event"
 	NsflowVarUnusedStat      = "unused_stat"
 )
 
@@ -134,17 +144,20 @@ type NsflowProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type NsflowMapSpecs struct {
-	Flows  *ebpf.MapSpec `ebpf:"flows"`
-	Stats  *ebpf.MapSpec `ebpf:"stats"`
-	Totals *ebpf.MapSpec `ebpf:"totals"`
+	FlowEvents *ebpf.MapSpec `ebpf:"flow_events"`
+	Flows      *ebpf.MapSpec `ebpf:"flows"`
+	Stats      *ebpf.MapSpec `ebpf:"stats"`
+	Totals     *ebpf.MapSpec `ebpf:"totals"`
 }
 
 // NsflowVariableSpecs contains global variables before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type NsflowVariableSpecs struct {
+	EventsEnabled   *ebpf.VariableSpec `ebpf:"events_enabled"`
 	FlowsEnabled    *ebpf.VariableSpec `ebpf:"flows_enabled"`
 	UnusedDirection *ebpf.VariableSpec `ebpf:"unused_direction"`
+	UnusedFlowEvent *ebpf.VariableSpec `ebpf:"unused_flow_event"`
 	UnusedStat      *ebpf.VariableSpec `ebpf:"unused_stat"`
 }
 
@@ -168,13 +181,15 @@ func (o *NsflowObjects) Close() error {
 //
 // It can be passed to LoadNsflowObjects or ebpf.CollectionSpec.LoadAndAssign.
 type NsflowMaps struct {
-	Flows  *ebpf.Map `ebpf:"flows"`
-	Stats  *ebpf.Map `ebpf:"stats"`
-	Totals *ebpf.Map `ebpf:"totals"`
+	FlowEvents *ebpf.Map `ebpf:"flow_events"`
+	Flows      *ebpf.Map `ebpf:"flows"`
+	Stats      *ebpf.Map `ebpf:"stats"`
+	Totals     *ebpf.Map `ebpf:"totals"`
 }
 
 func (m *NsflowMaps) Close() error {
 	return _NsflowClose(
+		m.FlowEvents,
 		m.Flows,
 		m.Stats,
 		m.Totals,
@@ -185,8 +200,10 @@ func (m *NsflowMaps) Close() error {
 //
 // It can be passed to LoadNsflowObjects or ebpf.CollectionSpec.LoadAndAssign.
 type NsflowVariables struct {
+	EventsEnabled   *ebpf.Variable `ebpf:"events_enabled"`
 	FlowsEnabled    *ebpf.Variable `ebpf:"flows_enabled"`
 	UnusedDirection *ebpf.Variable `ebpf:"unused_direction"`
+	UnusedFlowEvent *ebpf.Variable `ebpf:"unused_flow_event"`
 	UnusedStat      *ebpf.Variable `ebpf:"unused_stat"`
 }
 

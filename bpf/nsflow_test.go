@@ -1,15 +1,18 @@
 package bpf
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"math/rand"
 	"net"
 	"net/netip"
 	"testing"
+	"time"
 	"unsafe"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/ringbuf"
 	"github.com/gopacket/gopacket"
 	"github.com/gopacket/gopacket/layers"
 	"golang.org/x/sys/unix"
@@ -707,5 +710,48 @@ func TestFlowMapFull(t *testing.T) {
 	}
 	if len(st.flows) > 64 || st.stats[NsflowStatSTAT_FLOW_NEW] != 1000 {
 		t.Errorf("%d flows (cap 64), %d created (want 1000)", len(st.flows), st.stats[NsflowStatSTAT_FLOW_NEW])
+	}
+}
+
+// With Events, every new flow is reported once, in order, through the ring
+// buffer; packets of known flows report nothing.
+func TestFlowEvents(t *testing.T) {
+	objs := load(t, Options{Events: true})
+	rd, err := ringbuf.NewReader(objs.FlowEvents)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rd.Close()
+	var frames [][]byte
+	for i := 0; i < 5; i++ {
+		u := udpDgram()
+		u.DstPort = layers.UDPPort(7000 + i)
+		f := build(t, eth(layers.EthernetTypeIPv4), ipv4(layers.IPProtocolUDP), u)
+		frames = append(frames, f, f) // the second packet of a flow is no event
+	}
+	for _, f := range frames {
+		run(t, objs.NsflowIngress, f)
+	}
+	rd.SetDeadline(time.Now().Add(time.Second))
+	var last uint64
+	for i := 0; i < 5; i++ {
+		rec, err := rd.Read()
+		if err != nil {
+			t.Fatalf("event %d: %v", i, err)
+		}
+		var ev NsflowFlowEvent
+		if err := binary.Read(bytes.NewReader(rec.RawSample), binary.NativeEndian, &ev); err != nil {
+			t.Fatal(err)
+		}
+		if ev.Key.Dport != uint16(7000+i) || ev.Key.Proto != 17 || ev.TsNs < last {
+			t.Errorf("event %d: %+v, want dport %d in time order", i, ev, 7000+i)
+		}
+		last = ev.TsNs
+	}
+	if rec, err := rd.Read(); err == nil {
+		t.Errorf("unexpected extra event: %x", rec.RawSample)
+	}
+	if st := readMaps(t, objs); st.stats[NsflowStatSTAT_EVENTS_LOST] != 0 {
+		t.Errorf("%d events lost", st.stats[NsflowStatSTAT_EVENTS_LOST])
 	}
 }

@@ -27,6 +27,8 @@ type Config struct {
 	FlowEntries uint32
 	// NoFlows keeps only the exact per-interface totals.
 	NoFlows bool
+	// Events streams new flows (FlowEvents); the stream must then be read.
+	Events bool
 	// Logger receives one line per lifecycle event; nil discards them.
 	Logger *slog.Logger
 }
@@ -90,7 +92,7 @@ func New(cfg Config) (*Collector, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	objs, err := bpf.Load(bpf.Options{FlowEntries: cfg.FlowEntries, NoFlows: cfg.NoFlows})
+	objs, err := bpf.Load(bpf.Options{FlowEntries: cfg.FlowEntries, NoFlows: cfg.NoFlows, Events: cfg.Events})
 	if err != nil {
 		return nil, err
 	}

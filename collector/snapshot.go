@@ -98,6 +98,9 @@ type Stats struct {
 	NonIP      uint64 `json:"non_ip_packets"`
 	Truncated  uint64 `json:"truncated_packets"`
 	NoDevice   uint64 `json:"no_device_packets"`
+	// EventsLost counts new-flow events dropped because the reader fell
+	// behind (only with flow events).
+	EventsLost uint64 `json:"events_lost,omitempty"`
 }
 
 // Snapshot reads the maps: every observed namespace with every interface
@@ -210,22 +213,8 @@ func (c *Collector) readFlows(name func(ino uint64, idx int) (string, string)) (
 	var vals []bpf.NsflowFlowVal
 	it := c.objs.Flows.Iterate()
 	for it.Next(&k, &vals) {
-		f := Flow{
-			NetnsInode: uint64(k.Netns),
-			Ifindex:    int(k.Ifindex),
-			Direction:  direction(k.Dir),
-			Protocol:   Protocol(k.Proto),
-			SrcPort:    k.Sport,
-			DstPort:    k.Dport,
-		}
+		f := decodeFlowKey(&k)
 		f.Netns, f.Interface = name(f.NetnsInode, f.Ifindex)
-		if k.Family == 4 {
-			f.Src = netip.AddrFrom4([4]byte(k.Saddr[:4]))
-			f.Dst = netip.AddrFrom4([4]byte(k.Daddr[:4]))
-		} else {
-			f.Src = netip.AddrFrom16(k.Saddr)
-			f.Dst = netip.AddrFrom16(k.Daddr)
-		}
 		var first, last uint64
 		for _, v := range vals {
 			f.Packets += v.Packets
@@ -275,6 +264,7 @@ func (c *Collector) readStats() (Stats, error) {
 		{bpf.NsflowStatSTAT_NON_IP, &st.NonIP},
 		{bpf.NsflowStatSTAT_TRUNCATED, &st.Truncated},
 		{bpf.NsflowStatSTAT_NO_DEV, &st.NoDevice},
+		{bpf.NsflowStatSTAT_EVENTS_LOST, &st.EventsLost},
 	} {
 		v, err := get(f.s)
 		if err != nil {

@@ -22,6 +22,8 @@ type Trace struct {
 	End        time.Time       `json:"end"`
 	Duration   float64         `json:"duration_seconds"`
 	AttachMode string          `json:"attach_mode"`
+	Filter     string          `json:"filter,omitempty"`
+	Sort       string          `json:"sort"`
 	Namespaces []Namespace     `json:"namespaces"`
 	Flows      []Flow          `json:"flows"`
 	FlowsShown int             `json:"flows_shown"`
@@ -45,6 +47,11 @@ type Interface struct {
 	TXPackets uint64 `json:"tx_packets"`
 	RXBytes   uint64 `json:"rx_bytes"`
 	TXBytes   uint64 `json:"tx_bytes"`
+	// Rates over the trace (or the interval).
+	RXPacketRate float64 `json:"rx_packets_per_second"`
+	TXPacketRate float64 `json:"tx_packets_per_second"`
+	RXBitRate    float64 `json:"rx_bits_per_second"`
+	TXBitRate    float64 `json:"tx_bits_per_second"`
 }
 
 // Flow is one flow at one observation point.
@@ -62,19 +69,46 @@ type Flow struct {
 	TCPFlags  string     `json:"tcp_flags,omitempty"`
 	FirstSeen time.Time  `json:"first_seen"`
 	LastSeen  time.Time  `json:"last_seen"`
+	// Rates over the trace (or the interval).
+	PacketRate float64 `json:"packets_per_second"`
+	BitRate    float64 `json:"bits_per_second"`
 }
 
-// NewTrace builds a Trace from the snapshot taken at its end. topFlows limits
-// the flows kept (largest by bytes first); 0 keeps all.
-func NewTrace(snap *collector.Snapshot, start time.Time, mode string, topFlows int) *Trace {
+// Options shape a Trace.
+type Options struct {
+	AttachMode string
+	// Filter keeps the flows it matches (the totals are never filtered).
+	Filter interface{ Match(*collector.Flow) bool }
+	// FilterText is the filter as given, for the output.
+	FilterText string
+	// Sort orders the flows; empty means by bytes.
+	Sort collector.SortKey
+	// Top keeps the largest flows; 0 keeps all.
+	Top int
+}
+
+// NewTrace builds a Trace from a snapshot of the traffic between start and
+// the snapshot's time (a whole trace, or one interval of it: see Delta).
+func NewTrace(snap *collector.Snapshot, start time.Time, o Options) *Trace {
+	if o.Sort == "" {
+		o.Sort = collector.SortBytes
+	}
+	secs := snap.Time.Sub(start).Seconds()
+	rate := func(v uint64, scale float64) float64 {
+		if secs <= 0 {
+			return 0
+		}
+		return float64(v) * scale / secs
+	}
 	t := &Trace{
 		Start:      start,
 		End:        snap.Time,
-		Duration:   snap.Time.Sub(start).Seconds(),
-		AttachMode: mode,
+		Duration:   secs,
+		AttachMode: o.AttachMode,
+		Filter:     o.FilterText,
+		Sort:       string(o.Sort),
 		Namespaces: []Namespace{},
 		Flows:      []Flow{},
-		FlowsTotal: len(snap.Flows),
 		Stats:      snap.Stats,
 	}
 	for _, ns := range snap.Namespaces {
@@ -84,12 +118,22 @@ func NewTrace(snap *collector.Snapshot, start time.Time, mode string, topFlows i
 				Name: i.Name, Ifindex: i.Index, State: string(i.State),
 				RXPackets: i.RX.Packets, TXPackets: i.TX.Packets,
 				RXBytes: i.RX.Bytes, TXBytes: i.TX.Bytes,
+				RXPacketRate: rate(i.RX.Packets, 1), TXPacketRate: rate(i.TX.Packets, 1),
+				RXBitRate: rate(i.RX.Bytes, 8), TXBitRate: rate(i.TX.Bytes, 8),
 			})
 		}
 		t.Namespaces = append(t.Namespaces, n)
 	}
-	for i, f := range snap.Flows {
-		if topFlows > 0 && i >= topFlows {
+	var flows []collector.Flow
+	for i := range snap.Flows {
+		if f := &snap.Flows[i]; f.Packets > 0 && (o.Filter == nil || o.Filter.Match(f)) {
+			flows = append(flows, *f)
+		}
+	}
+	collector.SortFlows(flows, o.Sort)
+	t.FlowsTotal = len(flows)
+	for i, f := range flows {
+		if o.Top > 0 && i >= o.Top {
 			break
 		}
 		t.Flows = append(t.Flows, Flow{
@@ -97,10 +141,68 @@ func NewTrace(snap *collector.Snapshot, start time.Time, mode string, topFlows i
 			Protocol: f.Protocol.String(), Src: f.Src, Dst: f.Dst,
 			SrcPort: f.SrcPort, DstPort: f.DstPort, Packets: f.Packets, Bytes: f.Bytes,
 			TCPFlags: f.TCPFlags.String(), FirstSeen: f.FirstSeen, LastSeen: f.LastSeen,
+			PacketRate: rate(f.Packets, 1), BitRate: rate(f.Bytes, 8),
 		})
 	}
 	t.FlowsShown = len(t.Flows)
 	return t
+}
+
+// Delta returns the traffic between two snapshots of one collector: cur's
+// counters minus prev's, per interface and per flow. Flows evicted from the
+// map between the two are missing from cur and so from the delta.
+func Delta(prev, cur *collector.Snapshot) *collector.Snapshot {
+	type ifKey struct {
+		ino uint64
+		idx int
+	}
+	before := map[ifKey]collector.InterfaceStats{}
+	for _, ns := range prev.Namespaces {
+		for _, i := range ns.Interfaces {
+			before[ifKey{ns.Inode, i.Index}] = i
+		}
+	}
+	out := &collector.Snapshot{Time: cur.Time, Stats: cur.Stats}
+	sub := func(a, b collector.Counters) collector.Counters {
+		if a.Packets < b.Packets || a.Bytes < b.Bytes {
+			return a // counters restarted (e.g. the inode was reused)
+		}
+		return collector.Counters{Packets: a.Packets - b.Packets, Bytes: a.Bytes - b.Bytes}
+	}
+	for _, ns := range cur.Namespaces {
+		n := ns
+		n.Interfaces = nil
+		for _, i := range ns.Interfaces {
+			b := before[ifKey{ns.Inode, i.Index}]
+			i.RX, i.TX = sub(i.RX, b.RX), sub(i.TX, b.TX)
+			n.Interfaces = append(n.Interfaces, i)
+		}
+		out.Namespaces = append(out.Namespaces, n)
+	}
+	type flowKey struct {
+		ino          uint64
+		idx          int
+		dir          collector.Direction
+		proto        collector.Protocol
+		src, dst     netip.Addr
+		sport, dport uint16
+	}
+	key := func(f *collector.Flow) flowKey {
+		return flowKey{f.NetnsInode, f.Ifindex, f.Direction, f.Protocol, f.Src, f.Dst, f.SrcPort, f.DstPort}
+	}
+	prevFlows := map[flowKey]collector.Counters{}
+	for i := range prev.Flows {
+		prevFlows[key(&prev.Flows[i])] = collector.Counters{Packets: prev.Flows[i].Packets, Bytes: prev.Flows[i].Bytes}
+	}
+	for _, f := range cur.Flows {
+		c := sub(collector.Counters{Packets: f.Packets, Bytes: f.Bytes}, prevFlows[key(&f)])
+		if c.Packets == 0 {
+			continue
+		}
+		f.Packets, f.Bytes = c.Packets, c.Bytes
+		out.Flows = append(out.Flows, f)
+	}
+	return out
 }
 
 // WriteJSON writes the trace as one indented JSON document.
@@ -113,32 +215,37 @@ func (t *Trace) WriteJSON(w io.Writer) error {
 // WriteTable writes the per-interface totals and the top flows as aligned
 // text tables.
 func (t *Trace) WriteTable(w io.Writer) error {
+	fmt.Fprintf(w, "%s – %s (%.1fs)\n", t.Start.Format("15:04:05"), t.End.Format("15:04:05"), t.Duration)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintf(tw, "NETNS\tINODE\tINTERFACE\tRX PACKETS\tRX BYTES\tTX PACKETS\tTX BYTES\t\n")
+	fmt.Fprintf(tw, "NETNS\tINODE\tINTERFACE\tRX PACKETS\tRX BYTES\tRX RATE\tTX PACKETS\tTX BYTES\tTX RATE\t\n")
 	for _, ns := range t.Namespaces {
 		for _, i := range ns.Interfaces {
-			fmt.Fprintf(tw, "%s\t%d\t%s\t%d\t%s\t%d\t%s\t\n", ns.Name, ns.Inode, i.Name,
-				i.RXPackets, Bytes(i.RXBytes), i.TXPackets, Bytes(i.TXBytes))
+			fmt.Fprintf(tw, "%s\t%d\t%s\t%d\t%s\t%s\t%d\t%s\t%s\t\n", ns.Name, ns.Inode, i.Name,
+				i.RXPackets, Bytes(i.RXBytes), Bits(i.RXBitRate), i.TXPackets, Bytes(i.TXBytes), Bits(i.TXBitRate))
 		}
 	}
 	if err := tw.Flush(); err != nil {
 		return err
 	}
-	fmt.Fprintf(w, "\nFLOWS (%d of %d, by bytes)\n", t.FlowsShown, t.FlowsTotal)
+	what := "FLOWS"
+	if t.Filter != "" {
+		what = fmt.Sprintf("FLOWS matching %q", t.Filter)
+	}
+	fmt.Fprintf(w, "\n%s (%d of %d, by %s)\n", what, t.FlowsShown, t.FlowsTotal, t.Sort)
 	if len(t.Flows) == 0 {
 		_, err := fmt.Fprintln(w, "(none)")
 		return err
 	}
 	tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintf(tw, "NETNS\tINTERFACE\tDIR\tPROTO\tSOURCE\tDESTINATION\tPACKETS\tBYTES\tFLAGS\n")
+	fmt.Fprintf(tw, "NETNS\tINTERFACE\tDIR\tPROTO\tSOURCE\tDESTINATION\tPACKETS\tBYTES\tRATE\tFLAGS\n")
 	for _, f := range t.Flows {
 		flags := f.TCPFlags
 		if f.Protocol == "icmp" || f.Protocol == "icmpv6" {
 			flags = fmt.Sprintf("type %d code %d", f.SrcPort, f.DstPort)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\n", f.Netns, f.Interface, f.Direction,
-			f.Protocol, endpoint(f.Src, f.SrcPort, f.Protocol), endpoint(f.Dst, f.DstPort, f.Protocol),
-			f.Packets, Bytes(f.Bytes), flags)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\n", f.Netns, f.Interface, f.Direction,
+			f.Protocol, Endpoint(f.Src, f.SrcPort, f.Protocol), Endpoint(f.Dst, f.DstPort, f.Protocol),
+			f.Packets, Bytes(f.Bytes), Bits(f.BitRate), flags)
 	}
 	if err := tw.Flush(); err != nil {
 		return err
@@ -150,8 +257,9 @@ func (t *Trace) WriteTable(w io.Writer) error {
 	return nil
 }
 
-// endpoint formats an address and port; ICMP "ports" are type and code.
-func endpoint(a netip.Addr, port uint16, proto string) string {
+// Endpoint formats an address and port; ICMP "ports" (type and code) are
+// left out.
+func Endpoint(a netip.Addr, port uint16, proto string) string {
 	switch proto {
 	case "tcp", "udp", "sctp", "udplite":
 		return netip.AddrPortFrom(a, port).String()
@@ -171,4 +279,19 @@ func Bytes(n uint64) string {
 		exp++
 	}
 	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}
+
+// Bits formats a bit rate with decimal units (12.3 Mbit/s), as network
+// rates are quoted.
+func Bits(bps float64) string {
+	units := []string{"bit/s", "kbit/s", "Mbit/s", "Gbit/s", "Tbit/s"}
+	i := 0
+	for bps >= 1000 && i < len(units)-1 {
+		bps /= 1000
+		i++
+	}
+	if i == 0 {
+		return fmt.Sprintf("%.0f %s", bps, units[i])
+	}
+	return fmt.Sprintf("%.1f %s", bps, units[i])
 }

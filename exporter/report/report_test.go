@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/santhosh-tekuri/jsonschema/v6"
+
 	"github.com/nsflow/nsflow/collector"
 )
 
@@ -64,7 +66,7 @@ func golden(t *testing.T, name string, got []byte) {
 
 func TestTraceGolden(t *testing.T) {
 	start := time.Date(2026, 11, 24, 12, 0, 0, 0, time.UTC)
-	tr := NewTrace(fixture(), start, "tcx", 2)
+	tr := NewTrace(fixture(), start, Options{AttachMode: "tcx", Top: 2})
 	if tr.FlowsShown != 2 || tr.FlowsTotal != 3 {
 		t.Errorf("top 2 of 3: shown %d of %d", tr.FlowsShown, tr.FlowsTotal)
 	}
@@ -84,5 +86,78 @@ func TestBytes(t *testing.T) {
 		if got := Bytes(n); got != want {
 			t.Errorf("Bytes(%d) = %q, want %q", n, got, want)
 		}
+	}
+}
+
+type protoFilter collector.Protocol
+
+func (p protoFilter) Match(f *collector.Flow) bool { return f.Protocol == collector.Protocol(p) }
+
+func TestTraceOptions(t *testing.T) {
+	start := time.Date(2026, 11, 24, 12, 0, 0, 0, time.UTC)
+	tr := NewTrace(fixture(), start, Options{Filter: protoFilter(17), FilterText: "udp", Sort: collector.SortPackets})
+	if tr.FlowsTotal != 1 || tr.Flows[0].Protocol != "udp" || tr.Filter != "udp" || tr.Sort != "packets" {
+		t.Errorf("filtered trace: %+v", tr.Flows)
+	}
+	tr = NewTrace(fixture(), start, Options{Sort: collector.SortPackets})
+	if tr.Flows[0].Packets != 20 || tr.Flows[1].Packets != 5 || tr.Flows[2].Packets != 1 {
+		t.Errorf("sort by packets: %+v", tr.Flows)
+	}
+	// 5 packets of 490 bytes in 10 s: 0.5 packets/s, 392 bit/s.
+	eth0 := tr.Namespaces[1].Interfaces[1]
+	if eth0.RXPacketRate != 0.5 || eth0.RXBitRate != 392 {
+		t.Errorf("rates %+v", eth0)
+	}
+}
+
+func TestDelta(t *testing.T) {
+	prev := fixture()
+	cur := fixture()
+	cur.Time = prev.Time.Add(time.Second)
+	cur.Namespaces[1].Interfaces[0].TX.Packets += 7
+	cur.Namespaces[1].Interfaces[0].TX.Bytes += 700
+	cur.Flows[0].Packets += 7
+	cur.Flows[0].Bytes += 700
+	d := Delta(prev, cur)
+	if got := d.Namespaces[1].Interfaces[0].TX; got != (collector.Counters{Packets: 7, Bytes: 700}) {
+		t.Errorf("interface delta %+v", got)
+	}
+	if got := d.Namespaces[0].Interfaces[1].RX; got != (collector.Counters{}) {
+		t.Errorf("idle interface delta %+v", got)
+	}
+	if len(d.Flows) != 1 || d.Flows[0].Packets != 7 || d.Flows[0].Bytes != 700 {
+		t.Errorf("flow delta %+v, want only the flow that moved", d.Flows)
+	}
+	tr := NewTrace(d, prev.Time, Options{})
+	if r := tr.Flows[0].BitRate; r != 5600 {
+		t.Errorf("interval bit rate %v, want 5600", r)
+	}
+}
+
+func TestBits(t *testing.T) {
+	for v, want := range map[float64]string{0: "0 bit/s", 999: "999 bit/s", 1500: "1.5 kbit/s", 12.3e6: "12.3 Mbit/s", 2e9: "2.0 Gbit/s"} {
+		if got := Bits(v); got != want {
+			t.Errorf("Bits(%v) = %q, want %q", v, got, want)
+		}
+	}
+}
+
+// The golden document matches the published schema (docs/schema).
+func TestGoldenMatchesSchema(t *testing.T) {
+	sch, err := jsonschema.NewCompiler().Compile("../../docs/schema/trace.schema.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open("testdata/trace.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	v, err := jsonschema.UnmarshalJSON(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := sch.Validate(v); err != nil {
+		t.Error(err)
 	}
 }
