@@ -26,9 +26,17 @@ type Config struct {
 	MaxFlowSeries int
 }
 
-// Exporter is a prometheus.Collector over a collector.Collector.
+// Source is what the exporter reads at scrape time: a *collector.Collector.
+type Source interface {
+	Snapshot() (*collector.Snapshot, error)
+	Interfaces() []collector.NamespaceInfo
+	AttachErrors() map[string]uint64
+	Mode() collector.Mode
+}
+
+// Exporter is a prometheus.Collector over a Source.
 type Exporter struct {
-	c   *collector.Collector
+	c   Source
 	cfg Config
 
 	packets, bytes                            *prometheus.Desc
@@ -44,7 +52,7 @@ type Exporter struct {
 }
 
 // New returns an exporter for c.
-func New(c *collector.Collector, cfg Config) *Exporter {
+func New(c Source, cfg Config) *Exporter {
 	point := []string{"netns", "interface", "direction"}
 	flow := append(append([]string{}, point...), "protocol", "src", "dst", "src_port", "dst_port")
 	d := func(name, help string, labels ...string) *prometheus.Desc {

@@ -1,0 +1,136 @@
+package exporter
+
+import (
+	"bytes"
+	"flag"
+	"net/netip"
+	"os"
+	"os/exec"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/prometheus/common/expfmt"
+
+	"github.com/nsflow/nsflow/collector"
+)
+
+var update = flag.Bool("update", false, "rewrite the golden files")
+
+type fakeSource struct{ snap *collector.Snapshot }
+
+func (f fakeSource) Snapshot() (*collector.Snapshot, error) { return f.snap, nil }
+func (f fakeSource) Mode() collector.Mode                   { return collector.ModeTCX }
+func (f fakeSource) AttachErrors() map[string]uint64 {
+	m := map[string]uint64{}
+	for _, r := range collector.AttachErrorReasons {
+		m[r] = 0
+	}
+	m["gone"] = 2
+	return m
+}
+func (f fakeSource) Interfaces() []collector.NamespaceInfo {
+	var out []collector.NamespaceInfo
+	for _, ns := range f.snap.Namespaces {
+		ni := collector.NamespaceInfo{Name: ns.Name, Inode: ns.Inode, Gone: ns.Gone}
+		for _, i := range ns.Interfaces {
+			ni.Interfaces = append(ni.Interfaces, collector.InterfaceInfo{Name: i.Name, Index: i.Index, State: i.State})
+		}
+		out = append(out, ni)
+	}
+	return out
+}
+
+func fixture() *collector.Snapshot {
+	a, b := netip.MustParseAddr("10.213.0.2"), netip.MustParseAddr("10.213.0.3")
+	return &collector.Snapshot{
+		Time: time.Date(2026, 11, 24, 12, 0, 0, 0, time.UTC),
+		Namespaces: []collector.NamespaceStats{
+			{Name: "host", Inode: 4026531833, Interfaces: []collector.InterfaceStats{
+				{Name: "lo", Index: 1, State: collector.StateAttached, RX: collector.Counters{Packets: 10, Bytes: 1000}, TX: collector.Counters{Packets: 10, Bytes: 1000}},
+			}},
+			{Name: "web", Inode: 4026532200, Interfaces: []collector.InterfaceStats{
+				{Name: "lo", Index: 1, State: collector.StateAttached, RX: collector.Counters{Packets: 40, Bytes: 4000}, TX: collector.Counters{Packets: 40, Bytes: 4000}},
+				{Name: "eth0", Index: 2, State: collector.StateAttached, RX: collector.Counters{Packets: 5, Bytes: 490}, TX: collector.Counters{Packets: 6, Bytes: 588}},
+			}},
+			{Name: "old", Inode: 4026532300, Gone: true, Interfaces: []collector.InterfaceStats{
+				{Name: "eth0", Index: 2, State: collector.StateDetached, RX: collector.Counters{Packets: 1, Bytes: 60}},
+			}},
+		},
+		Flows: []collector.Flow{
+			{Netns: "web", Interface: "eth0", Direction: collector.TX, Protocol: 6, Src: a, Dst: b, SrcPort: 40000, DstPort: 80, Packets: 4, Bytes: 400},
+			{Netns: "web", Interface: "eth0", Direction: collector.TX, Protocol: 17, Src: a, Dst: b, SrcPort: 5353, DstPort: 53, Packets: 2, Bytes: 188},
+			{Netns: "web", Interface: "lo", Direction: collector.TX, Protocol: 1, Src: a, Dst: a, SrcPort: 8, Packets: 1, Bytes: 98},
+		},
+		Stats: collector.Stats{FlowEntries: 3, FlowCapacity: 65536, FlowsCreated: 5, FlowsEvicted: 0, NonIP: 7},
+	}
+}
+
+func scrape(t *testing.T, e *Exporter) []byte {
+	t.Helper()
+	reg := prometheus.NewPedanticRegistry()
+	reg.MustRegister(e)
+	fams, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var buf bytes.Buffer
+	enc := expfmt.NewEncoder(&buf, expfmt.NewFormat(expfmt.TypeTextPlain))
+	for _, f := range fams {
+		if err := enc.Encode(f); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return buf.Bytes()
+}
+
+func golden(t *testing.T, name string, got []byte) {
+	t.Helper()
+	if *update {
+		os.WriteFile("testdata/"+name, got, 0o644)
+	}
+	want, err := os.ReadFile("testdata/" + name)
+	if err != nil {
+		t.Fatalf("%v (go test -update creates it)", err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Errorf("%s changed (review, then go test -update):\n%s", name, got)
+	}
+}
+
+// The exposition format is reviewed through golden files, and linted.
+func TestMetricsGolden(t *testing.T) {
+	for _, tc := range []struct {
+		file string
+		cfg  Config
+	}{
+		{"metrics.txt", Config{}},
+		{"metrics_flows_capped.txt", Config{Flows: true, MaxFlowSeries: 2}},
+	} {
+		e := New(fakeSource{fixture()}, tc.cfg)
+		out := scrape(t, e)
+		golden(t, tc.file, out)
+		problems, err := testutil.CollectAndLint(New(fakeSource{fixture()}, tc.cfg))
+		if err != nil || len(problems) > 0 {
+			t.Errorf("%s: lint: %v %v", tc.file, err, problems)
+		}
+		if path, err := exec.LookPath("promtool"); err == nil {
+			cmd := exec.Command(path, "check", "metrics")
+			cmd.Stdin = bytes.NewReader(out)
+			if msg, err := cmd.CombinedOutput(); err != nil || len(bytes.TrimSpace(msg)) > 0 {
+				t.Errorf("%s: promtool check metrics: %v %s", tc.file, err, msg)
+			}
+		}
+	}
+}
+
+// The flow cap counts what it left out, cumulatively over scrapes.
+func TestFlowCapCounter(t *testing.T) {
+	e := New(fakeSource{fixture()}, Config{Flows: true, MaxFlowSeries: 1})
+	scrape(t, e)
+	out := string(scrape(t, e))
+	if !bytes.Contains([]byte(out), []byte("nsflow_flow_series_dropped_total 4")) {
+		t.Errorf("after two scrapes leaving out 2 flows each, want 4 dropped:\n%s", out)
+	}
+}
