@@ -43,7 +43,7 @@ eBPF programs attached to every interface of the observed namespaces.`,
 		SilenceErrors: true,
 	}
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
-	root.AddCommand(newServeCmd(), newTraceCmd(), newListCmd(), newPodCmd())
+	root.AddCommand(newServeCmd(), newTraceCmd(), newTopCmd(), newListCmd(), newPodCmd())
 	return root
 }
 
@@ -89,3 +89,5 @@ func checkArgs(v cobra.PositionalArgs) cobra.PositionalArgs {
 		return nil
 	}
 }
+
+func joinArgs(args []string) string { return strings.Join(args, " ") }

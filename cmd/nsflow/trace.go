@@ -204,34 +204,17 @@ func runTrace(ctx context.Context, f traceFlags) (err error) {
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 
-	c, err := collector.New(collector.Config{Mode: tc.mode, FlowEntries: f.flowEntries, Logger: log, Events: f.events})
+	sess, err := openSession(ctx, tc, f, log)
 	if err != nil {
-		return fmt.Errorf("%w (nsflow needs root or CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON and kernel 6.3+)", err)
+		return err
 	}
+	c := sess.c
 	// Everything attached is detached on every way out, signals included.
-	defer func() { err = errors.Join(err, c.Close()) }()
-	for _, t := range tc.targets {
-		if _, err := c.Add(t); err != nil {
-			return err
-		}
-	}
+	defer func() { err = errors.Join(err, sess.Close()) }()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	var wg sync.WaitGroup
 	defer wg.Wait()
-	if tc.discovery != nil {
-		tc.discovery.Logger = log
-		d, err := collector.NewDiscovery(c, *tc.discovery)
-		if err != nil {
-			return err
-		}
-		wg.Add(1)
-		go func() { defer wg.Done(); d.Run(ctx) }()
-		select {
-		case <-d.Ready():
-		case <-ctx.Done():
-		}
-	}
 	start := time.Now()
 
 	out := &syncWriter{w: os.Stdout}
@@ -318,7 +301,7 @@ loop:
 	tr := report.NewTrace(snap, start, opts)
 	cancel() // stop the event stream before the summary
 	wg.Wait()
-	if err := c.Close(); err != nil {
+	if err := sess.Close(); err != nil {
 		return fmt.Errorf("detach: %w", err)
 	}
 	switch f.output {
@@ -403,4 +386,52 @@ func (s *status) clear() {
 	if s.enabled {
 		fmt.Fprint(os.Stderr, "\r\033[K")
 	}
+}
+
+// session is a collector observing a selection of namespaces; with
+// patterns or --all, discovery keeps following them.
+type session struct {
+	c      *collector.Collector
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+	once   sync.Once
+	err    error
+}
+
+func openSession(ctx context.Context, tc *traceConfig, f traceFlags, log *slog.Logger) (*session, error) {
+	c, err := collector.New(collector.Config{Mode: tc.mode, FlowEntries: f.flowEntries, Logger: log, Events: f.events})
+	if err != nil {
+		return nil, fmt.Errorf("%w (nsflow needs root or CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON and kernel 6.3+)", err)
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	s := &session{c: c, cancel: cancel}
+	for _, t := range tc.targets {
+		if _, err := c.Add(t); err != nil {
+			return nil, errors.Join(err, s.Close())
+		}
+	}
+	if tc.discovery != nil {
+		tc.discovery.Logger = log
+		d, err := collector.NewDiscovery(c, *tc.discovery)
+		if err != nil {
+			return nil, errors.Join(err, s.Close())
+		}
+		s.wg.Add(1)
+		go func() { defer s.wg.Done(); d.Run(ctx) }()
+		select {
+		case <-d.Ready():
+		case <-ctx.Done():
+		}
+	}
+	return s, nil
+}
+
+// Close stops discovery and detaches everything; it may be called twice.
+func (s *session) Close() error {
+	s.once.Do(func() {
+		s.cancel()
+		s.wg.Wait()
+		s.err = s.c.Close()
+	})
+	return s.err
 }

@@ -1,0 +1,77 @@
+package tui
+
+import (
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	tea "github.com/charmbracelet/bubbletea"
+
+	"github.com/nsflow/nsflow/collector"
+)
+
+func snap(at time.Time, udp, tcp uint64) *collector.Snapshot {
+	a, b := netip.MustParseAddr("10.213.0.2"), netip.MustParseAddr("10.213.0.3")
+	return &collector.Snapshot{
+		Time: at,
+		Namespaces: []collector.NamespaceStats{{Name: "web", Inode: 7, Interfaces: []collector.InterfaceStats{
+			{Name: "eth0", Index: 2, TX: collector.Counters{Packets: udp + tcp, Bytes: 100*udp + 1500*tcp}},
+		}}},
+		Flows: []collector.Flow{
+			{Netns: "web", NetnsInode: 7, Interface: "eth0", Ifindex: 2, Direction: collector.TX, Protocol: 17, Src: a, Dst: b, SrcPort: 1, DstPort: 53, Packets: udp, Bytes: 100 * udp},
+			{Netns: "web", NetnsInode: 7, Interface: "eth0", Ifindex: 2, Direction: collector.TX, Protocol: 6, Src: a, Dst: b, SrcPort: 2, DstPort: 80, Packets: tcp, Bytes: 1500 * tcp},
+		},
+	}
+}
+
+func key(s string) tea.KeyMsg {
+	switch s {
+	case "enter":
+		return tea.KeyMsg{Type: tea.KeyEnter}
+	case "esc":
+		return tea.KeyMsg{Type: tea.KeyEsc}
+	}
+	return tea.KeyMsg{Type: tea.KeyRunes, Runes: []rune(s)}
+}
+
+func TestModel(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	m, err := New(Config{Interval: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.Update(snapMsg{snap: snap(t0, 0, 0)})
+	// In one second: 100 UDP packets (10 kB) and 10 TCP packets (15 kB).
+	m.Update(snapMsg{snap: snap(t0.Add(time.Second), 100, 10)})
+	v := m.View()
+	if !strings.Contains(v, "sort: rate") || strings.Index(v, ":80") > strings.Index(v, ":53") {
+		t.Errorf("by byte rate TCP (120 kbit/s) comes before UDP (80 kbit/s):\n%s", v)
+	}
+	if !strings.Contains(v, "120.0 kbit/s") || !strings.Contains(v, "80.0 kbit/s") {
+		t.Errorf("rates missing:\n%s", v)
+	}
+	m.Update(key("s"))
+	v = m.View()
+	if !strings.Contains(v, "sort: packet-rate") || strings.Index(v, ":53") > strings.Index(v, ":80") {
+		t.Errorf("by packet rate UDP comes first:\n%s", v)
+	}
+	// Edit the filter: a bad one shows an error and keeps editing; a good one applies.
+	m.Update(key("/"))
+	for _, r := range "tcp and" {
+		m.Update(key(string(r)))
+	}
+	m.Update(key("enter"))
+	if v = m.View(); !strings.Contains(v, "error:") || !m.editing {
+		t.Errorf("bad filter accepted:\n%s", v)
+	}
+	m.input = "tcp"
+	m.Update(key("enter"))
+	v = m.View()
+	if m.editing || strings.Contains(v, ":53") || !strings.Contains(v, ":80") || !strings.Contains(v, "filter: tcp") {
+		t.Errorf("filter tcp not applied:\n%s", v)
+	}
+	if _, cmd := m.Update(key("q")); cmd == nil {
+		t.Error("q does not quit")
+	}
+}
