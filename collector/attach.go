@@ -3,6 +3,7 @@ package collector
 import (
 	"errors"
 	"fmt"
+	"os"
 	"strings"
 
 	"github.com/cilium/ebpf"
@@ -42,28 +43,46 @@ const (
 
 // attachment is the pair of hooks (ingress, egress) nsflow holds on one
 // interface. close detaches both; it is safe on an interface that is gone.
+// release lets go of them but leaves them attached (and pinned), for the
+// next nsflow process to adopt (--pin).
 type attachment interface {
 	close() error
+	release() error
 }
 
 // attacher attaches the two programs to one interface of a namespace.
 type attacher interface {
-	attach(ns netns.NsHandle, nl *netlink.Handle, ifindex int) (attachment, error)
+	attach(ns netns.NsHandle, nl *netlink.Handle, inode uint64, ifindex int) (attachment, error)
 }
 
-type tcxAttacher struct{ ingress, egress *ebpf.Program }
+type tcxAttacher struct {
+	ingress, egress *ebpf.Program
+	pins            *pinnedLinks // nil without --pin
+}
 
-type tcxAttachment struct{ links []link.Link }
+type tcxAttachment struct {
+	links []link.Link
+	pins  []string
+}
 
-func (a *tcxAttacher) attach(ns netns.NsHandle, _ *netlink.Handle, ifindex int) (attachment, error) {
-	var att tcxAttachment
+func (a *tcxAttacher) attach(ns netns.NsHandle, _ *netlink.Handle, inode uint64, ifindex int) (attachment, error) {
+	att := &tcxAttachment{}
+	hooks := []struct {
+		prog *ebpf.Program
+		typ  ebpf.AttachType
+		name string
+	}{{a.ingress, ebpf.AttachTCXIngress, "ingress"}, {a.egress, ebpf.AttachTCXEgress, "egress"}}
 	// ifindex is relative to the calling thread's namespace: attach from inside.
 	err := inNetns(ns, func() error {
-		for _, h := range []struct {
-			prog *ebpf.Program
-			typ  ebpf.AttachType
-			name string
-		}{{a.ingress, ebpf.AttachTCXIngress, "ingress"}, {a.egress, ebpf.AttachTCXEgress, "egress"}} {
+		for _, h := range hooks {
+			key := linkKey(inode, ifindex, h.name)
+			// A link a previous nsflow process left pinned: swap the new
+			// program in atomically, so that no packet goes uncounted.
+			if l := a.pins.adopt(key, h.prog); l != nil {
+				att.links = append(att.links, l)
+				att.pins = append(att.pins, a.pins.path(key))
+				continue
+			}
 			l, err := link.AttachTCX(link.TCXOptions{
 				Interface: ifindex,
 				Program:   h.prog,
@@ -74,6 +93,13 @@ func (a *tcxAttacher) attach(ns netns.NsHandle, _ *netlink.Handle, ifindex int) 
 				return fmt.Errorf("tcx %s: %w", h.name, err)
 			}
 			att.links = append(att.links, l)
+			if a.pins != nil {
+				p := a.pins.path(key)
+				if err := l.Pin(p); err != nil {
+					return fmt.Errorf("pin tcx %s link: %w", h.name, err)
+				}
+				att.pins = append(att.pins, p)
+			}
 		}
 		return nil
 	})
@@ -81,24 +107,40 @@ func (a *tcxAttacher) attach(ns netns.NsHandle, _ *netlink.Handle, ifindex int) 
 		_ = att.close()
 		return nil, err
 	}
-	return &att, nil
+	return att, nil
 }
 
 func (a *tcxAttachment) close() error {
 	var errs []error
 	for _, l := range a.links {
+		if err := l.Unpin(); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
 		errs = append(errs, l.Close())
 	}
 	a.links = nil
 	return errors.Join(errs...)
 }
 
-type clsactAttacher struct{ ingress, egress *ebpf.Program }
+func (a *tcxAttachment) release() error {
+	var errs []error
+	for _, l := range a.links {
+		errs = append(errs, l.Close()) // the pin keeps the link attached
+	}
+	a.links = nil
+	return errors.Join(errs...)
+}
+
+type clsactAttacher struct {
+	ingress, egress *ebpf.Program
+	keep            bool // --pin: filters stay on exit, for the next process
+}
 
 type clsactAttachment struct {
 	nl        *netlink.Handle
 	ifindex   int
 	ownsQdisc bool
+	keep      bool
 	filters   []*netlink.BpfFilter
 }
 
@@ -113,8 +155,8 @@ func clsactQdisc(ifindex int) *netlink.GenericQdisc {
 	}
 }
 
-func (a *clsactAttacher) attach(_ netns.NsHandle, nl *netlink.Handle, ifindex int) (attachment, error) {
-	att := &clsactAttachment{nl: nl, ifindex: ifindex}
+func (a *clsactAttacher) attach(_ netns.NsHandle, nl *netlink.Handle, _ uint64, ifindex int) (attachment, error) {
+	att := &clsactAttachment{nl: nl, ifindex: ifindex, keep: a.keep}
 	// Another tool's clsact qdisc is shared, never replaced or removed.
 	switch err := nl.QdiscAdd(clsactQdisc(ifindex)); {
 	case err == nil:
@@ -140,7 +182,9 @@ func (a *clsactAttacher) attach(_ netns.NsHandle, nl *netlink.Handle, ifindex in
 			Name:         clsactName,
 			DirectAction: true,
 		}
-		if err := nl.FilterAdd(f); err != nil {
+		// Replace: a filter a previous nsflow process left (--pin) gets the
+		// new program atomically; otherwise the filter is created.
+		if err := nl.FilterReplace(f); err != nil {
 			_ = att.close()
 			return nil, fmt.Errorf("add cls_bpf filter %s: %w", h.name, err)
 		}
@@ -163,6 +207,14 @@ func (a *clsactAttachment) close() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+func (a *clsactAttachment) release() error {
+	if a.keep {
+		a.filters = nil // they stay in the kernel, holding the program
+		return nil
+	}
+	return a.close()
 }
 
 // qdiscUnused reports whether no other filter sits on the clsact qdisc that

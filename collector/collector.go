@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"path/filepath"
 	"sort"
 	"sync"
 	"time"
@@ -29,6 +30,12 @@ type Config struct {
 	NoFlows bool
 	// Events streams new flows (FlowEvents); the stream must then be read.
 	Events bool
+	// PinPath, when set, pins the maps and the TCX links there (on a bpffs,
+	// mounted if absent): they outlive the process, which then leaves
+	// everything attached on Close, and the next Collector with the same
+	// PinPath adopts them, so that no packet goes uncounted across a
+	// restart. Without it, Close detaches everything.
+	PinPath string
 	// Logger receives one line per lifecycle event; nil discards them.
 	Logger *slog.Logger
 }
@@ -58,6 +65,7 @@ type Collector struct {
 	// evictions can be told apart from deliberate deletions.
 	flowsDeleted uint64
 	attachErrors map[string]uint64
+	pins         *pinnedLinks // nil without PinPath
 }
 
 type namespace struct {
@@ -92,14 +100,31 @@ func New(cfg Config) (*Collector, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	objs, err := bpf.Load(bpf.Options{FlowEntries: cfg.FlowEntries, NoFlows: cfg.NoFlows, Events: cfg.Events})
+	opts := bpf.Options{FlowEntries: cfg.FlowEntries, NoFlows: cfg.NoFlows, Events: cfg.Events}
+	var pins *pinnedLinks
+	if cfg.PinPath != "" {
+		dir, err := preparePins(cfg.PinPath, cfg.Logger)
+		if err != nil {
+			return nil, err
+		}
+		opts.PinPath = dir
+		opts.OnReplace = func(name string, why error) {
+			cfg.Logger.Warn("pinned map incompatible with this version: replacing it (its counts restart)", "map", name, "reason", why)
+		}
+		if pins, err = loadPinnedLinks(filepath.Join(dir, "links"), cfg.Logger); err != nil {
+			return nil, err
+		}
+	}
+	objs, err := bpf.Load(opts)
 	if err != nil {
+		pins.dropPending()
 		return nil, err
 	}
 	c := &Collector{
 		objs:         objs,
 		log:          cfg.Logger,
 		cfg:          cfg,
+		pins:         pins,
 		namespaces:   map[uint64]*namespace{},
 		attachErrors: map[string]uint64{},
 	}
@@ -110,10 +135,21 @@ func New(cfg Config) (*Collector, error) {
 func (c *Collector) setMode(m Mode) {
 	c.mode = m
 	if m == ModeClsact {
-		c.att = &clsactAttacher{ingress: c.objs.NsflowIngress, egress: c.objs.NsflowEgress}
+		c.att = &clsactAttacher{ingress: c.objs.NsflowIngress, egress: c.objs.NsflowEgress, keep: c.pins != nil}
 	} else {
-		c.att = &tcxAttacher{ingress: c.objs.NsflowIngress, egress: c.objs.NsflowEgress}
+		c.att = &tcxAttacher{ingress: c.objs.NsflowIngress, egress: c.objs.NsflowEgress, pins: c.pins}
 	}
+}
+
+// DropStalePins releases the pinned links of a previous process that no
+// observed interface claimed (their namespace or interface is gone). Call
+// it once discovery has observed everything.
+func (c *Collector) DropStalePins() int {
+	n := c.pins.dropPending()
+	if n > 0 {
+		c.log.Info("released stale pinned links", "links", n)
+	}
+	return n
 }
 
 // Mode returns the attach mechanism in use. Under ModeAuto it is ModeTCX
@@ -302,11 +338,11 @@ func (c *Collector) attachLocked(ns *namespace, index int, name string) error {
 		i.name = name
 		return nil
 	}
-	att, err := c.att.attach(ns.handle, ns.nl, index)
+	att, err := c.att.attach(ns.handle, ns.nl, ns.inode, index)
 	if err != nil && c.mode == ModeAuto && errors.Is(err, ebpf.ErrNotSupported) {
 		c.log.Info("kernel without TCX: falling back to clsact + cls_bpf")
 		c.setMode(ModeClsact)
-		att, err = c.att.attach(ns.handle, ns.nl, index)
+		att, err = c.att.attach(ns.handle, ns.nl, ns.inode, index)
 	}
 	i := &iface{index: index, name: name, state: StateAttached, att: att}
 	if err != nil {
@@ -340,7 +376,11 @@ func (c *Collector) detachLocked(ns *namespace, index int, why string) {
 // Remove stops observing a namespace: its interfaces are detached and every
 // handle into it is closed, so the kernel can free it. Its counters stay
 // readable (marked gone) until Prune forgets them.
-func (c *Collector) Remove(inode uint64) {
+func (c *Collector) Remove(inode uint64) { c.remove(inode, false) }
+
+// remove stops observing a namespace; keep leaves its attachments in the
+// kernel (pinned) for the next process.
+func (c *Collector) remove(inode uint64, keep bool) {
 	c.mu.Lock()
 	ns, ok := c.namespaces[inode]
 	if !ok || !ns.gone.IsZero() {
@@ -348,7 +388,14 @@ func (c *Collector) Remove(inode uint64) {
 		return
 	}
 	ns.gone = time.Now()
-	for idx := range ns.ifaces {
+	for idx, i := range ns.ifaces {
+		if keep && i.att != nil {
+			if err := i.att.release(); err != nil {
+				c.log.Warn("release", "netns", ns.name, "interface", i.name, "err", err)
+			}
+			i.att = nil
+			continue
+		}
 		c.detachLocked(ns, idx, "namespace removed")
 	}
 	close(ns.stop)
@@ -437,7 +484,9 @@ func (c *Collector) Rename(inode uint64, name string) {
 	}
 }
 
-// Close detaches everything and releases the BPF objects.
+// Close detaches everything and releases the BPF objects. With PinPath, it
+// leaves the programs attached and the maps pinned instead, for the next
+// process to adopt.
 func (c *Collector) Close() error {
 	c.mu.Lock()
 	if c.closed {
@@ -453,8 +502,9 @@ func (c *Collector) Close() error {
 	}
 	c.mu.Unlock()
 	for _, ino := range live {
-		c.Remove(ino)
+		c.remove(ino, c.pins != nil)
 	}
+	c.pins.releasePending()
 	return c.objs.Close()
 }
 

@@ -7,7 +7,9 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
+	"path/filepath"
 	"regexp"
+	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -37,6 +39,8 @@ type serveFlags struct {
 	flows         bool
 	maxFlowSeries int
 	logLevel      string
+	pin           bool
+	pinPath       string
 }
 
 func newServeCmd() *cobra.Command {
@@ -69,6 +73,8 @@ the BPF maps at scrape time. SIGTERM or Ctrl-C detaches everything and exits.`,
 	fl.BoolVar(&f.flows, "flows", false, "export per-flow series (nsflow_flow_*_total)")
 	fl.IntVar(&f.maxFlowSeries, "flows.max-series", 1000, "at most this many flows per scrape, largest first")
 	fl.StringVar(&f.logLevel, "log.level", "info", "log level: debug, info, warn or error")
+	fl.BoolVar(&f.pin, "pin", false, "pin maps and links on the bpffs: counting goes on while nsflow restarts or upgrades, and the next serve adopts them")
+	fl.StringVar(&f.pinPath, "pin.path", collector.DefaultPinPath, "bpffs directory for --pin (bpffs is mounted at /sys/fs/bpf if absent)")
 	return cmd
 }
 
@@ -104,6 +110,9 @@ func (f *serveFlags) validate() (serveConfig, error) {
 	if f.flowEntries == 0 {
 		return sc, usagef("--flow-entries must be at least 1")
 	}
+	if f.pin && !strings.HasPrefix(filepath.Clean(f.pinPath), "/sys/fs/bpf/") {
+		return sc, usagef("--pin.path must be a directory under /sys/fs/bpf, got %q", f.pinPath)
+	}
 	if f.maxFlowSeries < 0 {
 		return sc, usagef("--flows.max-series must not be negative")
 	}
@@ -130,13 +139,21 @@ func runServe(ctx context.Context, f serveFlags) (err error) {
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: sc.level}))
 	sc.discovery.Logger = log
 
-	c, err := collector.New(collector.Config{Mode: sc.mode, FlowEntries: f.flowEntries, Logger: log})
+	pinPath := ""
+	if f.pin {
+		pinPath = f.pinPath
+	}
+	c, err := collector.New(collector.Config{Mode: sc.mode, FlowEntries: f.flowEntries, Logger: log, PinPath: pinPath})
 	if err != nil {
 		return fmt.Errorf("%w (nsflow needs root or CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON and kernel 6.3+)", err)
 	}
 	defer func() {
 		err = errors.Join(err, c.Close())
-		log.Info("detached everything, exiting")
+		if f.pin {
+			log.Info("left programs attached and maps pinned for the next serve", "path", f.pinPath)
+		} else {
+			log.Info("detached everything, exiting")
+		}
 	}()
 	d, err := collector.NewDiscovery(c, sc.discovery)
 	if err != nil {
@@ -148,6 +165,15 @@ func runServe(ctx context.Context, f serveFlags) (err error) {
 	discErr := make(chan error, 1)
 	go func() { discErr <- d.Run(ctx) }()
 	go prune(ctx, c, f.grace, log)
+	if f.pin {
+		go func() {
+			select {
+			case <-d.Ready():
+				c.DropStalePins()
+			case <-ctx.Done():
+			}
+		}()
+	}
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(

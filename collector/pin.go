@@ -1,0 +1,166 @@
+package collector
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"regexp"
+	"sync"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"golang.org/x/sys/unix"
+)
+
+// PinLayout names the layout of the pinned state (maps and links). A
+// version whose map keys or values change bumps it; pinned state of another
+// layout is removed at start, with a log line, never misread.
+const PinLayout = "v1"
+
+// DefaultPinPath is where --pin keeps nsflow's state on the bpffs.
+const DefaultPinPath = "/sys/fs/bpf/nsflow"
+
+const bpfFSMagic = 0xcafe4a11
+
+// ensureBPFFS mounts a bpffs at /sys/fs/bpf when the pin path's filesystem
+// is not one.
+func ensureBPFFS(pinPath string, log *slog.Logger) error {
+	root := "/sys/fs/bpf"
+	var fs unix.Statfs_t
+	if err := unix.Statfs(root, &fs); err == nil && fs.Type == bpfFSMagic {
+		return nil
+	}
+	if err := os.MkdirAll(root, 0o700); err != nil {
+		return fmt.Errorf("create %s: %w", root, err)
+	}
+	if err := unix.Mount("bpf", root, "bpf", 0, "mode=0700"); err != nil {
+		return fmt.Errorf("mount bpffs at %s (needed by --pin): %w", root, err)
+	}
+	log.Info("mounted bpffs", "path", root)
+	if err := unix.Statfs(filepath.Dir(pinPath), &fs); err != nil || fs.Type != bpfFSMagic {
+		return fmt.Errorf("--pin path %s is not on a bpffs", pinPath)
+	}
+	return nil
+}
+
+var layoutRE = regexp.MustCompile(`^v[0-9]+$`)
+
+// preparePins makes PinPath/PinLayout (mode 0700), removing the pinned state
+// of other layouts, and returns the layout directory.
+func preparePins(pinPath string, log *slog.Logger) (string, error) {
+	if err := ensureBPFFS(pinPath, log); err != nil {
+		return "", err
+	}
+	ents, _ := os.ReadDir(pinPath)
+	for _, e := range ents {
+		if e.IsDir() && layoutRE.MatchString(e.Name()) && e.Name() != PinLayout {
+			log.Warn("removing pinned state of an incompatible layout (its counters restart)",
+				"layout", e.Name(), "want", PinLayout, "path", filepath.Join(pinPath, e.Name()))
+			if err := os.RemoveAll(filepath.Join(pinPath, e.Name())); err != nil {
+				return "", fmt.Errorf("remove old pinned state: %w", err)
+			}
+		}
+	}
+	dir := filepath.Join(pinPath, PinLayout)
+	if err := os.MkdirAll(filepath.Join(dir, "links"), 0o700); err != nil {
+		return "", fmt.Errorf("create pin directory: %w", err)
+	}
+	return dir, nil
+}
+
+// pinnedLinks are the TCX links pinned by nsflow, by key
+// (netns inode, ifindex, hook); those found at start wait to be adopted.
+type pinnedLinks struct {
+	dir string
+	log *slog.Logger
+
+	mu      sync.Mutex
+	pending map[string]link.Link
+}
+
+func linkKey(inode uint64, ifindex int, hook string) string {
+	return fmt.Sprintf("%d_%d_%s", inode, ifindex, hook)
+}
+
+func (p *pinnedLinks) path(key string) string { return filepath.Join(p.dir, key) }
+
+// loadPinnedLinks opens the links a previous process left pinned.
+func loadPinnedLinks(dir string, log *slog.Logger) (*pinnedLinks, error) {
+	p := &pinnedLinks{dir: dir, log: log, pending: map[string]link.Link{}}
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	for _, e := range ents {
+		l, err := link.LoadPinnedLink(filepath.Join(dir, e.Name()), nil)
+		if err != nil {
+			log.Warn("dropping unreadable pinned link", "pin", e.Name(), "err", err)
+			os.Remove(filepath.Join(dir, e.Name()))
+			continue
+		}
+		p.pending[e.Name()] = l
+	}
+	if len(p.pending) > 0 {
+		log.Info("found pinned links of a previous process", "links", len(p.pending))
+	}
+	return p, nil
+}
+
+// adopt takes over a pending link for key, replacing its program with prog
+// (BPF_LINK_UPDATE: atomic, no packet between two programs). It returns nil
+// when there is no such link or it cannot be updated (then it is dropped).
+func (p *pinnedLinks) adopt(key string, prog *ebpf.Program) link.Link {
+	if p == nil {
+		return nil
+	}
+	p.mu.Lock()
+	l, ok := p.pending[key]
+	delete(p.pending, key)
+	p.mu.Unlock()
+	if !ok {
+		return nil
+	}
+	if err := l.Update(prog); err != nil {
+		// Detached (its interface went away while no process ran).
+		p.log.Info("pinned link not adoptable, attaching anew", "pin", key, "err", err)
+		l.Unpin()
+		l.Close()
+		return nil
+	}
+	p.log.Debug("adopted pinned link", "pin", key)
+	return l
+}
+
+// dropPending unpins and closes every link no interface claimed: their
+// namespace or interface is gone.
+func (p *pinnedLinks) dropPending() int {
+	if p == nil {
+		return 0
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	n := len(p.pending)
+	for key, l := range p.pending {
+		if err := errors.Join(l.Unpin(), l.Close()); err != nil {
+			p.log.Warn("drop stale pinned link", "pin", key, "err", err)
+		}
+		delete(p.pending, key)
+	}
+	return n
+}
+
+// releasePending closes the fds of the links no interface claimed, leaving
+// them pinned (and attached) for the next process.
+func (p *pinnedLinks) releasePending() {
+	if p == nil {
+		return
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for key, l := range p.pending {
+		l.Close()
+		delete(p.pending, key)
+	}
+}

@@ -1,0 +1,135 @@
+package e2e
+
+import (
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/nsflow/nsflow/collector"
+	"github.com/nsflow/nsflow/test/podns"
+	"github.com/nsflow/nsflow/test/testenv"
+)
+
+// With --pin, a restarted serve adopts the programs, links and maps of the
+// previous one: counters continue without a reset, and packets sent while no
+// nsflow process ran are counted too.
+func TestServePinRestart(t *testing.T) {
+	testenv.RequireRoot(t)
+	pin := fmt.Sprintf("/sys/fs/bpf/nsflow-e2e-%d", os.Getpid())
+	t.Cleanup(func() { os.RemoveAll(pin) }) // unpinning detaches what is left
+	args := []string{"--pin", "--pin.path", pin, "--netns.host=false", "--netns.proc=false", "--netns.include", "^e2e-pin-"}
+	pods := newPods(t, "10.213.126.0/24", "e2e-pin-a")
+	a := pods[0]
+	byIno := map[uint64]*podns.Pod{inodeOf(t, a): a}
+	lo := point{inodeOf(t, a), "lo", collector.TX}
+
+	seriesUp := func(srv *server) {
+		waitUntil(t, 10*time.Second, "pod a in /metrics", func() bool {
+			s, _ := srv.scrape(t)
+			_, ok := s[pointSeries("nsflow_packets_total", a.Name, "lo", "tx")]
+			return ok
+		})
+	}
+	srv := startServe(t, "http", args...)
+	seriesUp(srv)
+	k0, s0, _ := quiescentScrape(t, srv, byIno)
+	udpExchange(t, a, a, netip.MustParseAddrPort("127.0.0.1:9700"), 10, 20)
+	srv.stop(t)
+
+	if n := tcxPrograms(t, a); n != 4 {
+		t.Fatalf("%d tcx programs in pod a after serve --pin exited, want 4 (left attached)", n)
+	}
+	if !strings.Contains(srv.logText(), "left programs attached") {
+		t.Errorf("no log of what was left pinned:\n%s", srv.logText())
+	}
+	// Nobody runs: the pinned programs keep counting.
+	udpExchange(t, a, a, netip.MustParseAddrPort("127.0.0.1:9701"), 15, 20)
+
+	srv = startServe(t, "http", args...)
+	seriesUp(srv)
+	if n := tcxPrograms(t, a); n != 4 {
+		t.Errorf("%d tcx programs after the restart, want 4: adopted, not attached twice", n)
+	}
+	udpExchange(t, a, a, netip.MustParseAddrPort("127.0.0.1:9702"), 5, 20)
+	k1, s1, _ := quiescentScrape(t, srv, byIno)
+	kd, sd := delta(k0, k1), delta(s0, s1)
+	for p, want := range kd {
+		if sd[p] != want {
+			t.Errorf("%s across the restart: /metrics %+v, kernel %+v", p, sd[p], want)
+		}
+	}
+	if kd[lo].Packets < 30 {
+		t.Errorf("lo tx %d packets, want at least the 30 datagrams sent", kd[lo].Packets)
+	}
+	t.Logf("across a restart with traffic while down: lo tx %+v, equal to the kernel's", sd[lo])
+	if !strings.Contains(srv.logText(), "adopted pinned link") {
+		t.Errorf("the restarted serve did not adopt the links:\n%s", srv.logText())
+	}
+	srv.stop(t)
+
+	// The pod goes while no serve runs: the next serve releases its pins.
+	if _, err := podns.Delete(podns.Config{}, a.Name); err != nil {
+		t.Fatal(err)
+	}
+	srv = startServe(t, "http", args...)
+	waitUntil(t, 10*time.Second, "stale pins released", func() bool {
+		ents, _ := os.ReadDir(filepath.Join(pin, collector.PinLayout, "links"))
+		return len(ents) == 0
+	})
+	srv.stop(t)
+}
+
+// Pinned state from another version is detected and replaced, with a log
+// line, never misread.
+func TestServePinIncompatible(t *testing.T) {
+	testenv.RequireRoot(t)
+	pin := fmt.Sprintf("/sys/fs/bpf/nsflow-e2e-incompat-%d", os.Getpid())
+	t.Cleanup(func() { os.RemoveAll(pin) })
+	dir := filepath.Join(pin, collector.PinLayout)
+	if err := os.MkdirAll(filepath.Join(pin, "v0"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	// A "totals" map whose values are 8 bytes, not 16.
+	m, err := ebpf.NewMap(&ebpf.MapSpec{Name: "totals", Type: ebpf.PerCPUHash, KeySize: 12, ValueSize: 8, MaxEntries: 16})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Pin(filepath.Join(dir, "totals")); err != nil {
+		t.Fatal(err)
+	}
+	m.Close()
+
+	pods := newPods(t, "10.213.127.0/24", "e2e-pin-inc")
+	srv := startServe(t, "http", "--pin", "--pin.path", pin, "--netns.host=false", "--netns.proc=false", "--netns.include", "^e2e-pin-inc$")
+	waitUntil(t, 10*time.Second, "pod in /metrics", func() bool {
+		s, _ := srv.scrape(t)
+		_, ok := s[pointSeries("nsflow_packets_total", pods[0].Name, "lo", "tx")]
+		return ok
+	})
+	log := srv.logText()
+	for _, want := range []string{"pinned map incompatible", "map=totals", "removing pinned state of an incompatible layout", "layout=v0"} {
+		if !strings.Contains(log, want) {
+			t.Errorf("log lacks %q:\n%s", want, log)
+		}
+	}
+	got, err := ebpf.LoadPinnedMap(filepath.Join(dir, "totals"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer got.Close()
+	if got.ValueSize() != 16 {
+		t.Errorf("pinned totals value size %d after replacement, want 16", got.ValueSize())
+	}
+	if _, err := os.Stat(filepath.Join(pin, "v0")); !os.IsNotExist(err) {
+		t.Errorf("old layout directory still there: %v", err)
+	}
+}
