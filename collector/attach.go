@@ -65,7 +65,14 @@ type tcxAttachment struct {
 	pins  []string
 }
 
+// faultNoTCX makes every TCX attach fail as on a kernel without TCX
+// (NSFLOW_FAULT_NO_TCX=1), to test the clsact fallback on kernels that have it.
+var faultNoTCX = os.Getenv("NSFLOW_FAULT_NO_TCX") == "1"
+
 func (a *tcxAttacher) attach(ns netns.NsHandle, _ *netlink.Handle, inode uint64, ifindex int) (attachment, error) {
+	if faultNoTCX {
+		return nil, fmt.Errorf("tcx (fault injected by NSFLOW_FAULT_NO_TCX): %w", ebpf.ErrNotSupported)
+	}
 	att := &tcxAttachment{}
 	hooks := []struct {
 		prog *ebpf.Program

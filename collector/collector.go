@@ -100,6 +100,9 @@ func New(cfg Config) (*Collector, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
+	if err := CheckCapabilities(); err != nil {
+		return nil, err
+	}
 	opts := bpf.Options{FlowEntries: cfg.FlowEntries, NoFlows: cfg.NoFlows, Events: cfg.Events}
 	var pins *pinnedLinks
 	if cfg.PinPath != "" {
@@ -117,8 +120,8 @@ func New(cfg Config) (*Collector, error) {
 	}
 	objs, err := bpf.Load(opts)
 	if err != nil {
-		pins.dropPending()
-		return nil, err
+		pins.releasePending()
+		return nil, fmt.Errorf("%w (nsflow needs Linux 6.3+ with BTF)", err)
 	}
 	c := &Collector{
 		objs:         objs,
@@ -321,6 +324,13 @@ func (c *Collector) apply(ns *namespace, u netlink.LinkUpdate) {
 	switch u.Header.Type {
 	case unix.RTM_NEWLINK:
 		if err := c.attachLocked(ns, a.Index, a.Name); err != nil {
+			if errors.Is(err, unix.EEXIST) {
+				// An interface moved in from another observed namespace
+				// still carries the links attached there until that
+				// namespace's DELLINK is handled: try again shortly.
+				go c.retryAttach(ns, a.Index, a.Name)
+				return
+			}
 			c.log.Warn("attach", "err", err)
 		}
 	case unix.RTM_DELLINK:
@@ -329,6 +339,32 @@ func (c *Collector) apply(ns *namespace, u netlink.LinkUpdate) {
 			i.gone = time.Now()
 		}
 	}
+}
+
+// retryAttach retries a failed attach a few times, with backoff.
+func (c *Collector) retryAttach(ns *namespace, index int, name string) {
+	delay := 5 * time.Millisecond
+	var err error
+	for try := 0; try < 8; try++ {
+		time.Sleep(delay)
+		delay *= 2
+		c.mu.Lock()
+		if !ns.gone.IsZero() || c.closed {
+			c.mu.Unlock()
+			return
+		}
+		i, ok := ns.ifaces[index]
+		if !ok || i.state != StateFailed || i.name != name {
+			c.mu.Unlock()
+			return // attached meanwhile, or gone
+		}
+		err = c.attachLocked(ns, index, name)
+		c.mu.Unlock()
+		if err == nil {
+			return
+		}
+	}
+	c.log.Warn("attach", "err", err)
 }
 
 // attachLocked attaches to one interface unless already attached; a renamed

@@ -145,7 +145,7 @@ func runServe(ctx context.Context, f serveFlags) (err error) {
 	}
 	c, err := collector.New(collector.Config{Mode: sc.mode, FlowEntries: f.flowEntries, Logger: log, PinPath: pinPath})
 	if err != nil {
-		return fmt.Errorf("%w (nsflow needs root or CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON and kernel 6.3+)", err)
+		return fmt.Errorf("start: %w", err)
 	}
 	defer func() {
 		err = errors.Join(err, c.Close())

@@ -401,7 +401,7 @@ type session struct {
 func openSession(ctx context.Context, tc *traceConfig, f traceFlags, log *slog.Logger) (*session, error) {
 	c, err := collector.New(collector.Config{Mode: tc.mode, FlowEntries: f.flowEntries, Logger: log, Events: f.events})
 	if err != nil {
-		return nil, fmt.Errorf("%w (nsflow needs root or CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON and kernel 6.3+)", err)
+		return nil, err
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	s := &session{c: c, cancel: cancel}

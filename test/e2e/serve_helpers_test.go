@@ -110,14 +110,24 @@ type samples map[string]float64
 
 func (s *server) scrape(t *testing.T) (samples, string) {
 	t.Helper()
+	out, body := s.scrape0()
+	if out == nil {
+		t.Fatalf("scrape failed: %s", body)
+	}
+	return out, body
+}
+
+// scrape0 scrapes; it returns nil samples (and the reason) when the server
+// does not answer or answers garbage.
+func (s *server) scrape0() (samples, string) {
 	code, body := s.get("/metrics")
 	if code != http.StatusOK {
-		t.Fatalf("scrape: status %d: %s", code, body)
+		return nil, fmt.Sprintf("status %d: %s", code, body)
 	}
 	p := expfmt.NewTextParser(model.UTF8Validation)
 	fams, err := p.TextToMetricFamilies(strings.NewReader(body))
 	if err != nil {
-		t.Fatalf("parse scrape: %v", err)
+		return nil, err.Error()
 	}
 	out := samples{}
 	for name, f := range fams {
