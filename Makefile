@@ -7,7 +7,7 @@ PKGS      := ./...
 DEB_PKGS  := clang llvm libbpf-dev linux-libc-dev bpftool iproute2 iputils-ping iperf3 tcpdump prometheus procps tmux libcap2-bin util-linux
 TEST_TIMEOUT ?= 25m
 
-.PHONY: all build generate check-generate deps lint test test-unit bench fuzz demo clean
+.PHONY: all build generate check-generate deps lint test test-unit bench fuzz soak demo clean
 
 all: build
 
@@ -56,6 +56,9 @@ bench:
 FUZZTIME ?= 60s
 fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzProgram -fuzztime $(FUZZTIME) ./bpf/
+	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime $(FUZZTIME) ./collector/filter/
+	$(GO) test -run '^$$' -fuzz FuzzParseTarget -fuzztime $(FUZZTIME) ./collector/
+	$(GO) test -run '^$$' -fuzz FuzzDecodeFlowKey -fuzztime $(FUZZTIME) ./collector/
 
 ## demo: two pods, traffic between them and inside one of them, traced
 demo: deps build
@@ -63,3 +66,8 @@ demo: deps build
 
 clean:
 	rm -rf bin
+
+## soak: the churn soak at length (SOAK_CYCLES pod create/delete cycles)
+SOAK_CYCLES ?= 2000
+soak:
+	NSFLOW_SOAK_CYCLES=$(SOAK_CYCLES) $(GO) test -count=1 -run 'TestChurnSoak' -v -timeout 60m ./test/e2e/ | tee docs/bench/soak.txt

@@ -152,3 +152,17 @@ func TestFollowsInterfaces(t *testing.T) {
 		})
 	}
 }
+
+// Selectors come from the command line: no input panics, and every error
+// is one of the documented kinds or an OS error about the path.
+func FuzzParseTarget(f *testing.F) {
+	for _, s := range []string{"host", "pid:1", "pid:", "/proc/self/ns/net", "web", "a/b", "..", "pid:-1", "./x"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, sel string) {
+		tg, err := collector.ParseTarget(sel)
+		if err == nil && (tg.Path == "" || tg.Name == "") {
+			t.Fatalf("%q: accepted without a path or name: %+v", sel, tg)
+		}
+	})
+}

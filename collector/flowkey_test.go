@@ -1,0 +1,38 @@
+package collector
+
+import (
+	"bytes"
+	"encoding/binary"
+	"testing"
+
+	"github.com/nsflow/nsflow/bpf"
+)
+
+// Flow keys come from the kernel; any 48 bytes decode without panic into a
+// flow whose addresses have the key's family.
+func FuzzDecodeFlowKey(f *testing.F) {
+	f.Add(make([]byte, 48))
+	k := bpf.NsflowFlowKey{Netns: 1, Ifindex: 2, Family: 4, Proto: 6, Sport: 1, Dport: 2}
+	var buf bytes.Buffer
+	binary.Write(&buf, binary.NativeEndian, &k)
+	f.Add(buf.Bytes())
+	f.Fuzz(func(t *testing.T, raw []byte) {
+		if len(raw) != 48 {
+			return
+		}
+		var k bpf.NsflowFlowKey
+		if err := binary.Read(bytes.NewReader(raw), binary.NativeEndian, &k); err != nil {
+			t.Fatal(err)
+		}
+		fl := decodeFlowKey(&k)
+		if k.Family == 4 && (!fl.Src.Is4() || !fl.Dst.Is4()) {
+			t.Fatalf("family 4 decoded as %s > %s", fl.Src, fl.Dst)
+		}
+		if k.Family != 4 && (!fl.Src.Is6() || !fl.Dst.Is6()) {
+			t.Fatalf("family %d decoded as %s > %s", k.Family, fl.Src, fl.Dst)
+		}
+		if fl.SrcPort != k.Sport || fl.DstPort != k.Dport || uint8(fl.Protocol) != k.Proto {
+			t.Fatal("ports or protocol changed")
+		}
+	})
+}
