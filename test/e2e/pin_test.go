@@ -45,6 +45,17 @@ func TestServePinRestart(t *testing.T) {
 	if n := tcxPrograms(t, a); n != 4 {
 		t.Fatalf("%d tcx programs in pod a after serve --pin exited, want 4 (left attached)", n)
 	}
+	// Pins are private to root: directories 0700, files 0600.
+	filepath.Walk(pin, func(path string, fi os.FileInfo, err error) error {
+		if err != nil {
+			return nil
+		}
+		perm := fi.Mode().Perm()
+		if (fi.IsDir() && perm != 0o700) || (!fi.IsDir() && perm&0o077 != 0) {
+			t.Errorf("%s has mode %v", path, perm)
+		}
+		return nil
+	})
 	if !strings.Contains(srv.logText(), "left programs attached") {
 		t.Errorf("no log of what was left pinned:\n%s", srv.logText())
 	}

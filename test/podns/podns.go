@@ -607,7 +607,7 @@ func writeState(cfg Config, p *Pod) error {
 	if err != nil {
 		return err
 	}
-	tmp, err := os.CreateTemp(cfg.dir(), ".pod-*")
+	tmp, err := os.CreateTemp(cfg.dir(), ".pod-*") // mode 0600
 	if err != nil {
 		return err
 	}
@@ -625,6 +625,10 @@ func writeState(cfg Config, p *Pod) error {
 // lock serializes pod creation and deletion across processes.
 func lock(cfg Config) (func(), error) {
 	if err := os.MkdirAll(cfg.dir(), 0o700); err != nil {
+		return nil, fmt.Errorf("pod state dir: %w", err)
+	}
+	// The state is root's alone, whoever made the directory.
+	if err := os.Chmod(cfg.dir(), 0o700); err != nil {
 		return nil, fmt.Errorf("pod state dir: %w", err)
 	}
 	f, err := os.OpenFile(filepath.Join(cfg.dir(), ".lock"), os.O_CREATE|os.O_RDWR, 0o600)

@@ -118,6 +118,16 @@ func TestPodsTalk(t *testing.T) {
 		t.Errorf("pod loopback port %d reachable from the host namespace", port)
 	}
 
+	// State is private to root.
+	for _, path := range []string{cfg.dir(), filepath.Join(cfg.dir(), "pt-a.json")} {
+		fi, err := os.Stat(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := os.FileMode(0o600); fi.IsDir() && fi.Mode().Perm() != 0o700 || !fi.IsDir() && fi.Mode().Perm() != want {
+			t.Errorf("%s has mode %v", path, fi.Mode().Perm())
+		}
+	}
 	pods, err := List(cfg)
 	if err != nil || len(pods) != 2 || pods[0].Name != "pt-a" || pods[1].Name != "pt-b" {
 		t.Errorf("List: %v %v", pods, err)
