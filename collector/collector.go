@@ -596,3 +596,9 @@ func (c *Collector) ProgramIDs() []ebpf.ProgramID {
 	}
 	return ids
 }
+
+// Programs returns the loaded programs (ingress, egress), e.g. to read
+// their run-time statistics in benchmarks.
+func (c *Collector) Programs() []*ebpf.Program {
+	return []*ebpf.Program{c.objs.NsflowIngress, c.objs.NsflowEgress}
+}

@@ -1,0 +1,189 @@
+// Package bench holds nsflow's macro-benchmarks: the cost of the programs
+// in the real data path, throughput kept, scale. Run them with `make bench`
+// (as root); figures and method are in docs/BENCHMARKS.md.
+package bench
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+	"sort"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/link"
+	"golang.org/x/sys/unix"
+
+	"github.com/nsflow/nsflow/collector"
+	"github.com/nsflow/nsflow/test/podns"
+	"github.com/nsflow/nsflow/test/testenv"
+)
+
+func newPods(b *testing.B, subnet string, names ...string) []*podns.Pod {
+	b.Helper()
+	var pods []*podns.Pod
+	for _, n := range names {
+		p, err := podns.Create(podns.Config{}, n, podns.Options{Subnet: netip.MustParsePrefix(subnet)})
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { podns.Delete(podns.Config{}, n) })
+		pods = append(pods, p)
+	}
+	return pods
+}
+
+func emptyProgram(b *testing.B) *ebpf.Program {
+	p, err := ebpf.NewProgram(&ebpf.ProgramSpec{Type: ebpf.SchedCLS, License: "GPL",
+		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, -1), asm.Return()}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { p.Close() })
+	return p
+}
+
+func attachTCX(b *testing.B, p *podns.Pod, iface string, prog *ebpf.Program, at ebpf.AttachType) {
+	b.Helper()
+	var l link.Link
+	if err := p.Do(func() error {
+		i, err := net.InterfaceByName(iface)
+		if err != nil {
+			return err
+		}
+		l, err = link.AttachTCX(link.TCXOptions{Interface: i.Index, Program: prog, Attach: at})
+		return err
+	}); err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { l.Close() })
+}
+
+func observe(b *testing.B, cfg collector.Config, pods ...*podns.Pod) *collector.Collector {
+	b.Helper()
+	c, err := collector.New(cfg)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { c.Close() })
+	for _, p := range pods {
+		if _, err := c.Add(collector.Target{Name: p.Name, Path: p.NetnsPath}); err != nil {
+			b.Fatal(err)
+		}
+	}
+	return c
+}
+
+// udpBlast sends n datagrams of size bytes from pod a; ports cycles the
+// destination port over that many values (1: one flow; more: a new flow per
+// packet until the ports wrap).
+func udpBlast(b *testing.B, a *podns.Pod, dst netip.Addr, n, size, ports int) {
+	b.Helper()
+	var conn *net.UDPConn
+	if err := a.Do(func() (err error) { conn, err = net.ListenUDP("udp", nil); return err }); err != nil {
+		b.Fatal(err)
+	}
+	defer conn.Close()
+	payload := make([]byte, size)
+	deadline := time.Now().Add(60 * time.Second)
+	for i := 0; i < n && time.Now().Before(deadline); i++ {
+		port := 20000 + i%ports
+		if _, err := conn.WriteToUDPAddrPort(payload, netip.AddrPortFrom(dst, uint16(port))); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+type progStats struct {
+	name string
+	prog *ebpf.Program
+	last ebpf.ProgramStats
+}
+
+func (p *progStats) delta(b *testing.B) float64 {
+	s, err := p.prog.Stats()
+	if err != nil {
+		b.Fatal(err)
+	}
+	rt, rc := s.Runtime-p.last.Runtime, s.RunCount-p.last.RunCount
+	p.last = *s
+	if rc == 0 {
+		return 0
+	}
+	return float64(rt.Nanoseconds()) / float64(rc)
+}
+
+func median(v []float64) float64 {
+	s := append([]float64(nil), v...)
+	sort.Float64s(s)
+	return s[len(s)/2]
+}
+
+// BenchmarkDataPath measures the programs' cost per packet in the real data
+// path (kernel.bpf_stats_enabled: run time / run count) while UDP packets
+// with a 64-byte payload go from pod a to pod b. An empty TC program, nsflow
+// with totals only and nsflow with flows are attached to the same hooks at
+// once, so every packet runs all three in the same conditions; the figure
+// that matters is each one's distance to the empty program.
+func BenchmarkDataPath(b *testing.B) {
+	testenv.RequireRoot(b)
+	stats, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer stats.Close()
+	pods := newPods(b, "10.213.150.0/24", "bench-dp-a", "bench-dp-b")
+	a, bb := pods[0], pods[1]
+	var sink *net.UDPConn
+	if err := bb.Do(func() (err error) {
+		sink, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(bb.IPv4, 20000)))
+		return err
+	}); err != nil {
+		b.Fatal(err)
+	}
+	defer sink.Close()
+
+	emptyE, emptyI := emptyProgram(b), emptyProgram(b)
+	attachTCX(b, a, "eth0", emptyE, ebpf.AttachTCXEgress)
+	attachTCX(b, bb, "eth0", emptyI, ebpf.AttachTCXIngress)
+	totals := observe(b, collector.Config{NoFlows: true}, a, bb)
+	full := observe(b, collector.Config{}, a, bb)
+	tIDs, fIDs := totals.Programs(), full.Programs()
+
+	for _, tc := range []struct {
+		name  string
+		ports int
+	}{{"one_flow", 1}, {"new_flow_storm", 60000}} {
+		b.Run(tc.name, func(b *testing.B) {
+			progs := []*progStats{
+				{name: "empty_egress", prog: emptyE}, {name: "totals_egress", prog: tIDs[1]}, {name: "flows_egress", prog: fIDs[1]},
+				{name: "empty_ingress", prog: emptyI}, {name: "totals_ingress", prog: tIDs[0]}, {name: "flows_ingress", prog: fIDs[0]},
+			}
+			for _, p := range progs {
+				p.delta(b)
+			}
+			rounds := map[string][]float64{}
+			const perRound = 200000
+			for r := 0; r < 5; r++ {
+				udpBlast(b, a, bb.IPv4, perRound, 64, tc.ports)
+				for _, p := range progs {
+					rounds[p.name] = append(rounds[p.name], p.delta(b))
+				}
+			}
+			for _, dir := range []string{"egress", "ingress"} {
+				e := median(rounds["empty_"+dir])
+				b.ReportMetric(e, "ns/empty_"+dir)
+				b.ReportMetric(median(rounds["totals_"+dir])-e, "ns_above_empty/totals_"+dir)
+				b.ReportMetric(median(rounds["flows_"+dir])-e, "ns_above_empty/flows_"+dir)
+			}
+			snap, err := full.Snapshot()
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.ReportMetric(float64(snap.Stats.FlowsEvicted), "flows_evicted")
+			fmt.Printf("%s rounds (ns/run): %v\n", tc.name, rounds)
+		})
+	}
+}
