@@ -51,6 +51,7 @@ test-unit:
 ## bench: the benchmarks (figures go to docs/BENCHMARKS.md)
 bench:
 	$(GO) test -run '^$$' -bench . -benchtime 200000x -count 5 ./bpf/ | tee docs/bench/bpf.txt
+	$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 60m ./test/bench/ | tee docs/bench/macro.txt
 
 ## fuzz: bounded fuzzing of the BPF parser (FUZZTIME per target)
 FUZZTIME ?= 60s

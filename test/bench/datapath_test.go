@@ -45,37 +45,6 @@ func emptyProgram(b *testing.B) *ebpf.Program {
 	return p
 }
 
-func attachTCX(b *testing.B, p *podns.Pod, iface string, prog *ebpf.Program, at ebpf.AttachType) {
-	b.Helper()
-	var l link.Link
-	if err := p.Do(func() error {
-		i, err := net.InterfaceByName(iface)
-		if err != nil {
-			return err
-		}
-		l, err = link.AttachTCX(link.TCXOptions{Interface: i.Index, Program: prog, Attach: at})
-		return err
-	}); err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { l.Close() })
-}
-
-func observe(b *testing.B, cfg collector.Config, pods ...*podns.Pod) *collector.Collector {
-	b.Helper()
-	c, err := collector.New(cfg)
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { c.Close() })
-	for _, p := range pods {
-		if _, err := c.Add(collector.Target{Name: p.Name, Path: p.NetnsPath}); err != nil {
-			b.Fatal(err)
-		}
-	}
-	return c
-}
-
 // udpBlast sends n datagrams of size bytes from pod a; ports cycles the
 // destination port over that many values (1: one flow; more: a new flow per
 // packet until the ports wrap).
@@ -97,7 +66,6 @@ func udpBlast(b *testing.B, a *podns.Pod, dst netip.Addr, n, size, ports int) {
 }
 
 type progStats struct {
-	name string
 	prog *ebpf.Program
 	last ebpf.ProgramStats
 }
@@ -121,12 +89,19 @@ func median(v []float64) float64 {
 	return s[len(s)/2]
 }
 
+// variant is one program set under test, attached only for its own rounds.
+type variant struct {
+	name   string
+	attach func(b *testing.B) (ingress, egress *ebpf.Program, detach func())
+}
+
 // BenchmarkDataPath measures the programs' cost per packet in the real data
 // path (kernel.bpf_stats_enabled: run time / run count) while UDP packets
-// with a 64-byte payload go from pod a to pod b. An empty TC program, nsflow
-// with totals only and nsflow with flows are attached to the same hooks at
-// once, so every packet runs all three in the same conditions; the figure
-// that matters is each one's distance to the empty program.
+// with a 64-byte payload go from pod a to pod b: an empty TC program, nsflow
+// with totals only, and nsflow with flows. Each round attaches one variant
+// alone to the same hooks (pod a's egress, pod b's ingress), the variants
+// interleaved A B C A B C …, and each figure is the median of its rounds;
+// what matters is each one's distance to the empty program.
 func BenchmarkDataPath(b *testing.B) {
 	testenv.RequireRoot(b)
 	stats, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
@@ -146,30 +121,57 @@ func BenchmarkDataPath(b *testing.B) {
 	defer sink.Close()
 
 	emptyE, emptyI := emptyProgram(b), emptyProgram(b)
-	attachTCX(b, a, "eth0", emptyE, ebpf.AttachTCXEgress)
-	attachTCX(b, bb, "eth0", emptyI, ebpf.AttachTCXIngress)
-	totals := observe(b, collector.Config{NoFlows: true}, a, bb)
-	full := observe(b, collector.Config{}, a, bb)
-	tIDs, fIDs := totals.Programs(), full.Programs()
+	collectorVariant := func(cfg collector.Config) func(b *testing.B) (*ebpf.Program, *ebpf.Program, func()) {
+		c, err := collector.New(cfg)
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { c.Close() })
+		return func(b *testing.B) (*ebpf.Program, *ebpf.Program, func()) {
+			var inos []uint64
+			for _, p := range pods {
+				ino, err := c.Add(collector.Target{Name: p.Name, Path: p.NetnsPath})
+				if err != nil {
+					b.Fatal(err)
+				}
+				inos = append(inos, ino)
+			}
+			progs := c.Programs()
+			return progs[0], progs[1], func() {
+				for _, ino := range inos {
+					c.Remove(ino)
+				}
+			}
+		}
+	}
+	variants := []variant{
+		{"empty", func(b *testing.B) (*ebpf.Program, *ebpf.Program, func()) {
+			le := attachTCXLink(b, a, "eth0", emptyE, ebpf.AttachTCXEgress)
+			li := attachTCXLink(b, bb, "eth0", emptyI, ebpf.AttachTCXIngress)
+			return emptyI, emptyE, func() { le.Close(); li.Close() }
+		}},
+		{"totals", collectorVariant(collector.Config{NoFlows: true})},
+		{"flows", collectorVariant(collector.Config{})},
+	}
 
 	for _, tc := range []struct {
 		name  string
 		ports int
-	}{{"one_flow", 1}, {"new_flow_storm", 60000}} {
+	}{{"one_flow", 1}, {"new_flow_storm", 40000}} {
 		b.Run(tc.name, func(b *testing.B) {
-			progs := []*progStats{
-				{name: "empty_egress", prog: emptyE}, {name: "totals_egress", prog: tIDs[1]}, {name: "flows_egress", prog: fIDs[1]},
-				{name: "empty_ingress", prog: emptyI}, {name: "totals_ingress", prog: tIDs[0]}, {name: "flows_ingress", prog: fIDs[0]},
-			}
-			for _, p := range progs {
-				p.delta(b)
-			}
 			rounds := map[string][]float64{}
-			const perRound = 200000
+			const perRound = 100000
 			for r := 0; r < 5; r++ {
-				udpBlast(b, a, bb.IPv4, perRound, 64, tc.ports)
-				for _, p := range progs {
-					rounds[p.name] = append(rounds[p.name], p.delta(b))
+				for k := range variants {
+					v := variants[(k+r)%len(variants)] // rotate the order between rounds
+					ing, egr, detach := v.attach(b)
+					pi, pe := &progStats{prog: ing}, &progStats{prog: egr}
+					pi.delta(b)
+					pe.delta(b)
+					udpBlast(b, a, bb.IPv4, perRound, 64, tc.ports)
+					rounds[v.name+"_egress"] = append(rounds[v.name+"_egress"], pe.delta(b))
+					rounds[v.name+"_ingress"] = append(rounds[v.name+"_ingress"], pi.delta(b))
+					detach()
 				}
 			}
 			for _, dir := range []string{"egress", "ingress"} {
@@ -178,12 +180,23 @@ func BenchmarkDataPath(b *testing.B) {
 				b.ReportMetric(median(rounds["totals_"+dir])-e, "ns_above_empty/totals_"+dir)
 				b.ReportMetric(median(rounds["flows_"+dir])-e, "ns_above_empty/flows_"+dir)
 			}
-			snap, err := full.Snapshot()
-			if err != nil {
-				b.Fatal(err)
-			}
-			b.ReportMetric(float64(snap.Stats.FlowsEvicted), "flows_evicted")
-			fmt.Printf("%s rounds (ns/run): %v\n", tc.name, rounds)
+			fmt.Printf("%s: ns/run per round: %v\n", tc.name, rounds)
 		})
 	}
+}
+
+func attachTCXLink(b *testing.B, p *podns.Pod, iface string, prog *ebpf.Program, at ebpf.AttachType) link.Link {
+	b.Helper()
+	var l link.Link
+	if err := p.Do(func() error {
+		i, err := net.InterfaceByName(iface)
+		if err != nil {
+			return err
+		}
+		l, err = link.AttachTCX(link.TCXOptions{Interface: i.Index, Program: prog, Attach: at})
+		return err
+	}); err != nil {
+		b.Fatal(err)
+	}
+	return l
 }
