@@ -229,20 +229,11 @@ func (c *Collector) Add(t Target) (uint64, error) {
 	return ino, errs
 }
 
-// subscribe opens a netlink subscription to the link events of ns.
+// subscribe opens a subscription to the link events of ns.
 func (c *Collector) subscribe(ns *namespace) (<-chan netlink.LinkUpdate, error) {
-	updates := make(chan netlink.LinkUpdate, 256)
-	err := netlink.LinkSubscribeWithOptions(updates, ns.stop, netlink.LinkSubscribeOptions{
-		Namespace: &ns.handle,
-		ErrorCallback: func(err error) {
-			select {
-			case <-ns.stop: // closing the subscription makes it fail: expected
-			default:
-				c.log.Warn("link events", "netns", ns.name, "err", err)
-			}
-		},
+	return watchLinks(ns.handle, ns.stop, func(err error) {
+		c.log.Warn("link events", "netns", ns.name, "err", err)
 	})
-	return updates, err
 }
 
 // resyncLocked attaches to every interface of ns not yet attached and

@@ -127,10 +127,7 @@ func (c *Collector) Snapshot() (*Snapshot, error) {
 	snap := &Snapshot{Time: time.Now()}
 	var errs []error
 
-	var ok bpf.NsflowObsKey
-	var cv []bpf.NsflowCounters
-	it := c.objs.Totals.Iterate()
-	for it.Next(&ok, &cv) {
+	err := readPerCPU(c.objs.Totals, func(ok *bpf.NsflowObsKey, cv []bpf.NsflowCounters) {
 		k := ifaceKey{uint64(ok.Netns), int(ok.Ifindex)}
 		is := ifaces[k]
 		if is == nil {
@@ -149,8 +146,8 @@ func (c *Collector) Snapshot() (*Snapshot, error) {
 			sum.Packets += v.Packets
 			sum.Bytes += v.Bytes
 		}
-	}
-	if err := it.Err(); err != nil {
+	})
+	if err != nil {
 		errs = append(errs, fmt.Errorf("read totals: %w", err))
 	}
 	for k, is := range ifaces {
@@ -209,11 +206,8 @@ func (c *Collector) readFlows(name func(ino uint64, idx int) (string, string)) (
 	}
 
 	var flows []Flow
-	var k bpf.NsflowFlowKey
-	var vals []bpf.NsflowFlowVal
-	it := c.objs.Flows.Iterate()
-	for it.Next(&k, &vals) {
-		f := decodeFlowKey(&k)
+	err := readPerCPU(c.objs.Flows, func(k *bpf.NsflowFlowKey, vals []bpf.NsflowFlowVal) {
+		f := decodeFlowKey(k)
 		f.Netns, f.Interface = name(f.NetnsInode, f.Ifindex)
 		var first, last uint64
 		for _, v := range vals {
@@ -228,12 +222,12 @@ func (c *Collector) readFlows(name func(ino uint64, idx int) (string, string)) (
 			}
 		}
 		if f.Packets == 0 {
-			continue // LRU slot recycled between iteration steps
+			return // LRU slot recycled between iteration steps
 		}
 		f.FirstSeen, f.LastSeen = wall(first), wall(last)
 		flows = append(flows, f)
-	}
-	if err := it.Err(); err != nil {
+	})
+	if err != nil {
 		return flows, fmt.Errorf("read flows: %w", err)
 	}
 	SortFlows(flows, SortBytes)

@@ -1,0 +1,103 @@
+package collector
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+	"syscall"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+)
+
+// recvBuffers are shared by every namespace's link-event socket: a buffer is
+// held only while a message is being read, not while a socket waits, so
+// watching 1,000 namespaces does not pin 1,000 buffers (the netlink
+// library's own subscription keeps a 64 KiB buffer per waiting socket).
+var recvBuffers = sync.Pool{New: func() any { b := make([]byte, 64<<10); return &b }}
+
+// watchLinks subscribes to the link events (RTNLGRP_LINK) of a namespace.
+// The channel closes when stop is closed or the socket fails (then events
+// may have been lost: the caller resynchronizes); onErr hears why.
+func watchLinks(ns netns.NsHandle, stop <-chan struct{}, onErr func(error)) (<-chan netlink.LinkUpdate, error) {
+	var fd int
+	// A netlink socket belongs to the namespace it is created in.
+	err := inNetns(ns, func() error {
+		var err error
+		fd, err = unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, unix.NETLINK_ROUTE)
+		if err != nil {
+			return err
+		}
+		if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK, Groups: unix.RTMGRP_LINK}); err != nil {
+			unix.Close(fd)
+			return err
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("netlink socket: %w", err)
+	}
+	f := os.NewFile(uintptr(fd), "netlink-link-events")
+	rc, err := f.SyscallConn()
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	ch := make(chan netlink.LinkUpdate, 64)
+	go func() {
+		<-stop
+		f.Close() // unblocks the reader
+	}()
+	go func() {
+		defer close(ch)
+		for {
+			var msgs []syscall.NetlinkMessage
+			var rerr error
+			err := rc.Read(func(fd uintptr) bool {
+				bp := recvBuffers.Get().(*[]byte)
+				defer recvBuffers.Put(bp)
+				n, _, err := unix.Recvfrom(int(fd), *bp, 0)
+				if errors.Is(err, unix.EAGAIN) {
+					return false // wait in the netpoller, holding no buffer
+				}
+				if err != nil {
+					rerr = err
+					return true
+				}
+				msgs, rerr = syscall.ParseNetlinkMessage((*bp)[:n])
+				return true
+			})
+			if err == nil {
+				err = rerr
+			}
+			if err != nil {
+				select {
+				case <-stop:
+				default:
+					onErr(fmt.Errorf("receive link events: %w", err))
+				}
+				return
+			}
+			for _, m := range msgs {
+				if m.Header.Type != unix.RTM_NEWLINK && m.Header.Type != unix.RTM_DELLINK {
+					continue
+				}
+				hdr := unix.NlMsghdr(m.Header)
+				l, err := netlink.LinkDeserialize(&hdr, m.Data)
+				if err != nil {
+					continue
+				}
+				u := netlink.LinkUpdate{IfInfomsg: *nl.DeserializeIfInfomsg(m.Data), Header: hdr, Link: l}
+				select {
+				case ch <- u:
+				case <-stop:
+					return
+				}
+			}
+		}
+	}()
+	return ch, nil
+}
