@@ -75,6 +75,7 @@ type namespace struct {
 	handle netns.NsHandle
 	nl     *netlink.Handle
 	ifaces map[int]*iface
+	watch  *linkWatch // guarded by Collector.mu
 	stop   chan struct{}
 	done   chan struct{}
 	gone   time.Time
@@ -215,25 +216,17 @@ func (c *Collector) Add(t Target) (uint64, error) {
 		ifaces: map[int]*iface{}, stop: make(chan struct{}), done: make(chan struct{}),
 	}
 	// Subscribe before listing, so that no interface added in between is missed.
-	updates, err := c.subscribe(ns)
-	if err != nil {
+	if ns.watch, err = openLinkWatch(h); err != nil {
 		nl.Close()
 		h.Close()
 		return 0, fmt.Errorf("subscribe to link events in netns %s: %w", t.Name, err)
 	}
 	c.namespaces[ino] = ns
-	go c.follow(ns, updates)
+	go c.follow(ns)
 
 	links, errs := c.resyncLocked(ns)
 	c.log.Info("observing netns", "netns", t.Name, "inode", ino, "interfaces", links, "mode", c.mode)
 	return ino, errs
-}
-
-// subscribe opens a subscription to the link events of ns.
-func (c *Collector) subscribe(ns *namespace) (<-chan netlink.LinkUpdate, error) {
-	return watchLinks(ns.handle, ns.stop, func(err error) {
-		c.log.Warn("link events", "netns", ns.name, "err", err)
-	})
 }
 
 // resyncLocked attaches to every interface of ns not yet attached and
@@ -263,20 +256,25 @@ func (c *Collector) resyncLocked(ns *namespace) (int, error) {
 // follow applies the link events of one namespace until it is removed. If
 // the subscription fails (events lost to a full socket buffer), it
 // subscribes again and resynchronizes from a full listing.
-func (c *Collector) follow(ns *namespace, updates <-chan netlink.LinkUpdate) {
+func (c *Collector) follow(ns *namespace) {
 	defer close(ns.done)
+	c.mu.Lock()
+	w := ns.watch
+	c.mu.Unlock()
 	backoff := 10 * time.Millisecond
 	for {
-		for u := range updates {
-			c.apply(ns, u)
-		}
+		err := w.run(func(u netlink.LinkUpdate) { c.apply(ns, u) })
 		select {
 		case <-ns.stop:
 			return
 		default:
 		}
-		var err error
-		if updates, err = c.subscribe(ns); err != nil {
+		c.log.Warn("link events", "netns", ns.name, "err", err)
+		w.Close()
+		for {
+			if w, err = openLinkWatch(ns.handle); err == nil {
+				break
+			}
 			c.log.Warn("resubscribe to link events", "netns", ns.name, "err", err, "retry_in", backoff)
 			select {
 			case <-ns.stop:
@@ -284,26 +282,21 @@ func (c *Collector) follow(ns *namespace, updates <-chan netlink.LinkUpdate) {
 			case <-time.After(backoff):
 			}
 			backoff = min(2*backoff, 5*time.Second)
-			updates = closedUpdates
-			continue
 		}
 		backoff = 10 * time.Millisecond
 		c.mu.Lock()
-		if ns.gone.IsZero() {
-			if _, err := c.resyncLocked(ns); err != nil {
-				c.log.Warn("resync", "netns", ns.name, "err", err)
-			}
+		if !ns.gone.IsZero() { // removed while resubscribing
+			c.mu.Unlock()
+			w.Close()
+			return
+		}
+		ns.watch = w
+		if _, err := c.resyncLocked(ns); err != nil {
+			c.log.Warn("resync", "netns", ns.name, "err", err)
 		}
 		c.mu.Unlock()
 	}
 }
-
-// closedUpdates is an empty, closed channel: a subscription that failed.
-var closedUpdates = func() chan netlink.LinkUpdate {
-	ch := make(chan netlink.LinkUpdate)
-	close(ch)
-	return ch
-}()
 
 func (c *Collector) apply(ns *namespace, u netlink.LinkUpdate) {
 	a := u.Link.Attrs()
@@ -426,6 +419,7 @@ func (c *Collector) remove(inode uint64, keep bool) {
 		c.detachLocked(ns, idx, "namespace removed")
 	}
 	close(ns.stop)
+	ns.watch.Close() // unblocks follow()
 	c.mu.Unlock()
 	<-ns.done // follow() has returned: the subscription socket is closed
 	ns.nl.Close()

@@ -16,13 +16,19 @@ import (
 // recvBuffers are shared by every namespace's link-event socket: a buffer is
 // held only while a message is being read, not while a socket waits, so
 // watching 1,000 namespaces does not pin 1,000 buffers (the netlink
-// library's own subscription keeps a 64 KiB buffer per waiting socket).
+// library's own subscription keeps a 64 KiB buffer, a channel and two
+// goroutines per waiting socket; this is one goroutine and no buffer).
 var recvBuffers = sync.Pool{New: func() any { b := make([]byte, 64<<10); return &b }}
 
-// watchLinks subscribes to the link events (RTNLGRP_LINK) of a namespace.
-// The channel closes when stop is closed or the socket fails (then events
-// may have been lost: the caller resynchronizes); onErr hears why.
-func watchLinks(ns netns.NsHandle, stop <-chan struct{}, onErr func(error)) (<-chan netlink.LinkUpdate, error) {
+// linkWatch is a netlink socket subscribed to the link events
+// (RTNLGRP_LINK) of one namespace, read through Go's netpoller.
+type linkWatch struct {
+	f  *os.File
+	rc syscall.RawConn
+}
+
+// openLinkWatch subscribes to the link events of a namespace.
+func openLinkWatch(ns netns.NsHandle) (*linkWatch, error) {
 	var fd int
 	// A netlink socket belongs to the namespace it is created in.
 	err := inNetns(ns, func() error {
@@ -46,58 +52,48 @@ func watchLinks(ns netns.NsHandle, stop <-chan struct{}, onErr func(error)) (<-c
 		f.Close()
 		return nil, err
 	}
-	ch := make(chan netlink.LinkUpdate, 64)
-	go func() {
-		<-stop
-		f.Close() // unblocks the reader
-	}()
-	go func() {
-		defer close(ch)
-		for {
-			var msgs []syscall.NetlinkMessage
-			var rerr error
-			err := rc.Read(func(fd uintptr) bool {
-				bp := recvBuffers.Get().(*[]byte)
-				defer recvBuffers.Put(bp)
-				n, _, err := unix.Recvfrom(int(fd), *bp, 0)
-				if errors.Is(err, unix.EAGAIN) {
-					return false // wait in the netpoller, holding no buffer
-				}
-				if err != nil {
-					rerr = err
-					return true
-				}
-				msgs, rerr = syscall.ParseNetlinkMessage((*bp)[:n])
-				return true
-			})
-			if err == nil {
-				err = rerr
+	return &linkWatch{f: f, rc: rc}, nil
+}
+
+// Close ends the watch; a blocked run returns.
+func (w *linkWatch) Close() error { return w.f.Close() }
+
+// run calls fn for every link event until the watch is closed or fails
+// (ENOBUFS: events were lost, the caller resynchronizes).
+func (w *linkWatch) run(fn func(netlink.LinkUpdate)) error {
+	for {
+		var msgs []syscall.NetlinkMessage
+		var rerr error
+		err := w.rc.Read(func(fd uintptr) bool {
+			bp := recvBuffers.Get().(*[]byte)
+			defer recvBuffers.Put(bp)
+			n, _, err := unix.Recvfrom(int(fd), *bp, 0)
+			if errors.Is(err, unix.EAGAIN) {
+				return false // wait in the netpoller, holding no buffer
 			}
 			if err != nil {
-				select {
-				case <-stop:
-				default:
-					onErr(fmt.Errorf("receive link events: %w", err))
-				}
-				return
+				rerr = err
+				return true
 			}
-			for _, m := range msgs {
-				if m.Header.Type != unix.RTM_NEWLINK && m.Header.Type != unix.RTM_DELLINK {
-					continue
-				}
-				hdr := unix.NlMsghdr(m.Header)
-				l, err := netlink.LinkDeserialize(&hdr, m.Data)
-				if err != nil {
-					continue
-				}
-				u := netlink.LinkUpdate{IfInfomsg: *nl.DeserializeIfInfomsg(m.Data), Header: hdr, Link: l}
-				select {
-				case ch <- u:
-				case <-stop:
-					return
-				}
-			}
+			msgs, rerr = syscall.ParseNetlinkMessage((*bp)[:n])
+			return true
+		})
+		if err == nil {
+			err = rerr
 		}
-	}()
-	return ch, nil
+		if err != nil {
+			return fmt.Errorf("receive link events: %w", err)
+		}
+		for _, m := range msgs {
+			if m.Header.Type != unix.RTM_NEWLINK && m.Header.Type != unix.RTM_DELLINK {
+				continue
+			}
+			hdr := unix.NlMsghdr(m.Header)
+			l, err := netlink.LinkDeserialize(&hdr, m.Data)
+			if err != nil {
+				continue
+			}
+			fn(netlink.LinkUpdate{IfInfomsg: *nl.DeserializeIfInfomsg(m.Data), Header: hdr, Link: l})
+		}
+	}
 }
