@@ -2,6 +2,7 @@ package collector
 
 import (
 	"fmt"
+	"os"
 	"sort"
 	"strings"
 
@@ -17,6 +18,7 @@ type ListedNamespace struct {
 	Inode      uint64        `json:"inode"`
 	Path       string        `json:"path"`
 	Pids       []int         `json:"pids"`
+	Commands   []string      `json:"commands"` // of the first pids, from /proc/PID/comm
 	Interfaces []ListedIface `json:"interfaces"`
 	Error      string        `json:"error,omitempty"`
 }
@@ -46,6 +48,14 @@ func List(cfg DiscoveryConfig) ([]ListedNamespace, error) {
 		sort.Ints(ln.Pids)
 		if ln.Pids == nil {
 			ln.Pids = []int{}
+		}
+		ln.Commands = []string{}
+		for i, pid := range ln.Pids {
+			if i == 8 {
+				break
+			}
+			comm, _ := os.ReadFile(fmt.Sprintf("%s/%d/comm", d.cfg.ProcDir, pid))
+			ln.Commands = append(ln.Commands, strings.TrimSpace(string(comm)))
 		}
 		if err := listInterfaces(&ln); err != nil {
 			ln.Error = err.Error()

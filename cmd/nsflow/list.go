@@ -56,7 +56,11 @@ func newListCmd() *cobra.Command {
 						pids = append(pids, fmt.Sprintf("+%d", len(ns.Pids)-3))
 						break
 					}
-					pids = append(pids, strconv.Itoa(p))
+					label := strconv.Itoa(p)
+					if i < len(ns.Commands) && ns.Commands[i] != "" {
+						label += "(" + ns.Commands[i] + ")"
+					}
+					pids = append(pids, label)
 				}
 				if ns.Error != "" {
 					fmt.Fprintf(tw, "%s\t%d\t%s\t(error: %s)\t\t\t\t\n", ns.Name, ns.Inode, strings.Join(pids, ","), ns.Error)
