@@ -66,6 +66,7 @@ type Collector struct {
 	flowsDeleted uint64
 	attachErrors map[string]uint64
 	pins         *pinnedLinks // nil without PinPath
+	lastFlows    int          // flows in the last snapshot: the next one's capacity
 }
 
 type namespace struct {

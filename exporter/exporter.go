@@ -29,6 +29,7 @@ type Config struct {
 // Source is what the exporter reads at scrape time: a *collector.Collector.
 type Source interface {
 	Snapshot() (*collector.Snapshot, error)
+	Totals() (*collector.Snapshot, error)
 	Interfaces() []collector.NamespaceInfo
 	AttachErrors() map[string]uint64
 	Mode() collector.Mode
@@ -94,7 +95,11 @@ func (e *Exporter) Describe(ch chan<- *prometheus.Desc) {
 
 // Collect implements prometheus.Collector: it reads the maps now.
 func (e *Exporter) Collect(ch chan<- prometheus.Metric) {
-	snap, err := e.c.Snapshot()
+	read := e.c.Totals
+	if e.cfg.Flows {
+		read = e.c.Snapshot
+	}
+	snap, err := read()
 	e.mu.Lock()
 	if err != nil {
 		e.errorsTotal++

@@ -21,7 +21,12 @@ var update = flag.Bool("update", false, "rewrite the golden files")
 type fakeSource struct{ snap *collector.Snapshot }
 
 func (f fakeSource) Snapshot() (*collector.Snapshot, error) { return f.snap, nil }
-func (f fakeSource) Mode() collector.Mode                   { return collector.ModeTCX }
+func (f fakeSource) Totals() (*collector.Snapshot, error) {
+	s := *f.snap
+	s.Flows = nil
+	return &s, nil
+}
+func (f fakeSource) Mode() collector.Mode { return collector.ModeTCX }
 func (f fakeSource) AttachErrors() map[string]uint64 {
 	m := map[string]uint64{}
 	for _, r := range collector.AttachErrorReasons {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -41,6 +42,7 @@ type serveFlags struct {
 	logLevel      string
 	pin           bool
 	pinPath       string
+	pprof         bool
 }
 
 func newServeCmd() *cobra.Command {
@@ -73,6 +75,7 @@ the BPF maps at scrape time. SIGTERM or Ctrl-C detaches everything and exits.`,
 	fl.BoolVar(&f.flows, "flows", false, "export per-flow series (nsflow_flow_*_total)")
 	fl.IntVar(&f.maxFlowSeries, "flows.max-series", 1000, "at most this many flows per scrape, largest first")
 	fl.StringVar(&f.logLevel, "log.level", "info", "log level: debug, info, warn or error")
+	fl.BoolVar(&f.pprof, "web.enable-pprof", false, "serve Go profiling endpoints under /debug/pprof/ (off by default: they expose internals)")
 	fl.BoolVar(&f.pin, "pin", false, "pin maps and links on the bpffs: counting goes on while nsflow restarts or upgrades, and the next serve adopts them")
 	fl.StringVar(&f.pinPath, "pin.path", collector.DefaultPinPath, "bpffs directory for --pin (bpffs is mounted at /sys/fs/bpf if absent)")
 	return cmd
@@ -207,6 +210,12 @@ func runServe(ctx context.Context, f serveFlags) (err error) {
 		return err
 	}
 	mux.Handle("/", landing)
+	if f.pprof {
+		mux.HandleFunc("/debug/pprof/", pprof.Index)
+		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	}
 
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	webCfg := &web.FlagConfig{WebListenAddresses: &f.listen, WebConfigFile: &f.webConfig, WebSystemdSocket: new(bool)}

@@ -158,14 +158,14 @@ func BenchmarkScale(b *testing.B) {
 			port := freePort(b)
 			url := fmt.Sprintf("http://127.0.0.1:%d", port)
 			cmd := exec.Command(bin, "serve", "--web.listen-address", "127.0.0.1:"+strconv.Itoa(port),
-				"--netns.host=false", "--netns.proc=false", "--netns.include", "^bench-sc-", "--log.level", "warn")
+				"--netns.host=false", "--netns.proc=false", "--netns.include", "^bench-sc-", "--log.level", "warn", "--web.enable-pprof")
 			cmd.Stderr = os.Stderr
 			start := time.Now()
 			if err := cmd.Start(); err != nil {
 				b.Fatal(err)
 			}
 			defer func() { cmd.Process.Signal(syscall.SIGTERM); cmd.Wait() }()
-			client := &http.Client{Timeout: 10 * time.Second}
+			client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DisableCompression: false}}
 			for {
 				resp, err := client.Get(url + "/-/ready")
 				if err == nil {
@@ -196,6 +196,24 @@ func BenchmarkScale(b *testing.B) {
 				b.Fatalf("not every interface attached at readiness: want %q", want)
 			}
 			var scrapes []time.Duration
+			if prof := os.Getenv("NSFLOW_BENCH_PROFILE"); prof != "" {
+				// A CPU profile of serve while it is scraped back to back.
+				done := make(chan struct{})
+				go func() {
+					defer close(done)
+					resp, err := client.Get(url + "/debug/pprof/profile?seconds=5")
+					if err == nil {
+						out, _ := os.Create(prof)
+						io.Copy(out, resp.Body)
+						out.Close()
+						resp.Body.Close()
+					}
+				}()
+				for t := time.Now(); time.Since(t) < 5*time.Second; {
+					scrape()
+				}
+				<-done
+			}
 			for i := 0; i < 20; i++ {
 				d, _ := scrape()
 				scrapes = append(scrapes, d)
