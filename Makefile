@@ -4,10 +4,10 @@ GO        ?= go
 BIN       := bin/nsflow
 PKGS      := ./...
 # Debian packages the build, the tests and the demo need (clang only for `make generate`).
-DEB_PKGS  := clang llvm libbpf-dev linux-libc-dev bpftool iproute2 iputils-ping iperf3 tcpdump prometheus procps tmux libcap2-bin util-linux
+DEB_PKGS  := clang llvm libbpf-dev linux-libc-dev bpftool iproute2 iputils-ping iperf3 tcpdump prometheus procps tmux libcap2-bin util-linux systemd
 TEST_TIMEOUT ?= 25m
 
-.PHONY: all build generate check-generate deps lint test test-unit bench fuzz soak demo clean
+.PHONY: all build generate check-generate deps lint test test-unit bench fuzz soak image demo clean
 
 all: build
 
@@ -35,14 +35,16 @@ deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
-## lint: go vet and gofmt
+## lint: go vet and gofmt (the main module and deploy/'s test module)
 lint:
 	$(GO) vet $(PKGS)
+	cd deploy && $(GO) vet ./...
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:\n$$out" >&2; exit 1; fi
 
 ## test: everything CI runs (as root): deps, fresh generated code, lint, all tests
 test: deps check-generate lint
 	$(GO) test -count=1 -timeout $(TEST_TIMEOUT) $(PKGS)
+	cd deploy && $(GO) test -count=1 -timeout 10m ./...
 
 ## test-unit: the tests without the dependency and generate checks
 test-unit:
@@ -60,6 +62,10 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime $(FUZZTIME) ./collector/filter/
 	$(GO) test -run '^$$' -fuzz FuzzParseTarget -fuzztime $(FUZZTIME) ./collector/
 	$(GO) test -run '^$$' -fuzz FuzzDecodeFlowKey -fuzztime $(FUZZTIME) ./collector/
+
+## image: the container image (needs a Docker engine)
+image: build
+	docker build -f deploy/Dockerfile -t nsflow:$(VERSION) -t nsflow:latest .
 
 ## demo: two pods, traffic between them and inside one of them, traced
 demo: deps build
