@@ -7,7 +7,7 @@ PKGS      := ./...
 DEB_PKGS  := clang llvm libbpf-dev linux-libc-dev bpftool iproute2 iputils-ping iperf3 tcpdump prometheus procps tmux libcap2-bin util-linux systemd
 TEST_TIMEOUT ?= 25m
 
-.PHONY: all build generate check-generate deps lint test test-unit bench fuzz soak image demo clean
+.PHONY: bench-deps all build generate check-generate deps lint test test-unit bench fuzz soak image demo clean
 
 all: build
 
@@ -51,9 +51,15 @@ test-unit:
 	$(GO) test -count=1 -timeout $(TEST_TIMEOUT) $(PKGS)
 
 ## bench: the benchmarks (figures go to docs/BENCHMARKS.md)
-bench:
+## bench-deps: the tools the benchmarks compare nsflow with
+bench-deps: deps
+	@for p in softflowd pmacct gnuplot-nox; do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; fi
+
+bench: bench-deps
 	$(GO) test -run '^$$' -bench . -benchtime 200000x -count 5 ./bpf/ | tee docs/bench/bpf.txt
 	$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 60m ./test/bench/ | tee docs/bench/macro.txt
+	./test/bench/plot.sh docs/bench/macro.txt docs/scale.png
 
 ## fuzz: bounded fuzzing of the BPF parser (FUZZTIME per target)
 FUZZTIME ?= 60s

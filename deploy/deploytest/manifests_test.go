@@ -91,7 +91,7 @@ func TestManifests(t *testing.T) {
 		}
 	}
 
-	// Least privilege: exactly the four capabilities, nothing privileged.
+	// Least privilege: exactly the two capabilities, nothing privileged.
 	pod := ds.Spec.Template.Spec
 	if !pod.HostNetwork || !pod.HostPID {
 		t.Error("the DaemonSet needs the host's network (netns=host) and PID namespace (/proc discovery)")
@@ -112,8 +112,8 @@ func TestManifests(t *testing.T) {
 		add = append(add, string(c))
 	}
 	slices.Sort(add)
-	if strings.Join(add, ",") != "BPF,NET_ADMIN,PERFMON,SYS_ADMIN" || len(sc.Capabilities.Drop) != 1 || sc.Capabilities.Drop[0] != "ALL" {
-		t.Errorf("capabilities: drop %v add %v, want drop ALL add BPF, NET_ADMIN, PERFMON, SYS_ADMIN", sc.Capabilities.Drop, add)
+	if strings.Join(add, ",") != "NET_ADMIN,SYS_ADMIN" || len(sc.Capabilities.Drop) != 1 || sc.Capabilities.Drop[0] != "ALL" {
+		t.Errorf("capabilities: drop %v add %v, want drop ALL add NET_ADMIN, SYS_ADMIN", sc.Capabilities.Drop, add)
 	}
 	if c.LivenessProbe == nil || c.LivenessProbe.HTTPGet.Path != "/-/healthy" || c.ReadinessProbe == nil || c.ReadinessProbe.HTTPGet.Path != "/-/ready" {
 		t.Error("probes must use /-/healthy and /-/ready")

@@ -26,19 +26,29 @@ func TestFaultMissingCapability(t *testing.T) {
 	if _, err := exec.LookPath("capsh"); err != nil {
 		t.Fatalf("capsh not installed (make deps): %v", err)
 	}
-	for _, c := range []string{"CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN", "CAP_SYS_ADMIN"} {
-		t.Run(c, func(t *testing.T) {
-			cmd := exec.Command("capsh", "--drop="+strings.ToLower(c), "--", "-c",
+	for _, tc := range []struct{ drop, want string }{
+		{"cap_net_admin", "missing capabilities: CAP_NET_ADMIN "},
+		{"cap_sys_admin", "missing capabilities: CAP_SYS_ADMIN "},
+		{"cap_sys_admin,cap_bpf", "missing capabilities: CAP_BPF, CAP_SYS_ADMIN "},
+		{"cap_sys_admin,cap_perfmon,cap_net_admin", "missing capabilities: CAP_NET_ADMIN, CAP_PERFMON, CAP_SYS_ADMIN "},
+	} {
+		t.Run(tc.drop, func(t *testing.T) {
+			cmd := exec.Command("capsh", "--drop="+tc.drop, "--", "-c",
 				nsflowBin+" serve --web.listen-address 127.0.0.1:"+strconv.Itoa(freePort(t)))
 			out, err := cmd.CombinedOutput()
 			var ee *exec.ExitError
 			if !errors.As(err, &ee) || ee.ExitCode() != 1 {
-				t.Fatalf("serve without %s: %v\n%s", c, err, out)
+				t.Fatalf("serve without %s: %v\n%s", tc.drop, err, out)
 			}
-			if !strings.Contains(string(out), "missing capabilities: "+c) {
-				t.Errorf("message does not name %s:\n%s", c, out)
+			if !strings.Contains(string(out), tc.want) {
+				t.Errorf("message does not say %q:\n%s", tc.want, out)
 			}
 		})
+	}
+	// CAP_SYS_ADMIN stands in for CAP_BPF and CAP_PERFMON, as in the kernel.
+	out, err := exec.Command("capsh", "--drop=cap_bpf,cap_perfmon", "--", "-c", nsflowBin+" trace --netns host --duration 100ms").CombinedOutput()
+	if err != nil {
+		t.Errorf("without CAP_BPF and CAP_PERFMON but with CAP_SYS_ADMIN: %v\n%s", err, out)
 	}
 }
 
