@@ -4,7 +4,7 @@ GO        ?= go
 BIN       := bin/nsflow
 PKGS      := ./...
 # Debian packages the build, the tests and the demo need (clang only for `make generate`).
-DEB_PKGS  := clang llvm libbpf-dev linux-libc-dev bpftool iproute2 iputils-ping iperf3 tcpdump prometheus procps tmux libcap2-bin util-linux systemd
+DEB_PKGS  := clang llvm libbpf-dev linux-libc-dev bpftool iproute2 iputils-ping iperf3 tcpdump prometheus procps tmux libcap2-bin util-linux systemd docker.io iptables
 TEST_TIMEOUT ?= 25m
 
 .PHONY: bench-deps all build generate check-generate deps lint test test-unit bench fuzz soak image demo clean
@@ -71,7 +71,7 @@ fuzz:
 
 ## image: the container image (needs a Docker engine)
 image: build
-	docker build -f deploy/Dockerfile -t nsflow:$(VERSION) -t nsflow:latest .
+	docker build -f deploy/Dockerfile -t nsflow:$(VERSION) -t nsflow:latest bin/
 
 ## demo: two pods, traffic between them and inside one of them, traced
 demo: deps build

@@ -138,8 +138,9 @@ func TestDashboardQueries(t *testing.T) {
 func buildNsflow(t *testing.T) string {
 	t.Helper()
 	bin := filepath.Join(t.TempDir(), "nsflow")
-	cmd := exec.Command("go", "build", "-o", bin, "./cmd/nsflow")
+	cmd := exec.Command("go", "build", "-trimpath", "-o", bin, "./cmd/nsflow")
 	cmd.Dir = "../.."
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0") // static, as `make build` and the image want
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("build nsflow: %v\n%s", err, out)
 	}
