@@ -588,3 +588,18 @@ func (c *Collector) ProgramIDs() []ebpf.ProgramID {
 func (c *Collector) Programs() []*ebpf.Program {
 	return []*ebpf.Program{c.objs.NsflowIngress, c.objs.NsflowEgress}
 }
+
+// Healthy reports whether the BPF objects are loaded and the maps answer.
+func (c *Collector) Healthy() error {
+	c.mu.Lock()
+	closed := c.closed
+	c.mu.Unlock()
+	if closed {
+		return errors.New("collector closed")
+	}
+	var vals []uint64
+	if err := c.objs.Stats.Lookup(uint32(0), &vals); err != nil {
+		return fmt.Errorf("read stats map: %w", err)
+	}
+	return nil
+}

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -166,7 +167,13 @@ func runServe(ctx context.Context, f serveFlags) (err error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	discErr := make(chan error, 1)
-	go func() { discErr <- d.Run(ctx) }()
+	var discovering atomic.Bool
+	discovering.Store(true)
+	go func() {
+		err := d.Run(ctx)
+		discovering.Store(false)
+		discErr <- err
+	}()
 	go prune(ctx, c, f.grace, log)
 	if f.pin {
 		go func() {
@@ -187,7 +194,18 @@ func runServe(ctx context.Context, f serveFlags) (err error) {
 	)
 	mux := http.NewServeMux()
 	mux.Handle(f.telemetryPath, promhttp.HandlerFor(reg, promhttp.HandlerOpts{ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelError)}))
-	mux.HandleFunc("/-/healthy", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
+	// Healthy: discovery runs and the BPF maps answer.
+	mux.HandleFunc("/-/healthy", func(w http.ResponseWriter, _ *http.Request) {
+		if !discovering.Load() {
+			http.Error(w, "discovery stopped", http.StatusServiceUnavailable)
+			return
+		}
+		if err := c.Healthy(); err != nil {
+			http.Error(w, err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ok")
+	})
 	mux.HandleFunc("/-/ready", func(w http.ResponseWriter, _ *http.Request) {
 		select {
 		case <-d.Ready():

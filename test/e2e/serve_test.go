@@ -93,6 +93,12 @@ func TestServe(t *testing.T) {
 	t.Logf("scraped deltas equal to the kernel's: a lo tx %+v, a eth0 tx %+v, b eth0 rx %+v",
 		sd[point{inoA, "lo", collector.TX}], sd[point{inoA, "eth0", collector.TX}], sd[point{inodeOf(t, b), "eth0", collector.RX}])
 
+	if code, body := srv.get("/-/healthy"); code != 200 || body != "ok\n" {
+		t.Errorf("/-/healthy: %d %q", code, body)
+	}
+	if code, body := srv.get("/"); code != 200 || !strings.Contains(body, "/metrics") {
+		t.Errorf("landing page: %d, no link to /metrics", code)
+	}
 	// The exposition passes promtool's lint.
 	check := exec.Command("promtool", "check", "metrics")
 	check.Stdin = strings.NewReader(body)
