@@ -5,12 +5,13 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
 
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/nsflow/nsflow/collector/nsenter"
 )
 
 // ErrNamespaceNotFound is returned when a namespace selector names nothing.
@@ -104,33 +105,5 @@ func inode(h netns.NsHandle) (uint64, error) {
 	return st.Ino, nil
 }
 
-// inNetns runs fn on a dedicated, locked OS thread switched into ns. Only that
-// thread changes namespace; if it cannot switch back it is never unlocked, so
-// the Go runtime discards it instead of reusing a thread in the wrong
-// namespace.
-func inNetns(ns netns.NsHandle, fn func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("get current netns: %w", err)
-			return
-		}
-		defer orig.Close()
-		if err := netns.Set(ns); err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("enter netns: %w", err)
-			return
-		}
-		ferr := fn()
-		if err := netns.Set(orig); err != nil {
-			errc <- errors.Join(ferr, fmt.Errorf("return to original netns: %w", err))
-			return // the thread stays locked and dies with this goroutine
-		}
-		runtime.UnlockOSThread()
-		errc <- ferr
-	}()
-	return <-errc
-}
+// inNetns runs fn inside ns (see package nsenter).
+func inNetns(ns netns.NsHandle, fn func() error) error { return nsenter.Do(ns, fn) }
