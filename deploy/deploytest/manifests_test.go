@@ -47,6 +47,10 @@ type serviceMonitor struct {
 			Port        string `json:"port"`
 			Interval    string `json:"interval"`
 			HonorLabels bool   `json:"honorLabels"`
+			Relabelings []struct {
+				Action string `json:"action"`
+				Regex  string `json:"regex"`
+			} `json:"relabelings"`
 		} `json:"endpoints"`
 	} `json:"spec"`
 }
@@ -84,6 +88,9 @@ func TestManifests(t *testing.T) {
 	}
 	if sm.Kind != "ServiceMonitor" || len(sm.Spec.Endpoints) != 1 || !sm.Spec.Endpoints[0].HonorLabels || sm.Spec.Endpoints[0].Port != "metrics" {
 		t.Errorf("service monitor: want honorLabels on the metrics port: %+v", sm.Spec)
+	}
+	if r := sm.Spec.Endpoints[0].Relabelings; len(r) != 1 || r[0].Action != "labeldrop" || r[0].Regex != "pod|namespace" {
+		t.Errorf("service monitor: the exporter pod's own pod/namespace target labels must be dropped: %+v", r)
 	}
 	for k, v := range sm.Spec.Selector.MatchLabels {
 		if svc.Labels[k] != v {
