@@ -67,6 +67,32 @@ type Collector struct {
 	attachErrors map[string]uint64
 	pins         *pinnedLinks // nil without PinPath
 	lastFlows    int          // flows in the last snapshot: the next one's capacity
+	pods         map[uint64]PodInfo
+	onAdd        func()
+}
+
+// PodInfo is the Kubernetes pod a network namespace belongs to, as the
+// container runtime reports it (collector/cri).
+type PodInfo struct {
+	Name      string `json:"name"`
+	Namespace string `json:"namespace"`
+	UID       string `json:"uid,omitempty"`
+}
+
+// SetPods replaces the pod of every namespace (by inode); namespaces absent
+// from the map have none.
+func (c *Collector) SetPods(pods map[uint64]PodInfo) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.pods = pods
+}
+
+// OnAdd registers a function called (in its own goroutine) whenever a
+// namespace starts being observed, e.g. to look up its pod at once.
+func (c *Collector) OnAdd(fn func()) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.onAdd = fn
 }
 
 type namespace struct {
@@ -227,6 +253,9 @@ func (c *Collector) Add(t Target) (uint64, error) {
 
 	links, errs := c.resyncLocked(ns)
 	c.log.Info("observing netns", "netns", t.Name, "inode", ino, "interfaces", links, "mode", c.mode)
+	if c.onAdd != nil {
+		go c.onAdd()
+	}
 	return ino, errs
 }
 

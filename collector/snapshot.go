@@ -50,6 +50,7 @@ type Snapshot struct {
 type NamespaceStats struct {
 	Name       string           `json:"name"`
 	Inode      uint64           `json:"inode"`
+	Pod        *PodInfo         `json:"pod,omitempty"`
 	Gone       bool             `json:"gone,omitempty"`
 	Interfaces []InterfaceStats `json:"interfaces"`
 }
@@ -124,6 +125,9 @@ func (c *Collector) snapshot(withFlows bool) (*Snapshot, error) {
 	ifaces := map[ifaceKey]*InterfaceStats{}
 	for ino, ns := range c.namespaces {
 		nst := &NamespaceStats{Name: ns.name, Inode: ino, Gone: !ns.gone.IsZero()}
+		if p, ok := c.pods[ino]; ok {
+			nst.Pod = &p
+		}
 		names[ino] = nst
 		for idx, i := range ns.ifaces {
 			ifaces[ifaceKey{ino, idx}] = &InterfaceStats{Name: i.name, Index: idx, State: i.state}

@@ -54,8 +54,10 @@ type Exporter struct {
 
 // New returns an exporter for c.
 func New(c Source, cfg Config) *Exporter {
-	point := []string{"netns", "interface", "direction"}
-	flow := append(append([]string{}, point...), "protocol", "src", "dst", "src_port", "dst_port")
+	// pod and namespace: the Kubernetes pod of the network namespace (empty
+	// when none is known), named as cAdvisor and kube-state-metrics name them.
+	point := []string{"netns", "interface", "direction", "pod", "namespace"}
+	flow := []string{"netns", "interface", "direction", "protocol", "src", "dst", "src_port", "dst_port"}
 	d := func(name, help string, labels ...string) *prometheus.Desc {
 		return prometheus.NewDesc(prometheus.BuildFQName(namespace, "", name), help, labels, nil)
 	}
@@ -124,11 +126,15 @@ func (e *Exporter) Collect(ch chan<- prometheus.Metric) {
 		} else {
 			observed++
 		}
+		var pod, podNS string
+		if ns.Pod != nil {
+			pod, podNS = ns.Pod.Name, ns.Pod.Namespace
+		}
 		for _, i := range ns.Interfaces {
-			counter(e.packets, i.RX.Packets, ns.Name, i.Name, string(collector.RX))
-			counter(e.packets, i.TX.Packets, ns.Name, i.Name, string(collector.TX))
-			counter(e.bytes, i.RX.Bytes, ns.Name, i.Name, string(collector.RX))
-			counter(e.bytes, i.TX.Bytes, ns.Name, i.Name, string(collector.TX))
+			counter(e.packets, i.RX.Packets, ns.Name, i.Name, string(collector.RX), pod, podNS)
+			counter(e.packets, i.TX.Packets, ns.Name, i.Name, string(collector.TX), pod, podNS)
+			counter(e.bytes, i.RX.Bytes, ns.Name, i.Name, string(collector.RX), pod, podNS)
+			counter(e.bytes, i.TX.Bytes, ns.Name, i.Name, string(collector.TX), pod, podNS)
 		}
 	}
 	gauge(e.namespaces, float64(observed), "observed")

@@ -55,7 +55,7 @@ func fixture() *collector.Snapshot {
 			{Name: "host", Inode: 4026531833, Interfaces: []collector.InterfaceStats{
 				{Name: "lo", Index: 1, State: collector.StateAttached, RX: collector.Counters{Packets: 10, Bytes: 1000}, TX: collector.Counters{Packets: 10, Bytes: 1000}},
 			}},
-			{Name: "web", Inode: 4026532200, Interfaces: []collector.InterfaceStats{
+			{Name: "web", Inode: 4026532200, Pod: &collector.PodInfo{Name: "web-7d4f", Namespace: "shop"}, Interfaces: []collector.InterfaceStats{
 				{Name: "lo", Index: 1, State: collector.StateAttached, RX: collector.Counters{Packets: 40, Bytes: 4000}, TX: collector.Counters{Packets: 40, Bytes: 4000}},
 				{Name: "eth0", Index: 2, State: collector.StateAttached, RX: collector.Counters{Packets: 5, Bytes: 490}, TX: collector.Counters{Packets: 6, Bytes: 588}},
 			}},

@@ -146,7 +146,7 @@ func TestImageWithDaemonSetSettings(t *testing.T) {
 	}
 	t.Cleanup(func() { docker("rm", "-f", "nsflow-deploytest") })
 
-	series := fmt.Sprintf(`nsflow_packets_total{direction="tx",interface="lo",netns=%q}`, pod)
+	series := fmt.Sprintf(`nsflow_packets_total{direction="tx",interface="lo",namespace="",netns=%q,pod=""}`, pod)
 	value := func() string {
 		resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/metrics", port))
 		if err != nil {

@@ -253,7 +253,7 @@ func TestRunsWithUnitCapabilities(t *testing.T) {
 		}
 		return m
 	}
-	series := fmt.Sprintf(`nsflow_packets_total{direction="tx",interface="lo",netns=%q}`, pod)
+	series := fmt.Sprintf(`nsflow_packets_total{direction="tx",interface="lo",namespace="",netns=%q,pod=""}`, pod)
 	deadline := time.Now().Add(15 * time.Second)
 	for scrape()[series] == "" {
 		if time.Now().After(deadline) {

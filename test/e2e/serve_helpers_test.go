@@ -141,7 +141,9 @@ func (s *server) scrape0() (samples, string) {
 func series(name string, m *dto.Metric) string {
 	ls := model.LabelSet{}
 	for _, l := range m.Label {
-		ls[model.LabelName(l.GetName())] = model.LabelValue(l.GetValue())
+		if l.GetValue() != "" { // an empty label is no label (Prometheus drops it)
+			ls[model.LabelName(l.GetName())] = model.LabelValue(l.GetValue())
+		}
 	}
 	return name + ls.String()
 }
