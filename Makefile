@@ -4,7 +4,7 @@ GO        ?= go
 BIN       := bin/nsflow
 PKGS      := ./...
 # Debian packages the build, the tests and the demo need (clang only for `make generate`).
-DEB_PKGS  := clang llvm libbpf-dev linux-libc-dev bpftool iproute2 iputils-ping iperf3 tcpdump prometheus procps tmux libcap2-bin util-linux systemd docker.io iptables
+DEB_PKGS  := clang llvm libbpf-dev linux-libc-dev bpftool iproute2 iputils-ping iperf3 tcpdump prometheus procps tmux libcap2-bin util-linux systemd docker.io iptables containerd runc containernetworking-plugins
 TEST_TIMEOUT ?= 25m
 
 .PHONY: bench-deps all build generate check-generate deps lint test test-unit bench fuzz soak image demo clean

@@ -23,6 +23,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/nsflow/nsflow/collector"
+	"github.com/nsflow/nsflow/collector/cri"
 	"github.com/nsflow/nsflow/exporter"
 )
 
@@ -44,6 +45,8 @@ type serveFlags struct {
 	pin           bool
 	pinPath       string
 	pprof         bool
+	criEndpoint   string
+	criInterval   time.Duration
 }
 
 func newServeCmd() *cobra.Command {
@@ -76,6 +79,8 @@ the BPF maps at scrape time. SIGTERM or Ctrl-C detaches everything and exits.`,
 	fl.BoolVar(&f.flows, "flows", false, "export per-flow series (nsflow_flow_*_total)")
 	fl.IntVar(&f.maxFlowSeries, "flows.max-series", 1000, "at most this many flows per scrape, largest first")
 	fl.StringVar(&f.logLevel, "log.level", "info", "log level: debug, info, warn or error")
+	fl.StringVar(&f.criEndpoint, "cri.endpoint", "auto", "container runtime CRI socket (unix:///path) for pod names; auto: containerd's or CRI-O's if present; none: off")
+	fl.DurationVar(&f.criInterval, "cri.interval", 10*time.Second, "resync period of pod identities (new namespaces trigger one at once)")
 	fl.BoolVar(&f.pprof, "web.enable-pprof", false, "serve Go profiling endpoints under /debug/pprof/ (off by default: they expose internals)")
 	fl.BoolVar(&f.pin, "pin", false, "pin maps and links on the bpffs: counting goes on while nsflow restarts or upgrades, and the next serve adopts them")
 	fl.StringVar(&f.pinPath, "pin.path", collector.DefaultPinPath, "bpffs directory for --pin (bpffs is mounted at /sys/fs/bpf if absent)")
@@ -113,6 +118,12 @@ func (f *serveFlags) validate() (serveConfig, error) {
 	}
 	if f.flowEntries == 0 {
 		return sc, usagef("--flow-entries must be at least 1")
+	}
+	if f.criEndpoint != "auto" && f.criEndpoint != "none" && !strings.HasPrefix(f.criEndpoint, "unix://") {
+		return sc, usagef("--cri.endpoint must be auto, none or unix:///path, got %q", f.criEndpoint)
+	}
+	if f.criInterval <= 0 {
+		return sc, usagef("--cri.interval must be positive")
 	}
 	if f.pin && !strings.HasPrefix(filepath.Clean(f.pinPath), "/sys/fs/bpf/") {
 		return sc, usagef("--pin.path must be a directory under /sys/fs/bpf, got %q", f.pinPath)
@@ -175,6 +186,19 @@ func runServe(ctx context.Context, f serveFlags) (err error) {
 		discErr <- err
 	}()
 	go prune(ctx, c, f.grace, log)
+	endpoint := f.criEndpoint
+	if endpoint == "auto" {
+		endpoint = cri.Detect()
+		if endpoint == "" {
+			log.Info("no container runtime socket found: namespaces are not labelled with pods")
+		}
+	}
+	if endpoint != "" && endpoint != "none" {
+		e := cri.New(c, cri.Config{Endpoint: endpoint, Interval: f.criInterval, Logger: log})
+		c.OnAdd(e.Kick)
+		go e.Run(ctx)
+		log.Info("labelling namespaces with pods", "cri", endpoint)
+	}
 	if f.pin {
 		go func() {
 			select {
