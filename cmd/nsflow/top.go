@@ -52,6 +52,7 @@ trace-style interval tables instead.`,
 	fl.StringVarP(&f.filter, "filter", "f", "", "flow filter (pcap-filter subset; also accepted as trailing arguments)")
 	fl.StringVar(&f.attachMode, "attach-mode", string(collector.ModeAuto), "how to attach: auto, tcx or clsact")
 	fl.Uint32Var(&f.flowEntries, "flow-entries", 65536, "capacity of the flow map")
+	fl.StringVar(&f.criEndpoint, "cri.endpoint", "auto", "container runtime CRI socket for pod names (auto, none or unix:///path)")
 	f.output, f.sort, f.top = "table", "bytes", -1
 	return cmd
 }

@@ -18,6 +18,7 @@ import (
 	"golang.org/x/term"
 
 	"github.com/nsflow/nsflow/collector"
+	"github.com/nsflow/nsflow/collector/cri"
 	"github.com/nsflow/nsflow/collector/filter"
 	"github.com/nsflow/nsflow/exporter/report"
 )
@@ -35,6 +36,7 @@ type traceFlags struct {
 	attachMode  string
 	flowEntries uint32
 	verbose     bool
+	criEndpoint string
 }
 
 func newTraceCmd() *cobra.Command {
@@ -85,6 +87,7 @@ are never filtered.`,
 	fl.StringVar(&f.attachMode, "attach-mode", string(collector.ModeAuto), "how to attach: auto, tcx or clsact")
 	fl.Uint32Var(&f.flowEntries, "flow-entries", 65536, "capacity of the flow map (flows beyond it are evicted, totals stay exact)")
 	fl.BoolVarP(&f.verbose, "verbose", "v", false, "log attach events to stderr")
+	fl.StringVar(&f.criEndpoint, "cri.endpoint", "auto", "container runtime CRI socket for pod names (auto, none or unix:///path)")
 	return cmd
 }
 
@@ -134,6 +137,9 @@ func (f *traceFlags) validate() (*traceConfig, error) {
 	}
 	if f.flowEntries == 0 {
 		return nil, usagef("--flow-entries must be at least 1")
+	}
+	if f.criEndpoint != "" && f.criEndpoint != "auto" && f.criEndpoint != "none" && !strings.HasPrefix(f.criEndpoint, "unix://") {
+		return nil, usagef("--cri.endpoint must be auto, none or unix:///path, got %q", f.criEndpoint)
 	}
 	var err error
 	if tc.mode, err = collector.ParseMode(f.attachMode); err != nil {
@@ -409,6 +415,20 @@ func openSession(ctx context.Context, tc *traceConfig, f traceFlags, log *slog.L
 		if _, err := c.Add(t); err != nil {
 			return nil, errors.Join(err, s.Close())
 		}
+	}
+	endpoint := f.criEndpoint
+	if endpoint == "auto" || endpoint == "" {
+		endpoint = cri.Detect()
+	}
+	if endpoint != "" && endpoint != "none" {
+		elog := slog.New(slog.DiscardHandler) // a trace stays quiet about an absent runtime
+		if f.verbose {
+			elog = log
+		}
+		e := cri.New(c, cri.Config{Endpoint: endpoint, Interval: 5 * time.Second, Logger: elog})
+		c.OnAdd(e.Kick)
+		s.wg.Add(1)
+		go func() { defer s.wg.Done(); e.Run(ctx) }()
 	}
 	if tc.discovery != nil {
 		tc.discovery.Logger = log

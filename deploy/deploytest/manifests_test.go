@@ -140,6 +140,9 @@ func TestManifests(t *testing.T) {
 			t.Errorf("%s not mounted", p)
 		}
 	}
+	if m, ok := mounts["/run/containerd"]; !ok || !m.ReadOnly {
+		t.Error("the container runtime's socket directory must be mounted read-only")
+	}
 	if !slices.Contains(c.Args, "serve") {
 		t.Errorf("args %v do not run serve", c.Args)
 	}

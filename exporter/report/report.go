@@ -33,9 +33,10 @@ type Trace struct {
 
 // Namespace is one namespace's totals, per interface.
 type Namespace struct {
-	Name       string      `json:"name"`
-	Inode      uint64      `json:"inode"`
-	Interfaces []Interface `json:"interfaces"`
+	Name       string             `json:"name"`
+	Inode      uint64             `json:"inode"`
+	Pod        *collector.PodInfo `json:"pod,omitempty"`
+	Interfaces []Interface        `json:"interfaces"`
 }
 
 // Interface is one interface's totals.
@@ -112,7 +113,7 @@ func NewTrace(snap *collector.Snapshot, start time.Time, o Options) *Trace {
 		Stats:      snap.Stats,
 	}
 	for _, ns := range snap.Namespaces {
-		n := Namespace{Name: ns.Name, Inode: ns.Inode, Interfaces: []Interface{}}
+		n := Namespace{Name: ns.Name, Inode: ns.Inode, Pod: ns.Pod, Interfaces: []Interface{}}
 		for _, i := range ns.Interfaces {
 			n.Interfaces = append(n.Interfaces, Interface{
 				Name: i.Name, Ifindex: i.Index, State: string(i.State),
@@ -220,7 +221,7 @@ func (t *Trace) WriteTable(w io.Writer) error {
 	fmt.Fprintf(tw, "NETNS\tINODE\tINTERFACE\tRX PACKETS\tRX BYTES\tRX RATE\tTX PACKETS\tTX BYTES\tTX RATE\t\n")
 	for _, ns := range t.Namespaces {
 		for _, i := range ns.Interfaces {
-			fmt.Fprintf(tw, "%s\t%d\t%s\t%d\t%s\t%s\t%d\t%s\t%s\t\n", ns.Name, ns.Inode, i.Name,
+			fmt.Fprintf(tw, "%s\t%d\t%s\t%d\t%s\t%s\t%d\t%s\t%s\t\n", ns.Label(), ns.Inode, i.Name,
 				i.RXPackets, Bytes(i.RXBytes), Bits(i.RXBitRate), i.TXPackets, Bytes(i.TXBytes), Bits(i.TXBitRate))
 		}
 	}
@@ -294,4 +295,12 @@ func Bits(bps float64) string {
 		return fmt.Sprintf("%.0f %s", bps, units[i])
 	}
 	return fmt.Sprintf("%.1f %s", bps, units[i])
+}
+
+// Label is the namespace's name, with its pod (namespace/name) when known.
+func (n Namespace) Label() string {
+	if n.Pod != nil {
+		return fmt.Sprintf("%s (pod %s/%s)", n.Name, n.Pod.Namespace, n.Pod.Name)
+	}
+	return n.Name
 }

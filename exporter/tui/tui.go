@@ -192,9 +192,13 @@ func (m *Model) View() string {
 	}
 	lines := 0
 	for _, ns := range m.cur.Namespaces {
+		name := ns.Name
+		if ns.Pod != nil {
+			name = ns.Pod.Namespace + "/" + ns.Pod.Name
+		}
 		for _, i := range ns.Interfaces {
 			d := deltaIf[[2]uint64{ns.Inode, uint64(i.Index)}]
-			fmt.Fprintf(&b, "%-24s %-12s %12s %12s %10.0f %10.0f %12s %12s\n", trunc(ns.Name, 24), trunc(i.Name, 12),
+			fmt.Fprintf(&b, "%-24s %-12s %12s %12s %10.0f %10.0f %12s %12s\n", trunc(name, 24), trunc(i.Name, 12),
 				report.Bits(rate(d.RX.Bytes, 8)), report.Bits(rate(d.TX.Bytes, 8)), rate(d.RX.Packets, 1), rate(d.TX.Packets, 1),
 				report.Bytes(i.RX.Bytes), report.Bytes(i.TX.Bytes))
 			lines++

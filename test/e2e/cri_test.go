@@ -272,6 +272,23 @@ func TestCRIPodIdentity(t *testing.T) {
 	})
 	t.Logf("pod shop/web-7d4f (netns %s): lo tx %v packets, equal to the kernel's", nsName, kernel.Stats64.Tx.Packets)
 
+	// trace names the pod too.
+	out, err = exec.Command(nsflowBin, "trace", "--netns", nsName, "--cri.endpoint", "unix://"+ctd.sock,
+		"--duration", "1500ms", "--output", "json").Output()
+	if err != nil {
+		t.Fatalf("trace: %v", err)
+	}
+	var tr struct {
+		Namespaces []struct {
+			Pod *struct{ Name, Namespace string }
+		}
+	}
+	if err := json.Unmarshal(out, &tr); err != nil || len(tr.Namespaces) != 1 || tr.Namespaces[0].Pod == nil ||
+		tr.Namespaces[0].Pod.Name != "web-7d4f" || tr.Namespaces[0].Pod.Namespace != "shop" {
+		t.Errorf("trace does not name the pod: %v\n%s", err, out)
+	}
+	validate(t, "trace.schema.json", out)
+
 	// The runtime goes down: metrics go on; it comes back: labels stay.
 	ctd.stop()
 	waitUntil(t, 10*time.Second, "the exporter to notice the runtime is down", func() bool {
