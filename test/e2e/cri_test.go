@@ -232,8 +232,20 @@ func TestCRIPodIdentity(t *testing.T) {
 		t.Fatalf("no network namespace in the sandbox status: %s", st.Info["info"])
 	}
 	nsName := filepath.Base(nsPath[1])
+	nsIno := inodeOfPath(t, nsPath[1])
 	t.Cleanup(func() {
-		// Whatever the runtime could not remove: the namespace and CNI's cache.
+		// Whatever the runtime could not remove: processes still in the
+		// sandbox's namespace (a pause orphaned by a failed stop), the
+		// namespace, CNI's cache.
+		procs, _ := filepath.Glob("/proc/[0-9]*/ns/net")
+		for _, p := range procs {
+			var st syscall.Stat_t
+			if syscall.Stat(p, &st) == nil && st.Ino == nsIno {
+				var pid int
+				fmt.Sscanf(p, "/proc/%d/", &pid)
+				syscall.Kill(pid, syscall.SIGKILL)
+			}
+		}
 		exec.Command("ip", "netns", "del", nsName).Run()
 		cached, _ := filepath.Glob("/var/lib/cni/results/*" + sb.PodSandboxId + "*")
 		for _, f := range cached {
@@ -304,4 +316,13 @@ func TestCRIPodIdentity(t *testing.T) {
 		_, ok := s[series("nsflow_packets_total", "lo")]
 		return ok
 	})
+}
+
+func inodeOfPath(t *testing.T, path string) uint64 {
+	t.Helper()
+	var st syscall.Stat_t
+	if err := syscall.Stat(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Ino
 }
