@@ -19,6 +19,7 @@ type ListedNamespace struct {
 	Path       string        `json:"path"`
 	Pids       []int         `json:"pids"`
 	Commands   []string      `json:"commands"` // of the first pids, from /proc/PID/comm
+	Pod        *PodInfo      `json:"pod,omitempty"`
 	Interfaces []ListedIface `json:"interfaces"`
 	Error      string        `json:"error,omitempty"`
 }
@@ -35,8 +36,9 @@ type ListedIface struct {
 }
 
 // List finds the namespaces cfg selects, without attaching anything, and
-// reports the interfaces of each and the nsflow programs on them.
-func List(cfg DiscoveryConfig) ([]ListedNamespace, error) {
+// reports the interfaces of each and the nsflow programs on them; pods
+// (by namespace inode, may be nil) name their pods.
+func List(cfg DiscoveryConfig, pods map[uint64]PodInfo) ([]ListedNamespace, error) {
 	d, err := NewDiscovery(nil, cfg)
 	if err != nil {
 		return nil, err
@@ -45,6 +47,9 @@ func List(cfg DiscoveryConfig) ([]ListedNamespace, error) {
 	out := make([]ListedNamespace, 0, len(found))
 	for ino, f := range found {
 		ln := ListedNamespace{Name: f.target.Name, Inode: ino, Path: f.target.Path, Pids: f.pids, Interfaces: []ListedIface{}}
+		if p, ok := pods[ino]; ok {
+			ln.Pod = &p
+		}
 		sort.Ints(ln.Pids)
 		if ln.Pids == nil {
 			ln.Pids = []int{}

@@ -1,21 +1,26 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
+	"os"
 	"regexp"
 	"strconv"
 	"strings"
 	"text/tabwriter"
+	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/nsflow/nsflow/collector"
+	"github.com/nsflow/nsflow/collector/cri"
 )
 
 func newListCmd() *cobra.Command {
 	var output, include, exclude string
 	var host, proc bool
+	var criEndpoint string
 	cmd := &cobra.Command{
 		Use:   "list",
 		Short: "List the network namespaces on this node, their interfaces and nsflow's attachments",
@@ -38,7 +43,8 @@ func newListCmd() *cobra.Command {
 					return usagef("--netns.exclude: %v", err)
 				}
 			}
-			nss, err := collector.List(cfg)
+			pods := podsOnce(cmd.Context(), criEndpoint)
+			nss, err := collector.List(cfg, pods)
 			if err != nil {
 				return err
 			}
@@ -48,7 +54,7 @@ func newListCmd() *cobra.Command {
 				return enc.Encode(nss)
 			}
 			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 0, 2, ' ', 0)
-			fmt.Fprintln(tw, "NETNS\tINODE\tPIDS\tINTERFACE\tIFINDEX\tTYPE\tUP\tNSFLOW")
+			fmt.Fprintln(tw, "NETNS\tPOD\tINODE\tPIDS\tINTERFACE\tIFINDEX\tTYPE\tUP\tNSFLOW")
 			for _, ns := range nss {
 				pids := make([]string, 0, len(ns.Pids))
 				for i, p := range ns.Pids {
@@ -62,11 +68,15 @@ func newListCmd() *cobra.Command {
 					}
 					pids = append(pids, label)
 				}
+				pod := "-"
+				if ns.Pod != nil {
+					pod = ns.Pod.Namespace + "/" + ns.Pod.Name
+				}
 				if ns.Error != "" {
-					fmt.Fprintf(tw, "%s\t%d\t%s\t(error: %s)\t\t\t\t\n", ns.Name, ns.Inode, strings.Join(pids, ","), ns.Error)
+					fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t(error: %s)\t\t\t\t\n", ns.Name, pod, ns.Inode, strings.Join(pids, ","), ns.Error)
 				}
 				for _, i := range ns.Interfaces {
-					fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%d\t%s\t%v\t%s\n", ns.Name, ns.Inode, strings.Join(pids, ","),
+					fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%d\t%s\t%v\t%s\n", ns.Name, pod, ns.Inode, strings.Join(pids, ","),
 						i.Name, i.Index, i.Type, i.Up, i.Attach)
 				}
 			}
@@ -79,5 +89,29 @@ func newListCmd() *cobra.Command {
 	fl.BoolVar(&proc, "netns.proc", true, "include namespaces of processes under /proc")
 	fl.StringVar(&include, "netns.include", "", "only namespaces whose name matches this regular expression")
 	fl.StringVar(&exclude, "netns.exclude", "", "skip namespaces whose name matches this regular expression")
+	fl.StringVar(&criEndpoint, "cri.endpoint", "auto", "container runtime CRI socket for pod names (auto, none or unix:///path)")
 	return cmd
+}
+
+// podMap captures what an enricher finds.
+type podMap map[uint64]collector.PodInfo
+
+func (m *podMap) SetPods(p map[uint64]collector.PodInfo) { *m = p }
+
+// podsOnce asks the container runtime once for the pods of the namespaces
+// (nil when there is no runtime or it does not answer).
+func podsOnce(ctx context.Context, endpoint string) map[uint64]collector.PodInfo {
+	if endpoint == "auto" {
+		endpoint = cri.Detect()
+	}
+	if endpoint == "" || endpoint == "none" {
+		return nil
+	}
+	var pods podMap
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if err := cri.New(&pods, cri.Config{Endpoint: endpoint}).Sync(ctx); err != nil {
+		fmt.Fprintln(os.Stderr, "nsflow: no pod names:", err)
+	}
+	return pods
 }

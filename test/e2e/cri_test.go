@@ -300,6 +300,19 @@ func TestCRIPodIdentity(t *testing.T) {
 		t.Errorf("trace does not name the pod: %v\n%s", err, out)
 	}
 	validate(t, "trace.schema.json", out)
+	// So does list.
+	out, err = exec.Command(nsflowBin, "list", "-o", "json", "--cri.endpoint", "unix://"+ctd.sock,
+		"--netns.host=false", "--netns.include", "^"+regexp.QuoteMeta(nsName)+"$").Output()
+	if err != nil {
+		t.Fatalf("list: %v", err)
+	}
+	var listed []struct {
+		Name string
+		Pod  *struct{ Name, Namespace string }
+	}
+	if err := json.Unmarshal(out, &listed); err != nil || len(listed) != 1 || listed[0].Pod == nil || listed[0].Pod.Name != "web-7d4f" {
+		t.Errorf("list does not name the pod: %v\n%s", err, out)
+	}
 
 	// The runtime goes down: metrics go on; it comes back: labels stay.
 	ctd.stop()
