@@ -48,6 +48,7 @@ trace-style interval tables instead.`,
 	fl := cmd.Flags()
 	fl.StringArrayVarP(&f.netns, "netns", "n", nil, "namespace to observe: NAME, glob pattern, pid:PID, /path or host (repeatable)")
 	fl.BoolVarP(&f.all, "all", "A", false, "observe every namespace on the node")
+	fl.StringArrayVarP(&f.exclude, "exclude", "x", nil, "with --all or patterns: skip namespaces whose name matches this glob pattern (repeatable)")
 	fl.DurationVarP(&f.interval, "interval", "i", time.Second, "refresh interval")
 	fl.StringVarP(&f.filter, "filter", "f", "", "flow filter (pcap-filter subset; also accepted as trailing arguments)")
 	fl.StringVar(&f.attachMode, "attach-mode", string(collector.ModeAuto), "how to attach: auto, tcx or clsact")

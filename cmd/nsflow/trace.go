@@ -25,6 +25,7 @@ import (
 
 type traceFlags struct {
 	netns       []string
+	exclude     []string
 	all         bool
 	duration    time.Duration
 	interval    time.Duration
@@ -62,6 +63,7 @@ are never filtered.`,
 		Example: `  nsflow trace --netns web --netns db --duration 10s
   nsflow trace --netns 'web-*' tcp port 8080
   nsflow trace --all --interval 1s --top 5 'udp or icmp'
+  nsflow trace --all --exclude host --exclude 'cni-test-*'
   nsflow trace --netns pid:4242 --output json
   nsflow trace --netns web --events --output jsonl 'not port 53'`,
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -77,6 +79,7 @@ are never filtered.`,
 	fl := cmd.Flags()
 	fl.StringArrayVarP(&f.netns, "netns", "n", nil, "namespace to observe: NAME, glob pattern, pid:PID, /path or host (repeatable)")
 	fl.BoolVarP(&f.all, "all", "A", false, "observe every namespace on the node, including ones that appear during the trace")
+	fl.StringArrayVarP(&f.exclude, "exclude", "x", nil, "with --all or patterns: skip namespaces whose name matches this glob pattern (repeatable)")
 	fl.DurationVarP(&f.duration, "duration", "d", 0, "how long to trace (0: until Ctrl-C or SIGTERM)")
 	fl.DurationVarP(&f.interval, "interval", "i", 0, "also print the traffic of every interval of this length")
 	fl.StringVarP(&f.output, "output", "o", "table", "output format: table, json (one document at the end) or jsonl (one object per interval, event and the summary)")
@@ -162,10 +165,21 @@ func (f *traceFlags) validate() (*traceConfig, error) {
 		}
 		tc.targets = append(tc.targets, t)
 	}
+	for _, x := range f.exclude {
+		if _, err := path.Match(x, ""); err != nil {
+			return nil, usagef("--exclude %s: bad pattern: %v", x, err)
+		}
+	}
+	if len(f.exclude) > 0 && !f.all && len(tc.patterns) == 0 {
+		return nil, usagef("--exclude applies to --all and --netns patterns")
+	}
 	if f.all || len(tc.patterns) > 0 {
 		dc := &collector.DiscoveryConfig{Host: f.all, Proc: true}
 		if !f.all {
 			dc.Include = globsRegexp(tc.patterns)
+		}
+		if len(f.exclude) > 0 {
+			dc.Exclude = globsRegexp(f.exclude)
 		}
 		tc.discovery = dc
 	}

@@ -215,6 +215,8 @@ func TestCLIBadInput(t *testing.T) {
 		{[]string{"serve", "--cri.interval", "0s"}, "--cri.interval", 2},
 		{[]string{"serve", "--pin", "--pin.path", "/tmp/x"}, "--pin.path", 2},
 		{[]string{"trace", "--netns", "host", "--cri.endpoint", "containerd"}, "--cri.endpoint", 2},
+		{[]string{"trace", "--netns", "host", "--exclude", "x"}, "--exclude applies", 2},
+		{[]string{"trace", "--all", "--exclude", "["}, "bad pattern", 2},
 		{[]string{"list", "-o", "yaml"}, "--output", 2},
 		{[]string{"list", "--netns.exclude", "["}, "--netns.exclude", 2},
 		{[]string{"pod", "create", "Bad_Name"}, "invalid pod name", 2},

@@ -266,3 +266,34 @@ func TestTraceEvents(t *testing.T) {
 		}
 	}
 }
+
+// --all and glob patterns select namespaces by name, --exclude leaves some
+// out.
+func TestTraceSelection(t *testing.T) {
+	testenv.RequireRoot(t)
+	newPods(t, "10.213.134.0/24", "e2e-sel-a", "e2e-sel-b")
+	names := func(args ...string) map[string]bool {
+		out, err := exec.Command(nsflowBin, append([]string{"trace", "--duration", "300ms", "--output", "json", "--cri.endpoint", "none"}, args...)...).Output()
+		if err != nil {
+			t.Fatalf("trace %v: %v", args, err)
+		}
+		var tr report.Trace
+		if err := json.Unmarshal(out, &tr); err != nil {
+			t.Fatal(err)
+		}
+		m := map[string]bool{}
+		for _, ns := range tr.Namespaces {
+			m[ns.Name] = true
+		}
+		return m
+	}
+	if got := names("--netns", "e2e-sel-*"); !got["e2e-sel-a"] || !got["e2e-sel-b"] || got["host"] {
+		t.Errorf("pattern e2e-sel-*: %v", got)
+	}
+	if got := names("--all", "--exclude", "e2e-sel-b", "--exclude", "pid:*"); !got["e2e-sel-a"] || got["e2e-sel-b"] || !got["host"] {
+		t.Errorf("--all --exclude e2e-sel-b: %v", got)
+	}
+	if got := names("--netns", "e2e-sel-?", "--exclude", "*-a"); got["e2e-sel-a"] || !got["e2e-sel-b"] {
+		t.Errorf("pattern minus *-a: %v", got)
+	}
+}
