@@ -361,7 +361,8 @@ static __always_inline __u32 segments(struct __sk_buff *ctx, struct net_device *
 	if (dir != DIR_TX || segs <= 1)
 		return 1;
 	max = ctx->protocol == bpf_htons(ETH_P_IPV6) ? dev->gso_max_size : dev->gso_ipv4_max_size;
-	return ctx->len >= max ? segs : 1;
+	/* Both checks of gso_features_check: too many segments, or too long. */
+	return (segs > dev->gso_max_segs || ctx->len >= max) ? segs : 1;
 }
 
 /* Parses the frame into key; returns 0 when the flow key is complete. */

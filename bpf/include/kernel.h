@@ -29,6 +29,7 @@ struct net_device {
 	unsigned short hard_header_len;
 	unsigned int gso_max_size;      /* GSO limit for IPv6 and others */
 	unsigned int gso_ipv4_max_size; /* GSO limit for IPv4 (6.3+) */
+	unsigned short gso_max_segs;    /* u16 in the kernel */
 } __attribute__((preserve_access_index));
 
 struct sk_buff {
