@@ -33,15 +33,16 @@ func BenchmarkProgram(b *testing.B) {
 	tcp6 := build(b, eth(layers.EthernetTypeIPv6), ipv6(layers.IPProtocolTCP), tcpSeg("A"), payload(64))
 	flowsOn := load(b, Options{})
 	flowsOff := load(b, Options{NoFlows: true})
+	stubOn, stubOff := prog(b, flowsOn, TX), prog(b, flowsOff, TX)
 	for _, v := range []struct {
 		name  string
 		prog  *ebpf.Program
 		frame []byte
 	}{
 		{"empty/udp4", emptyProgram(b), udp},
-		{"flows_off/udp4", flowsOff.NsflowEgress, udp},
-		{"flows_on/udp4", flowsOn.NsflowEgress, udp},
-		{"flows_on/tcp6", flowsOn.NsflowEgress, tcp6},
+		{"flows_off/udp4", stubOff, udp},
+		{"flows_on/udp4", stubOn, udp},
+		{"flows_on/tcp6", stubOn, tcp6},
 	} {
 		b.Run(v.name, func(b *testing.B) {
 			ret, d, err := v.prog.Benchmark(v.frame, b.N, b.ResetTimer)

@@ -23,14 +23,14 @@ type send struct {
 // with its packet, byte and TCP flag counts; the stats moved exactly as the
 // reference says. Frames the kernel refuses before running the program
 // (kernelRefuses) must fail with EINVAL and count nowhere.
-func checkAgainstReference(t testing.TB, objs *NsflowObjects, sends []send) {
+func checkAgainstReference(t testing.TB, objs *Objects, sends []send) {
 	t.Helper()
 	netns := selfNetns(t)
 	wantTotals := map[NsflowObsKey]NsflowCounters{}
 	wantFlows := map[NsflowFlowKey]NsflowFlowVal{}
 	var wantStats [NsflowStatSTAT_MAX]uint64
 	for _, s := range sends {
-		ret, err := prog(objs, s.dir).Run(&ebpf.RunOptions{Data: s.frame})
+		ret, err := prog(t, objs, s.dir).Run(&ebpf.RunOptions{Data: s.frame})
 		if err != nil {
 			if kernelRefuses(s.frame) && errors.Is(err, unix.EINVAL) {
 				continue

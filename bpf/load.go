@@ -3,10 +3,13 @@ package bpf
 import (
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
+	"reflect"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
 )
 
 // Direction of an observation point, from the namespace's own view.
@@ -41,12 +44,39 @@ type Options struct {
 	OnReplace func(name string, why error)
 }
 
-// PinnedMaps are the maps pinned with Options.PinPath.
-var PinnedMaps = []string{NsflowMapTotals, NsflowMapFlows, NsflowMapStats}
+// PinnedMaps are the maps pinned with Options.PinPath: the counters, what
+// their slots count, and what the stubs of a previous process need to keep
+// counting until a new process adopts them (the parser they tail-call and
+// the slot they hand it).
+var PinnedMaps = []string{NsflowMapTotals, NsflowMapPoints, NsflowMapFlows, NsflowMapStats,
+	NsflowMapAccountProgs, NsflowMapHandoff}
+
+// objects are the loaded programs and maps shared by every hook.
+type objects struct {
+	NsflowIngress *ebpf.Program `ebpf:"nsflow_ingress"`
+	NsflowEgress  *ebpf.Program `ebpf:"nsflow_egress"`
+	Totals        *ebpf.Map     `ebpf:"totals"`
+	Points        *ebpf.Map     `ebpf:"points"`
+	Flows         *ebpf.Map     `ebpf:"flows"`
+	FlowEvents    *ebpf.Map     `ebpf:"flow_events"`
+	Stats         *ebpf.Map     `ebpf:"stats"`
+	AccountProgs  *ebpf.Map     `ebpf:"account_progs"`
+	Handoff       *ebpf.Map     `ebpf:"handoff"`
+	Rodata        *ebpf.Map     `ebpf:".rodata"`
+}
+
+// Objects are nsflow's loaded BPF objects: the parser programs and maps,
+// shared by every hook, and what it takes to load a stub for one hook
+// (Stub). The caller must Close them.
+type Objects struct {
+	objects
+	stubs [2]*ebpf.ProgramSpec // by Direction, with map references resolved
+	slots slots
+}
 
 // Load loads nsflow's programs and maps into the kernel. The caller owns the
 // returned objects and must Close them.
-func Load(opts Options) (*NsflowObjects, error) {
+func Load(opts Options) (*Objects, error) {
 	spec, err := LoadNsflow()
 	if err != nil {
 		return nil, err
@@ -90,13 +120,104 @@ func Load(opts Options) (*NsflowObjects, error) {
 		}
 		copts = &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: opts.PinPath}}
 	}
-	var objs NsflowObjects
-	if err := spec.LoadAndAssign(&objs, copts); err != nil {
+	o := &Objects{}
+	if err := spec.LoadAndAssign(&o.objects, copts); err != nil {
 		var verr *ebpf.VerifierError
 		if errors.As(err, &verr) {
 			return nil, fmt.Errorf("load nsflow programs: %w\n%+v", err, verr)
 		}
 		return nil, fmt.Errorf("load nsflow programs: %w", err)
 	}
-	return &objs, nil
+	if err := o.init(spec); err != nil {
+		o.Close()
+		return nil, err
+	}
+	return o, nil
+}
+
+// init readies the stub templates, puts the parsers where the stubs
+// tail-call them (replacing those of a previous process in a pinned
+// account_progs) and reads which slots are taken.
+func (o *Objects) init(spec *ebpf.CollectionSpec) error {
+	maps := map[string]*ebpf.Map{
+		NsflowMapTotals: o.Totals, NsflowMapStats: o.Stats, NsflowMapAccountProgs: o.AccountProgs,
+		NsflowMapHandoff: o.Handoff, ".rodata": o.Rodata,
+	}
+	for dir, name := range map[Direction]string{RX: NsflowProgNsflowStubIngress, TX: NsflowProgNsflowStubEgress} {
+		ps := spec.Programs[name].Copy()
+		templates := 0
+		for i := range ps.Instructions {
+			ins := &ps.Instructions[i]
+			if isSlotTemplate(ins) {
+				templates++
+			}
+			if !ins.IsLoadFromMap() {
+				continue
+			}
+			m, ok := maps[ins.Reference()]
+			if !ok {
+				return fmt.Errorf("stub %s references map %q, which it may not", name, ins.Reference())
+			}
+			if err := ins.AssociateMap(m); err != nil {
+				return fmt.Errorf("stub %s: %w", name, err)
+			}
+		}
+		if templates != 1 {
+			return fmt.Errorf("stub %s: %d slot templates, want 1", name, templates)
+		}
+		o.stubs[dir] = ps
+	}
+	if err := o.AccountProgs.Put(uint32(RX), o.NsflowIngress); err != nil {
+		return fmt.Errorf("set the ingress parser: %w", err)
+	}
+	if err := o.AccountProgs.Put(uint32(TX), o.NsflowEgress); err != nil {
+		return fmt.Errorf("set the egress parser: %w", err)
+	}
+	return o.slots.init(o.Totals, o.Points)
+}
+
+// slotTemplate is the immediate the stubs carry in place of their slot
+// (SLOT_TEMPLATE in nsflow.c).
+const slotTemplate = 0x5107a11d
+
+func isSlotTemplate(ins *asm.Instruction) bool {
+	return ins.OpCode.Class() == asm.ALU64Class && ins.OpCode.ALUOp() == asm.Mov &&
+		ins.OpCode.Source() == asm.ImmSource && ins.Constant == slotTemplate
+}
+
+// Stub loads the program for one hook: it counts into the slot of totals
+// that key (its Dir included) names, assigned if it has none yet, and
+// tail-calls the parser for flows and GSO segments. Loading it takes
+// microseconds: it is a dozen instructions. The caller owns the program.
+func (o *Objects) Stub(key NsflowObsKey) (*ebpf.Program, error) {
+	if key.Dir > uint8(TX) {
+		return nil, fmt.Errorf("stub for direction %d", key.Dir)
+	}
+	slot, err := o.slots.assign(key)
+	if err != nil {
+		return nil, err
+	}
+	ps := o.stubs[key.Dir].Copy()
+	for i := range ps.Instructions {
+		if ins := &ps.Instructions[i]; isSlotTemplate(ins) {
+			ins.Constant = int64(slot)
+		}
+	}
+	prog, err := ebpf.NewProgram(ps)
+	if err != nil {
+		return nil, fmt.Errorf("load stub for slot %d: %w", slot, err)
+	}
+	return prog, nil
+}
+
+// Close releases the objects (pinned maps stay pinned).
+func (o *Objects) Close() error {
+	var errs []error
+	for _, c := range []io.Closer{o.NsflowIngress, o.NsflowEgress, o.Totals, o.Points, o.Flows,
+		o.FlowEvents, o.Stats, o.AccountProgs, o.Handoff, o.Rodata} {
+		if c != nil && !reflect.ValueOf(c).IsNil() {
+			errs = append(errs, c.Close())
+		}
+	}
+	return errors.Join(errs...)
 }

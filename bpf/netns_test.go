@@ -76,10 +76,11 @@ func inNewNetns(t *testing.T, fn func(netns uint32) error) {
 	}
 }
 
-// The observation point is the packet's device: its namespace's inode and
-// its ifindex. Packets on the loopback device of another namespace, on a
-// veth and on a device without a link-layer header (tun) of that namespace
-// all land under that namespace, none under the test's own.
+// A flow's observation point is the packet's device: its namespace's inode
+// and its ifindex. Packets on the loopback device of another namespace, on
+// a veth and on a device without a link-layer header (tun) of that
+// namespace all land under that namespace, none under the test's own. (The
+// totals count into the slot of each hook's stub, by construction.)
 func TestNetnsFromDevice(t *testing.T) {
 	objs := load(t, Options{})
 	skb := loadSkbLayout(t)
@@ -110,7 +111,11 @@ func TestNetnsFromDevice(t *testing.T) {
 			return errors.New("still in the test's own namespace")
 		}
 		// lo (ifindex 1): the default device under BPF_PROG_TEST_RUN.
-		if err := tryRun(objs.NsflowIngress, &ebpf.RunOptions{Data: udp4}); err != nil {
+		p, err := stubFor(objs, NsflowObsKey{Netns: netns, Ifindex: 1, Dir: uint8(RX)})
+		if err != nil {
+			return err
+		}
+		if err := tryRun(p, &ebpf.RunOptions{Data: udp4}); err != nil {
 			return err
 		}
 		wantTotals[NsflowObsKey{Netns: netns, Ifindex: 1, Dir: uint8(RX)}] = NsflowCounters{Packets: 1, Bytes: uint64(len(udp4))}
@@ -122,7 +127,11 @@ func TestNetnsFromDevice(t *testing.T) {
 			return fmt.Errorf("add veth: %w", err)
 		}
 		vethIdx := uint32(veth.Attrs().Index)
-		if err := tryRun(objs.NsflowEgress, &ebpf.RunOptions{Data: udp4, Context: skb.context(map[string]uint32{"ifindex": vethIdx})}); err != nil {
+		p, err = stubFor(objs, NsflowObsKey{Netns: netns, Ifindex: vethIdx, Dir: uint8(TX)})
+		if err != nil {
+			return err
+		}
+		if err := tryRun(p, &ebpf.RunOptions{Data: udp4, Context: skb.context(map[string]uint32{"ifindex": vethIdx})}); err != nil {
 			return err
 		}
 		wantTotals[NsflowObsKey{Netns: netns, Ifindex: vethIdx, Dir: uint8(TX)}] = NsflowCounters{Packets: 1, Bytes: uint64(len(udp4))}
@@ -140,8 +149,12 @@ func TestNetnsFromDevice(t *testing.T) {
 			}
 		}()
 		tunIdx := uint32(tun.Attrs().Index)
+		p, err = stubFor(objs, NsflowObsKey{Netns: netns, Ifindex: tunIdx, Dir: uint8(RX)})
+		if err != nil {
+			return err
+		}
 		for _, f := range [][]byte{l3v4, l3v6} {
-			if err := tryRun(objs.NsflowIngress, &ebpf.RunOptions{Data: f, Context: skb.context(map[string]uint32{"ifindex": tunIdx})}); err != nil {
+			if err := tryRun(p, &ebpf.RunOptions{Data: f, Context: skb.context(map[string]uint32{"ifindex": tunIdx})}); err != nil {
 				return err
 			}
 		}
@@ -235,7 +248,11 @@ func TestGSOSegments(t *testing.T) {
 				if err := netlink.LinkSetGSOIPv4MaxSize(lo, ipv4Max); err != nil {
 					return fmt.Errorf("set lo gso_ipv4_max_size: %w", err)
 				}
-				return tryRun(prog(objs, c.dir), &ebpf.RunOptions{Data: c.frame, Context: ctx})
+				p, err := stubFor(objs, NsflowObsKey{Netns: ns, Ifindex: testIfindex, Dir: uint8(c.dir)})
+				if err != nil {
+					return err
+				}
+				return tryRun(p, &ebpf.RunOptions{Data: c.frame, Context: ctx})
 			})
 			st := readMaps(t, objs)
 			ok := NsflowObsKey{Netns: netns, Ifindex: testIfindex, Dir: uint8(c.dir)}

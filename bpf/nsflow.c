@@ -5,12 +5,24 @@
  * nsflow TC programs: count every packet per observation point
  * (network namespace, interface, direction) and per flow.
  *
- * One object is loaded once and its two programs are attached to the ingress
- * and egress hooks of every interface of every observed namespace. Each packet
- * names its own namespace (skb->dev->nd_net.net->ns.inum), so an attachment
- * costs an attach, never a program load. The programs never change a verdict:
- * they always return TC_NEXT (TCX_NEXT == TC_ACT_UNSPEC == -1), so the next
- * program on the hook, or the kernel's default, decides.
+ * Two kinds of programs:
+ *
+ * - a stub per hook (interface x direction), nsflow_stub_ingress/egress: a
+ *   template of a few instructions whose totals slot is a constant that
+ *   user space patches in before each load (SLOT_TEMPLATE). Counting into a
+ *   per-CPU array at a constant index is the cheapest exact counter there
+ *   is: no hash, no key, no device or namespace lookup. Verifying such a
+ *   program takes microseconds, so an attachment costs an attach and a tiny
+ *   load, never a load of the parser.
+ * - the parser, loaded once and shared by every hook, nsflow_ingress/egress:
+ *   the stubs tail-call it (through account_progs) when it is needed: with
+ *   per-flow accounting, and for GSO sk_buffs at egress whose segments must
+ *   be counted. It learns the slot from the stub (handoff) and its flows'
+ *   namespace from the packet itself (skb->dev->nd_net.net->ns.inum).
+ *
+ * The programs never change a verdict: they always return TC_NEXT (TCX_NEXT
+ * == TC_ACT_UNSPEC == -1), so the next program on the hook, or the kernel's
+ * default, decides.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -37,7 +49,7 @@ enum direction {
 	DIR_TX = 1, /* egress hook: the namespace sends */
 };
 
-/* An observation point. */
+/* An observation point: what one slot of totals counts (points map). */
 struct obs_key {
 	__u32 netns;   /* inode of the network namespace */
 	__u32 ifindex; /* interface index inside that namespace */
@@ -76,7 +88,7 @@ struct flow_val {
 
 /* Per-CPU event counters, indexed by enum stat. */
 enum stat {
-	STAT_TOTALS_FULL = 0, /* a new observation point did not fit in totals */
+	STAT_TOTALS_FULL = 0, /* packets no slot of totals could take (the parser ran without a stub) */
 	STAT_FLOW_NEW = 1,    /* flows created (evictions = created - live - deleted) */
 	STAT_FLOW_ERR = 2,    /* a new flow could not be inserted */
 	STAT_NON_IP = 3,      /* frames that carry no IPv4/IPv6 (ARP, ...): totals only */
@@ -96,12 +108,43 @@ struct flow_event {
 volatile const __u8 flows_enabled = 1;
 volatile const __u8 events_enabled = 0;
 
+/* The stub's totals slot: an immediate that user space replaces in each
+ * copy of the stub before loading it (as Cilium templates its programs). */
+#define SLOT_TEMPLATE 0x5107a11d
+
+/* Exact totals, one slot per observation point, assigned by user space. */
 struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 65536);
-	__type(key, struct obs_key);
+	__type(key, __u32);
 	__type(value, struct counters);
 } totals SEC(".maps");
+
+/* What each slot of totals counts (obs_key; netns 0: free). Only user space
+ * reads and writes it; pinned, it survives the process with totals. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, struct obs_key);
+} points SEC(".maps");
+
+/* The parser programs, by direction, for the stubs' tail calls. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, __u32);
+} account_progs SEC(".maps");
+
+/* The slot + 1 a stub hands to the parser it tail-calls (0: none). Per CPU:
+ * nothing runs on this CPU between the stub's write and the parser's read. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} handoff SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_PERCPU_HASH);
@@ -135,23 +178,13 @@ static __always_inline void stat_inc(__u32 idx)
 		*v += 1;
 }
 
-static __always_inline void count_total(struct obs_key *key, __u32 packets, __u64 len)
+static __always_inline void count_total(__u32 slot, __u32 packets, __u64 len)
 {
-	struct counters *c = bpf_map_lookup_elem(&totals, key);
+	struct counters *c = bpf_map_lookup_elem(&totals, &slot);
 
 	if (!c) {
-		struct counters init = { .packets = packets, .bytes = len };
-		long err = bpf_map_update_elem(&totals, key, &init, BPF_NOEXIST);
-
-		if (!err)
-			return;
-		if (err != -17 /* EEXIST: another CPU inserted it first */) {
-			stat_inc(STAT_TOTALS_FULL);
-			return;
-		}
-		c = bpf_map_lookup_elem(&totals, key);
-		if (!c)
-			return;
+		stat_inc(STAT_TOTALS_FULL);
+		return;
 	}
 	/* Per-CPU value: no other CPU writes it, no atomics needed. */
 	c->packets += packets;
@@ -399,26 +432,39 @@ static __always_inline int parse(struct __sk_buff *ctx, struct net_device *dev, 
 	return STAT_NON_IP;
 }
 
+/* Takes the slot a stub handed over: slot + 1, or 0 when none did. */
+static __always_inline __u32 take_slot(void)
+{
+	__u32 zero = 0, slot;
+	__u32 *h = bpf_map_lookup_elem(&handoff, &zero);
+
+	if (!h)
+		return 0;
+	slot = *h;
+	*h = 0;
+	return slot;
+}
+
+/* The parser: totals with GSO segments, then the flow. */
 static __always_inline int account(struct __sk_buff *ctx, __u8 dir)
 {
 	struct sk_buff *skb = bpf_cast_to_kern_ctx(ctx);
 	struct net_device *dev = skb->dev;
+	__u32 slot = take_slot();
 	__u64 bytes = ctx->len;
 	__u32 packets;
 
 	if (!dev) {
+		if (slot)
+			count_total(slot - 1, 1, bytes);
+		else
+			stat_inc(STAT_TOTALS_FULL);
 		stat_inc(STAT_NO_DEV);
 		return TC_NEXT;
 	}
 
-	struct obs_key okey = {
-		.netns = dev->nd_net.net->ns.inum,
-		.ifindex = ctx->ifindex,
-		.dir = dir,
-	};
 	struct flow_key fkey = {
-		.netns = okey.netns,
-		.ifindex = okey.ifindex,
+		.ifindex = ctx->ifindex,
 		.dir = dir,
 	};
 	struct l4_info l4i = {};
@@ -431,10 +477,14 @@ static __always_inline int account(struct __sk_buff *ctx, __u8 dir)
 		if (res == 0 && l4i.hdr_len < bytes)
 			bytes += (packets - 1) * l4i.hdr_len;
 	}
-	count_total(&okey, packets, bytes);
+	if (slot)
+		count_total(slot - 1, packets, bytes);
+	else
+		stat_inc(STAT_TOTALS_FULL);
 
 	if (!flows_enabled)
 		return TC_NEXT;
+	fkey.netns = dev->nd_net.net->ns.inum;
 	if (res < 0)
 		res = parse(ctx, dev, &fkey, &l4i);
 	if (res) {
@@ -449,6 +499,52 @@ SEC("tc")
 int nsflow_ingress(struct __sk_buff *ctx)
 {
 	return account(ctx, DIR_RX);
+}
+
+/*
+ * The stub: counts the packet into its slot, or hands the slot to the parser
+ * when per-flow accounting is on or the packet is a GSO sk_buff at egress
+ * (whose segments the parser counts). If the tail call fails (no parser in
+ * account_progs), it counts the packet itself: totals never miss one.
+ */
+static __always_inline int stub(struct __sk_buff *ctx, __u32 dir)
+{
+	__u64 slot;
+
+	/* A 64-bit move of the template immediate, patched before load. */
+	asm volatile("%0 = %1" : "=r"(slot) : "i"(SLOT_TEMPLATE));
+	if (flows_enabled || (dir == DIR_TX && ctx->gso_segs > 1)) {
+		__u32 zero = 0;
+		__u32 *h = bpf_map_lookup_elem(&handoff, &zero);
+
+		if (h) {
+			*h = slot + 1;
+			bpf_tail_call(ctx, &account_progs, dir);
+			*h = 0;
+		}
+	}
+	__u32 key = slot;
+	struct counters *c = bpf_map_lookup_elem(&totals, &key);
+
+	if (c) {
+		c->packets += 1;
+		c->bytes += ctx->len;
+	} else {
+		stat_inc(STAT_TOTALS_FULL);
+	}
+	return TC_NEXT;
+}
+
+SEC("tc")
+int nsflow_stub_ingress(struct __sk_buff *ctx)
+{
+	return stub(ctx, DIR_RX);
+}
+
+SEC("tc")
+int nsflow_stub_egress(struct __sk_buff *ctx)
+{
+	return stub(ctx, DIR_TX);
 }
 
 SEC("tc")

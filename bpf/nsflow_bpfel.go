@@ -81,17 +81,22 @@ const (
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	NsflowMapFlowEvents      = "flow_events"
-	NsflowMapFlows           = "flows"
-	NsflowMapStats           = "stats"
-	NsflowMapTotals          = "totals"
-	NsflowProgNsflowEgress   = "nsflow_egress"
-	NsflowProgNsflowIngress  = "nsflow_ingress"
-	NsflowVarEventsEnabled   = "events_enabled"
-	NsflowVarFlowsEnabled    = "flows_enabled"
-	NsflowVarUnusedDirection = "unused_direction"
-	NsflowVarUnusedFlowEvent = "unused_flow_event"
-	NsflowVarUnusedStat      = "unused_stat"
+	NsflowMapAccountProgs       = "account_progs"
+	NsflowMapFlowEvents         = "flow_events"
+	NsflowMapFlows              = "flows"
+	NsflowMapHandoff            = "handoff"
+	NsflowMapPoints             = "points"
+	NsflowMapStats              = "stats"
+	NsflowMapTotals             = "totals"
+	NsflowProgNsflowEgress      = "nsflow_egress"
+	NsflowProgNsflowIngress     = "nsflow_ingress"
+	NsflowProgNsflowStubEgress  = "nsflow_stub_egress"
+	NsflowProgNsflowStubIngress = "nsflow_stub_ingress"
+	NsflowVarEventsEnabled      = "events_enabled"
+	NsflowVarFlowsEnabled       = "flows_enabled"
+	NsflowVarUnusedDirection    = "unused_direction"
+	NsflowVarUnusedFlowEvent    = "unused_flow_event"
+	NsflowVarUnusedStat         = "unused_stat"
 )
 
 // LoadNsflow returns the embedded CollectionSpec for Nsflow.
@@ -136,18 +141,23 @@ type NsflowSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type NsflowProgramSpecs struct {
-	NsflowEgress  *ebpf.ProgramSpec `ebpf:"nsflow_egress"`
-	NsflowIngress *ebpf.ProgramSpec `ebpf:"nsflow_ingress"`
+	NsflowEgress      *ebpf.ProgramSpec `ebpf:"nsflow_egress"`
+	NsflowIngress     *ebpf.ProgramSpec `ebpf:"nsflow_ingress"`
+	NsflowStubEgress  *ebpf.ProgramSpec `ebpf:"nsflow_stub_egress"`
+	NsflowStubIngress *ebpf.ProgramSpec `ebpf:"nsflow_stub_ingress"`
 }
 
 // NsflowMapSpecs contains maps before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type NsflowMapSpecs struct {
-	FlowEvents *ebpf.MapSpec `ebpf:"flow_events"`
-	Flows      *ebpf.MapSpec `ebpf:"flows"`
-	Stats      *ebpf.MapSpec `ebpf:"stats"`
-	Totals     *ebpf.MapSpec `ebpf:"totals"`
+	AccountProgs *ebpf.MapSpec `ebpf:"account_progs"`
+	FlowEvents   *ebpf.MapSpec `ebpf:"flow_events"`
+	Flows        *ebpf.MapSpec `ebpf:"flows"`
+	Handoff      *ebpf.MapSpec `ebpf:"handoff"`
+	Points       *ebpf.MapSpec `ebpf:"points"`
+	Stats        *ebpf.MapSpec `ebpf:"stats"`
+	Totals       *ebpf.MapSpec `ebpf:"totals"`
 }
 
 // NsflowVariableSpecs contains global variables before they are loaded into the kernel.
@@ -181,16 +191,22 @@ func (o *NsflowObjects) Close() error {
 //
 // It can be passed to LoadNsflowObjects or ebpf.CollectionSpec.LoadAndAssign.
 type NsflowMaps struct {
-	FlowEvents *ebpf.Map `ebpf:"flow_events"`
-	Flows      *ebpf.Map `ebpf:"flows"`
-	Stats      *ebpf.Map `ebpf:"stats"`
-	Totals     *ebpf.Map `ebpf:"totals"`
+	AccountProgs *ebpf.Map `ebpf:"account_progs"`
+	FlowEvents   *ebpf.Map `ebpf:"flow_events"`
+	Flows        *ebpf.Map `ebpf:"flows"`
+	Handoff      *ebpf.Map `ebpf:"handoff"`
+	Points       *ebpf.Map `ebpf:"points"`
+	Stats        *ebpf.Map `ebpf:"stats"`
+	Totals       *ebpf.Map `ebpf:"totals"`
 }
 
 func (m *NsflowMaps) Close() error {
 	return _NsflowClose(
+		m.AccountProgs,
 		m.FlowEvents,
 		m.Flows,
+		m.Handoff,
+		m.Points,
 		m.Stats,
 		m.Totals,
 	)
@@ -211,14 +227,18 @@ type NsflowVariables struct {
 //
 // It can be passed to LoadNsflowObjects or ebpf.CollectionSpec.LoadAndAssign.
 type NsflowPrograms struct {
-	NsflowEgress  *ebpf.Program `ebpf:"nsflow_egress"`
-	NsflowIngress *ebpf.Program `ebpf:"nsflow_ingress"`
+	NsflowEgress      *ebpf.Program `ebpf:"nsflow_egress"`
+	NsflowIngress     *ebpf.Program `ebpf:"nsflow_ingress"`
+	NsflowStubEgress  *ebpf.Program `ebpf:"nsflow_stub_egress"`
+	NsflowStubIngress *ebpf.Program `ebpf:"nsflow_stub_ingress"`
 }
 
 func (p *NsflowPrograms) Close() error {
 	return _NsflowClose(
 		p.NsflowEgress,
 		p.NsflowIngress,
+		p.NsflowStubEgress,
+		p.NsflowStubIngress,
 	)
 }
 

@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"sync"
 	"testing"
 	"time"
 
@@ -33,23 +34,67 @@ func netnsInode(t testing.TB, path string) uint32 {
 
 func selfNetns(t testing.TB) uint32 { return netnsInode(t, "/proc/self/ns/net") }
 
-// load loads fresh objects, closed when the test ends.
-func load(t testing.TB, opts Options) *NsflowObjects {
+// load loads fresh objects, closed (with the stubs loaded for them) when
+// the test ends.
+func load(t testing.TB, opts Options) *Objects {
 	t.Helper()
 	testenv.RequireRoot(t)
 	objs, err := Load(opts)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { objs.Close() })
+	t.Cleanup(func() {
+		stubs.Lock()
+		for _, p := range stubs.m[objs] {
+			p.Close()
+		}
+		delete(stubs.m, objs)
+		stubs.Unlock()
+		objs.Close()
+	})
 	return objs
 }
 
-func prog(objs *NsflowObjects, dir Direction) *ebpf.Program {
-	if dir == TX {
-		return objs.NsflowEgress
+// stubs are the stubs loaded for the tests' objects, by observation point:
+// one per point, as the collector holds one per hook.
+var stubs = struct {
+	sync.Mutex
+	m map[*Objects]map[NsflowObsKey]*ebpf.Program
+}{m: map[*Objects]map[NsflowObsKey]*ebpf.Program{}}
+
+// stubFor returns the stub that counts into key's slot, loading it the
+// first time. Safe on any goroutine.
+func stubFor(objs *Objects, key NsflowObsKey) (*ebpf.Program, error) {
+	stubs.Lock()
+	defer stubs.Unlock()
+	if p, ok := stubs.m[objs][key]; ok {
+		return p, nil
 	}
-	return objs.NsflowIngress
+	p, err := objs.Stub(key)
+	if err != nil {
+		return nil, err
+	}
+	if stubs.m[objs] == nil {
+		stubs.m[objs] = map[NsflowObsKey]*ebpf.Program{}
+	}
+	stubs.m[objs][key] = p
+	return p, nil
+}
+
+func stub(t testing.TB, objs *Objects, key NsflowObsKey) *ebpf.Program {
+	t.Helper()
+	p, err := stubFor(objs, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// prog is the stub of dir's hook on the device BPF_PROG_TEST_RUN uses by
+// default: lo (testIfindex) of the test's namespace.
+func prog(t testing.TB, objs *Objects, dir Direction) *ebpf.Program {
+	t.Helper()
+	return stub(t, objs, NsflowObsKey{Netns: selfNetns(t), Ifindex: testIfindex, Dir: uint8(dir)})
 }
 
 func dirName(dir Direction) string {
@@ -66,26 +111,41 @@ type mapState struct {
 	stats  [NsflowStatSTAT_MAX]uint64
 }
 
-func readMaps(t testing.TB, objs *NsflowObjects) mapState {
+// readMaps reads the kernel's maps themselves: totals by the observation
+// point the points map names for each slot (points with no packet left out).
+func readMaps(t testing.TB, objs *Objects) mapState {
 	t.Helper()
 	st := mapState{totals: map[NsflowObsKey]NsflowCounters{}, flows: map[NsflowFlowKey]NsflowFlowVal{}}
-	var ok NsflowObsKey
-	var cv []NsflowCounters
-	it := objs.Totals.Iterate()
-	for it.Next(&ok, &cv) {
+	slots := make([]uint32, objs.Points.MaxEntries())
+	points := make([]NsflowObsKey, objs.Points.MaxEntries())
+	var cursor ebpf.MapBatchCursor
+	n, err := objs.Points.BatchLookup(&cursor, slots, points, nil)
+	if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		t.Fatal(err)
+	}
+	for i, ok := range points[:n] {
+		if ok.Netns == 0 {
+			continue // a free slot
+		}
+		var cv []NsflowCounters
+		if err := objs.Totals.Lookup(slots[i], &cv); err != nil {
+			t.Fatal(err)
+		}
 		var sum NsflowCounters
 		for _, v := range cv {
 			sum.Packets += v.Packets
 			sum.Bytes += v.Bytes
 		}
-		st.totals[ok] = sum
-	}
-	if err := it.Err(); err != nil {
-		t.Fatal(err)
+		if _, dup := st.totals[ok]; dup {
+			t.Fatalf("point %+v has two slots", ok)
+		}
+		if sum != (NsflowCounters{}) {
+			st.totals[ok] = sum
+		}
 	}
 	var fk NsflowFlowKey
 	var fv []NsflowFlowVal
-	it = objs.Flows.Iterate()
+	it := objs.Flows.Iterate()
 	for it.Next(&fk, &fv) {
 		var sum NsflowFlowVal
 		for _, v := range fv {
@@ -115,28 +175,20 @@ func readMaps(t testing.TB, objs *NsflowObjects) mapState {
 	return st
 }
 
-// clearMaps empties totals and flows and zeroes the stats.
-func clearMaps(t testing.TB, objs *NsflowObjects) {
+// clearMaps zeroes every totals slot (the points keep their slots, as the
+// test's stubs keep counting into them), empties flows and zeroes the stats.
+func clearMaps(t testing.TB, objs *Objects) {
 	t.Helper()
-	var ok NsflowObsKey
-	var cv []NsflowCounters
-	var okeys []NsflowObsKey
-	it := objs.Totals.Iterate()
-	for it.Next(&ok, &cv) {
-		okeys = append(okeys, ok)
-	}
-	if err := it.Err(); err != nil {
-		t.Fatal(err)
-	}
-	for _, k := range okeys {
-		if err := objs.Totals.Delete(k); err != nil {
+	zeroes := make([]NsflowCounters, ebpf.MustPossibleCPU())
+	for _, slot := range objs.Slots() {
+		if err := objs.Totals.Put(slot, zeroes); err != nil {
 			t.Fatal(err)
 		}
 	}
 	var fk NsflowFlowKey
 	var fv []NsflowFlowVal
 	var fkeys []NsflowFlowKey
-	it = objs.Flows.Iterate()
+	it := objs.Flows.Iterate()
 	for it.Next(&fk, &fv) {
 		fkeys = append(fkeys, fk)
 	}
@@ -225,7 +277,7 @@ func TestFrames(t *testing.T) {
 		for _, dir := range []Direction{RX, TX} {
 			t.Run(row.name+"/"+dirName(dir), func(t *testing.T) {
 				clearMaps(t, objs)
-				p := prog(objs, dir)
+				p := prog(t, objs, dir)
 				before := coarseNow(t)
 				for range runs {
 					run(t, p, row.frame)
@@ -292,7 +344,7 @@ func TestKernelRefuses(t *testing.T) {
 			t.Fatalf("kernelRefuses(%x) = false", f)
 		}
 		for _, dir := range []Direction{RX, TX} {
-			if _, err := prog(objs, dir).Run(&ebpf.RunOptions{Data: f}); !errors.Is(err, unix.EINVAL) {
+			if _, err := prog(t, objs, dir).Run(&ebpf.RunOptions{Data: f}); !errors.Is(err, unix.EINVAL) {
 				t.Errorf("%s on a %d-byte frame: %v, want EINVAL", dirName(dir), len(f), err)
 			}
 		}
@@ -308,7 +360,7 @@ func TestKernelRefuses(t *testing.T) {
 		if kernelRefuses(f) {
 			t.Fatalf("kernelRefuses(%x) = true", f)
 		}
-		run(t, objs.NsflowIngress, f)
+		run(t, prog(t, objs, RX), f)
 	}
 	st = readMaps(t, objs)
 	ok := NsflowObsKey{Netns: selfNetns(t), Ifindex: testIfindex, Dir: uint8(RX)}
@@ -356,7 +408,10 @@ func TestLayout(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			objs := load(t, c.opts)
-			check(t, NsflowMapTotals, objs.Totals, shape{ebpf.PerCPUHash, 12, 16, 65536})
+			check(t, NsflowMapTotals, objs.Totals, shape{ebpf.PerCPUArray, 4, 16, 65536})
+			check(t, NsflowMapPoints, objs.Points, shape{ebpf.Array, 4, 12, 65536})
+			check(t, NsflowMapAccountProgs, objs.AccountProgs, shape{ebpf.ProgramArray, 4, 4, 2})
+			check(t, NsflowMapHandoff, objs.Handoff, shape{ebpf.PerCPUArray, 4, 4, 1})
 			check(t, NsflowMapFlows, objs.Flows, shape{ebpf.LRUCPUHash, 48, 40, c.entries})
 			check(t, NsflowMapStats, objs.Stats, shape{ebpf.PerCPUArray, 4, 8, uint32(NsflowStatSTAT_MAX)})
 			check(t, NsflowMapFlowEvents, objs.FlowEvents, shape{ebpf.RingBuf, 0, 0, 256 * 1024})
@@ -372,7 +427,7 @@ func TestNoFlows(t *testing.T) {
 	want := map[NsflowObsKey]NsflowCounters{}
 	for _, row := range frameRows(t) {
 		for _, dir := range []Direction{RX, TX} {
-			run(t, prog(objs, dir), row.frame)
+			run(t, prog(t, objs, dir), row.frame)
 			ok := NsflowObsKey{Netns: netns, Ifindex: testIfindex, Dir: uint8(dir)}
 			c := want[ok]
 			c.Packets++
@@ -401,7 +456,7 @@ func TestFlowMapFull(t *testing.T) {
 		u := udpDgram()
 		u.SrcPort = layers.UDPPort(10000 + i)
 		f := build(t, eth(layers.EthernetTypeIPv4), ipv4(layers.IPProtocolUDP), u)
-		run(t, objs.NsflowIngress, f)
+		run(t, prog(t, objs, RX), f)
 		nbytes += uint64(len(f))
 	}
 	st := readMaps(t, objs)
@@ -439,7 +494,7 @@ func TestFlowEvents(t *testing.T) {
 		frames = append(frames, f, f) // the second packet of a flow is no event
 	}
 	for _, f := range frames {
-		run(t, objs.NsflowIngress, f)
+		run(t, prog(t, objs, RX), f)
 	}
 	rd.SetDeadline(time.Now().Add(200 * time.Millisecond)) // the events are in the buffer before Read
 	var last uint64

@@ -50,14 +50,19 @@ type attachment interface {
 	release() error
 }
 
+// hookPrograms are the programs for the two hooks of one interface: its
+// stubs (bpf.Objects.Stub), which count into the interface's own slots. The
+// kernel holds them while they are attached: the caller closes its fds
+// after attach.
+type hookPrograms struct{ ingress, egress *ebpf.Program }
+
 // attacher attaches the two programs to one interface of a namespace.
 type attacher interface {
-	attach(ns netns.NsHandle, nl *netlink.Handle, inode uint64, ifindex int) (attachment, error)
+	attach(ns netns.NsHandle, nl *netlink.Handle, inode uint64, ifindex int, progs hookPrograms) (attachment, error)
 }
 
 type tcxAttacher struct {
-	ingress, egress *ebpf.Program
-	pins            *pinnedLinks // nil without --pin
+	pins *pinnedLinks // nil without --pin
 }
 
 type tcxAttachment struct {
@@ -69,7 +74,7 @@ type tcxAttachment struct {
 // (NSFLOW_FAULT_NO_TCX=1), to test the clsact fallback on kernels that have it.
 var faultNoTCX = os.Getenv("NSFLOW_FAULT_NO_TCX") == "1"
 
-func (a *tcxAttacher) attach(ns netns.NsHandle, _ *netlink.Handle, inode uint64, ifindex int) (attachment, error) {
+func (a *tcxAttacher) attach(ns netns.NsHandle, _ *netlink.Handle, inode uint64, ifindex int, progs hookPrograms) (attachment, error) {
 	if faultNoTCX {
 		return nil, fmt.Errorf("tcx (fault injected by NSFLOW_FAULT_NO_TCX): %w", ebpf.ErrNotSupported)
 	}
@@ -78,7 +83,7 @@ func (a *tcxAttacher) attach(ns netns.NsHandle, _ *netlink.Handle, inode uint64,
 		prog *ebpf.Program
 		typ  ebpf.AttachType
 		name string
-	}{{a.ingress, ebpf.AttachTCXIngress, "ingress"}, {a.egress, ebpf.AttachTCXEgress, "egress"}}
+	}{{progs.ingress, ebpf.AttachTCXIngress, "ingress"}, {progs.egress, ebpf.AttachTCXEgress, "egress"}}
 	// ifindex is relative to the calling thread's namespace: attach from inside.
 	err := inNetns(ns, func() error {
 		for _, h := range hooks {
@@ -139,8 +144,7 @@ func (a *tcxAttachment) release() error {
 }
 
 type clsactAttacher struct {
-	ingress, egress *ebpf.Program
-	keep            bool // --pin: filters stay on exit, for the next process
+	keep bool // --pin: filters stay on exit, for the next process
 }
 
 type clsactAttachment struct {
@@ -162,7 +166,7 @@ func clsactQdisc(ifindex int) *netlink.GenericQdisc {
 	}
 }
 
-func (a *clsactAttacher) attach(_ netns.NsHandle, nl *netlink.Handle, _ uint64, ifindex int) (attachment, error) {
+func (a *clsactAttacher) attach(_ netns.NsHandle, nl *netlink.Handle, _ uint64, ifindex int, progs hookPrograms) (attachment, error) {
 	att := &clsactAttachment{nl: nl, ifindex: ifindex, keep: a.keep}
 	// Another tool's clsact qdisc is shared, never replaced or removed.
 	switch err := nl.QdiscAdd(clsactQdisc(ifindex)); {
@@ -176,7 +180,7 @@ func (a *clsactAttacher) attach(_ netns.NsHandle, nl *netlink.Handle, _ uint64, 
 		prog   *ebpf.Program
 		parent uint32
 		name   string
-	}{{a.ingress, netlink.HANDLE_MIN_INGRESS, "ingress"}, {a.egress, netlink.HANDLE_MIN_EGRESS, "egress"}} {
+	}{{progs.ingress, netlink.HANDLE_MIN_INGRESS, "ingress"}, {progs.egress, netlink.HANDLE_MIN_EGRESS, "egress"}} {
 		f := &netlink.BpfFilter{
 			FilterAttrs: netlink.FilterAttrs{
 				LinkIndex: ifindex,

@@ -52,7 +52,7 @@ const (
 // Collector owns the loaded BPF objects and everything attached with them.
 // It is safe for concurrent use.
 type Collector struct {
-	objs *bpf.NsflowObjects
+	objs *bpf.Objects
 	log  *slog.Logger
 	cfg  Config
 
@@ -69,6 +69,10 @@ type Collector struct {
 	lastFlows    int          // flows in the last snapshot: the next one's capacity
 	pods         map[uint64]PodInfo
 	onAdd        func()
+	// orphans are observation points a previous process left counted
+	// (pinned) that no observed interface claimed, since when: Prune
+	// forgets them like the points of a removed interface.
+	orphans map[bpf.NsflowObsKey]time.Time
 }
 
 // PodInfo is the Kubernetes pod a network namespace belongs to, as the
@@ -109,12 +113,13 @@ type namespace struct {
 }
 
 type iface struct {
-	index int
-	name  string
-	state AttachState
-	err   error
-	att   attachment
-	gone  time.Time // when the interface was deleted; zero while it exists
+	index   int
+	name    string
+	state   AttachState
+	err     error
+	att     attachment
+	progIDs []ebpf.ProgramID // of its stubs, while attached
+	gone    time.Time        // when the interface was deleted; zero while it exists
 }
 
 // New loads the BPF programs and maps; nothing is attached yet.
@@ -158,6 +163,7 @@ func New(cfg Config) (*Collector, error) {
 		pins:         pins,
 		namespaces:   map[uint64]*namespace{},
 		attachErrors: map[string]uint64{},
+		orphans:      map[bpf.NsflowObsKey]time.Time{},
 	}
 	c.setMode(cfg.Mode)
 	return c, nil
@@ -166,19 +172,40 @@ func New(cfg Config) (*Collector, error) {
 func (c *Collector) setMode(m Mode) {
 	c.mode = m
 	if m == ModeClsact {
-		c.att = &clsactAttacher{ingress: c.objs.NsflowIngress, egress: c.objs.NsflowEgress, keep: c.pins != nil}
+		c.att = &clsactAttacher{keep: c.pins != nil}
 	} else {
-		c.att = &tcxAttacher{ingress: c.objs.NsflowIngress, egress: c.objs.NsflowEgress, pins: c.pins}
+		c.att = &tcxAttacher{pins: c.pins}
 	}
 }
 
 // DropStalePins releases the pinned links of a previous process that no
-// observed interface claimed (their namespace or interface is gone). Call
-// it once discovery has observed everything.
+// observed interface claimed (their namespace or interface is gone), and
+// marks the observation points they counted as gone: Prune forgets them
+// after the grace period, like those of an interface removed while this
+// process runs. Call it once discovery has observed everything.
 func (c *Collector) DropStalePins() int {
 	n := c.pins.dropPending()
 	if n > 0 {
 		c.log.Info("released stale pinned links", "links", n)
+	}
+	now := time.Now()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	orphans := 0
+	for k := range c.objs.Slots() {
+		ns := c.namespaces[uint64(k.Netns)]
+		if ns != nil && ns.gone.IsZero() {
+			if i := ns.ifaces[int(k.Ifindex)]; i != nil && i.gone.IsZero() {
+				continue
+			}
+		}
+		if _, ok := c.orphans[k]; !ok {
+			c.orphans[k] = now
+			orphans++
+		}
+	}
+	if orphans > 0 {
+		c.log.Info("counters of a previous process for interfaces that are gone: kept for the grace period", "points", orphans)
 	}
 	return n
 }
@@ -388,15 +415,22 @@ func (c *Collector) attachLocked(ns *namespace, index int, name string) error {
 		i.name = name
 		return nil
 	}
-	att, err := c.att.attach(ns.handle, ns.nl, ns.inode, index)
-	if err != nil && c.mode == ModeAuto && errors.Is(err, ebpf.ErrNotSupported) {
-		c.log.Info("kernel without TCX: falling back to clsact + cls_bpf")
-		c.setMode(ModeClsact)
-		att, err = c.att.attach(ns.handle, ns.nl, ns.inode, index)
+	progs, ids, err := c.stubsLocked(ns.inode, index)
+	var att attachment
+	if err == nil {
+		att, err = c.att.attach(ns.handle, ns.nl, ns.inode, index, progs)
+		if err != nil && c.mode == ModeAuto && errors.Is(err, ebpf.ErrNotSupported) {
+			c.log.Info("kernel without TCX: falling back to clsact + cls_bpf")
+			c.setMode(ModeClsact)
+			att, err = c.att.attach(ns.handle, ns.nl, ns.inode, index, progs)
+		}
+		// Attached, the kernel holds the stubs; this process needs no fd.
+		progs.ingress.Close()
+		progs.egress.Close()
 	}
-	i := &iface{index: index, name: name, state: StateAttached, att: att}
+	i := &iface{index: index, name: name, state: StateAttached, att: att, progIDs: ids}
 	if err != nil {
-		i.state, i.err, i.att = StateFailed, err, nil
+		i.state, i.err, i.att, i.progIDs = StateFailed, err, nil, nil
 		c.attachErrors[errorReason(err)]++
 		ns.ifaces[index] = i
 		return fmt.Errorf("attach to %s in netns %s: %w", name, ns.name, err)
@@ -404,6 +438,31 @@ func (c *Collector) attachLocked(ns *namespace, index int, name string) error {
 	ns.ifaces[index] = i
 	c.log.Debug("attached", "netns", ns.name, "interface", name, "ifindex", index)
 	return nil
+}
+
+// stubsLocked loads the stubs for the two hooks of one interface, each
+// counting into its own observation point's slot of totals.
+func (c *Collector) stubsLocked(inode uint64, index int) (hookPrograms, []ebpf.ProgramID, error) {
+	var progs [2]*ebpf.Program
+	var ids []ebpf.ProgramID
+	for _, dir := range []bpf.Direction{bpf.RX, bpf.TX} {
+		key := bpf.NsflowObsKey{Netns: uint32(inode), Ifindex: uint32(index), Dir: uint8(dir)}
+		p, err := c.objs.Stub(key)
+		if err != nil {
+			if progs[bpf.RX] != nil {
+				progs[bpf.RX].Close()
+			}
+			return hookPrograms{}, nil, err
+		}
+		delete(c.orphans, key) // claimed again
+		progs[dir] = p
+		if info, err := p.Info(); err == nil {
+			if id, ok := info.ID(); ok {
+				ids = append(ids, id)
+			}
+		}
+	}
+	return hookPrograms{ingress: progs[bpf.RX], egress: progs[bpf.TX]}, ids, nil
 }
 
 func (c *Collector) detachLocked(ns *namespace, index int, why string) {
@@ -417,6 +476,7 @@ func (c *Collector) detachLocked(ns *namespace, index int, why string) {
 		}
 		i.att = nil
 	}
+	i.progIDs = nil
 	if i.state == StateAttached {
 		i.state = StateDetached
 	}
@@ -463,7 +523,14 @@ func (c *Collector) Prune(before time.Time) error {
 	type ifKey struct{ netns, ifindex uint32 }
 	nsGone := map[uint32]bool{}
 	ifGone := map[ifKey]bool{}
+	orphans := map[bpf.NsflowObsKey]bool{}
 	c.mu.Lock()
+	for k, since := range c.orphans {
+		if since.Before(before) {
+			orphans[k] = true
+			delete(c.orphans, k)
+		}
+	}
 	for ino, ns := range c.namespaces {
 		if !ns.gone.IsZero() && ns.gone.Before(before) {
 			nsGone[uint32(ino)] = true
@@ -478,35 +545,27 @@ func (c *Collector) Prune(before time.Time) error {
 		}
 	}
 	c.mu.Unlock()
-	if len(nsGone) == 0 && len(ifGone) == 0 {
+	if len(nsGone) == 0 && len(ifGone) == 0 && len(orphans) == 0 {
 		return nil
 	}
-	return c.forget(func(netns, ifindex uint32) bool { return nsGone[netns] || ifGone[ifKey{netns, ifindex}] })
+	err := c.forget(func(netns, ifindex uint32) bool { return nsGone[netns] || ifGone[ifKey{netns, ifindex}] })
+	if len(orphans) > 0 {
+		_, oerr := c.objs.ReleasePoints(func(k bpf.NsflowObsKey) bool { return orphans[k] })
+		err = errors.Join(err, oerr)
+	}
+	return err
 }
 
 // forget deletes the counters and flows of the matching observation points
 // from the maps.
 func (c *Collector) forget(match func(netns, ifindex uint32) bool) error {
 	var errs []error
-	var ok bpf.NsflowObsKey
-	var okeys []bpf.NsflowObsKey
-	var cv []bpf.NsflowCounters
-	it := c.objs.Totals.Iterate()
-	for it.Next(&ok, &cv) {
-		if match(ok.Netns, ok.Ifindex) {
-			okeys = append(okeys, ok)
-		}
-	}
-	errs = append(errs, it.Err())
-	for _, k := range okeys {
-		if err := c.objs.Totals.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			errs = append(errs, err)
-		}
-	}
+	_, err := c.objs.ReleasePoints(func(k bpf.NsflowObsKey) bool { return match(k.Netns, k.Ifindex) })
+	errs = append(errs, err)
 	var fk bpf.NsflowFlowKey
 	var fkeys []bpf.NsflowFlowKey
 	var fv []bpf.NsflowFlowVal
-	it = c.objs.Flows.Iterate()
+	it := c.objs.Flows.Iterate()
 	for it.Next(&fk, &fv) {
 		if match(fk.Netns, fk.Ifindex) {
 			fkeys = append(fkeys, fk)
@@ -598,8 +657,9 @@ type InterfaceInfo struct {
 	Error string      `json:"error,omitempty"`
 }
 
-// ProgramIDs returns the kernel IDs of the loaded programs (ingress, egress),
-// e.g. to check with the kernel that they are gone after Close.
+// ProgramIDs returns the kernel IDs of the loaded programs: the parsers
+// (ingress, egress) and the stubs attached now, e.g. to check with the
+// kernel that they are gone after Close.
 func (c *Collector) ProgramIDs() []ebpf.ProgramID {
 	var ids []ebpf.ProgramID
 	for _, p := range []*ebpf.Program{c.objs.NsflowIngress, c.objs.NsflowEgress} {
@@ -609,13 +669,14 @@ func (c *Collector) ProgramIDs() []ebpf.ProgramID {
 			}
 		}
 	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, ns := range c.namespaces {
+		for _, i := range ns.ifaces {
+			ids = append(ids, i.progIDs...)
+		}
+	}
 	return ids
-}
-
-// Programs returns the loaded programs (ingress, egress), e.g. to read
-// their run-time statistics in benchmarks.
-func (c *Collector) Programs() []*ebpf.Program {
-	return []*ebpf.Program{c.objs.NsflowIngress, c.objs.NsflowEgress}
 }
 
 // Healthy reports whether the BPF objects are loaded and the maps answer.

@@ -5,11 +5,13 @@ import (
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
+
+	"github.com/nsflow/nsflow/bpf"
 )
 
 // AttachErrorReasons are the values of the attach-errors metric's reason
 // label: a small, fixed set, so that every series exists from the start.
-var AttachErrorReasons = []string{"not_supported", "permission", "gone", "exists", "other"}
+var AttachErrorReasons = []string{"not_supported", "permission", "gone", "exists", "totals_full", "other"}
 
 // errorReason classifies an attach error into one of AttachErrorReasons.
 func errorReason(err error) string {
@@ -22,6 +24,8 @@ func errorReason(err error) string {
 		return "gone"
 	case errors.Is(err, unix.EEXIST):
 		return "exists"
+	case errors.Is(err, bpf.ErrTotalsFull):
+		return "totals_full"
 	}
 	return "other"
 }

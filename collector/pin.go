@@ -17,7 +17,7 @@ import (
 // PinLayout names the layout of the pinned state (maps and links). A
 // version whose map keys or values change bumps it; pinned state of another
 // layout is removed at start, with a log line, never misread.
-const PinLayout = "v1"
+const PinLayout = "v2"
 
 // DefaultPinPath is where --pin keeps nsflow's state on the bpffs.
 const DefaultPinPath = "/sys/fs/bpf/nsflow"

@@ -94,8 +94,8 @@ type Stats struct {
 	FlowsCreated     uint64 `json:"flows_created"`
 	FlowsEvicted     uint64 `json:"flows_evicted"`
 	FlowInsertErrors uint64 `json:"flow_insert_errors"`
-	// TotalsFull counts packets of observation points that found the
-	// totals map full (none in normal operation).
+	// TotalsFull counts packets the programs could not count into a slot
+	// of the totals (none in normal operation: every hook has its slot).
 	TotalsFull uint64 `json:"totals_full"`
 	NonIP      uint64 `json:"non_ip_packets"`
 	Truncated  uint64 `json:"truncated_packets"`
@@ -139,7 +139,7 @@ func (c *Collector) snapshot(withFlows bool) (*Snapshot, error) {
 	snap := &Snapshot{Time: time.Now()}
 	var errs []error
 
-	err := readPerCPU(c.objs.Totals, func(ok *bpf.NsflowObsKey, cv []bpf.NsflowCounters) {
+	err := c.objs.ReadTotals(func(ok bpf.NsflowObsKey, cv []bpf.NsflowCounters) {
 		k := ifaceKey{uint64(ok.Netns), int(ok.Ifindex)}
 		is := ifaces[k]
 		if is == nil {

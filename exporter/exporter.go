@@ -75,7 +75,7 @@ func New(c Source, cfg Config) *Exporter {
 		flowsEvicted:      d("flows_evicted_total", "Flows evicted from the full flow map (their packets stay in the exact totals)."),
 		flowInsertErrors:  d("flow_insert_errors_total", "New flows that could not be recorded in the flow map."),
 		unparsed:          d("unparsed_packets_total", "Packets counted in the totals but in no flow, by reason (non_ip, truncated, no_device).", "reason"),
-		totalsFull:        d("totals_map_full_total", "Packets of observation points that found the totals map full (not counted)."),
+		totalsFull:        d("totals_map_full_total", "Packets the programs could not count into a slot of the exact totals (none in normal operation)."),
 		attachMode:        d("attach_mode_info", "The attach mechanism in use (tcx or clsact).", "mode"),
 		flowSeriesDropped: d("flow_series_dropped_total", "Flow series left out of scrapes by --flows.max-series."),
 		scrapeErrs:        d("scrape_errors_total", "Scrapes that could not read the BPF maps completely."),
