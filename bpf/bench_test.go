@@ -56,3 +56,17 @@ func BenchmarkProgram(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkStubLoad measures what observing one hook costs besides its
+// attach: loading its stub (a copy of the template with its slot).
+func BenchmarkStubLoad(b *testing.B) {
+	objs := load(b, Options{})
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		p, err := objs.Stub(NsflowObsKey{Netns: 1, Ifindex: uint32(i % 1000), Dir: uint8(i % 2)})
+		if err != nil {
+			b.Fatal(err)
+		}
+		p.Close()
+	}
+}

@@ -25,10 +25,17 @@ const (
 // DefaultFlowEntries is the default capacity of the flow map.
 const DefaultFlowEntries = 65536
 
+// DefaultMaxPoints is the default capacity of the totals: 65,536 hooks, two
+// per interface.
+const DefaultMaxPoints = 65536
+
 // Options configure the objects before they are loaded.
 type Options struct {
 	// FlowEntries is the flow map's capacity; 0 means DefaultFlowEntries.
 	FlowEntries uint32
+	// MaxPoints is how many observation points (hooks) the totals can
+	// count; 0 means DefaultMaxPoints.
+	MaxPoints uint32
 	// NoFlows disables per-flow accounting: only the exact totals are kept.
 	NoFlows bool
 	// Events streams every new flow through the flow_events ring buffer;
@@ -85,6 +92,11 @@ func Load(opts Options) (*Objects, error) {
 		opts.FlowEntries = DefaultFlowEntries
 	}
 	spec.Maps[NsflowMapFlows].MaxEntries = opts.FlowEntries
+	if opts.MaxPoints == 0 {
+		opts.MaxPoints = DefaultMaxPoints
+	}
+	spec.Maps[NsflowMapTotals].MaxEntries = opts.MaxPoints
+	spec.Maps[NsflowMapPoints].MaxEntries = opts.MaxPoints
 	if opts.NoFlows {
 		if err := spec.Variables[NsflowVarFlowsEnabled].Set(uint8(0)); err != nil {
 			return nil, fmt.Errorf("set %s: %w", NsflowVarFlowsEnabled, err)

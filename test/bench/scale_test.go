@@ -72,9 +72,28 @@ func procStat(b *testing.B, pid int) (cpu time.Duration, rss int64) {
 	return time.Duration(ut+st) * (time.Second / 100), pages * int64(os.Getpagesize())
 }
 
-// kernelMemory adds up the memlock of the BPF maps and programs a process
-// holds (from /proc/PID/fdinfo).
+// kernelMemory adds up the memlock of the BPF maps a process holds (from
+// /proc/PID/fdinfo) and of nsflow's programs in the kernel: the process
+// closes its fds of the per-hook stubs once they are attached, so those are
+// found through the kernel's list of programs, by name.
 func kernelMemory(b *testing.B, pid int) (maps, progs int64) {
+	for id := ebpf.ProgramID(0); ; {
+		next, err := ebpf.ProgramGetNextID(id)
+		if err != nil {
+			break
+		}
+		id = next
+		p, err := ebpf.NewProgramFromID(id)
+		if err != nil {
+			continue
+		}
+		if info, err := p.Info(); err == nil && strings.HasPrefix(info.Name, "nsflow_") {
+			if n, ok := info.Memlock(); ok {
+				progs += int64(n)
+			}
+		}
+		p.Close()
+	}
 	dir := fmt.Sprintf("/proc/%d/fd", pid)
 	ents, _ := os.ReadDir(dir)
 	for _, e := range ents {
@@ -92,8 +111,6 @@ func kernelMemory(b *testing.B, pid int) (maps, progs int64) {
 				n, _ := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
 				if target == "anon_inode:bpf-map" {
 					maps += n
-				} else {
-					progs += n
 				}
 			}
 		}
@@ -154,6 +171,8 @@ func BenchmarkScale(b *testing.B) {
 				b.Cleanup(func() { podns.Delete(podns.Config{}, name) })
 			}
 			b.Logf("created %d pods in %s", n, time.Since(t0).Round(time.Millisecond))
+			exp, _ := os.ReadFile("/sys/kernel/rcu_expedited") // a TCX attach waits for an RCU grace period
+			b.Logf("rcu_expedited=%s", strings.TrimSpace(string(exp)))
 
 			port := freePort(b)
 			url := fmt.Sprintf("http://127.0.0.1:%d", port)

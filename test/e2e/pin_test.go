@@ -84,15 +84,39 @@ func TestServePinRestart(t *testing.T) {
 	}
 	srv.stop(t)
 
-	// The pod goes while no serve runs: the next serve releases its pins.
+	// The pod goes while no serve runs: the next serve releases its pins,
+	// exports its last counts (under its inode: its name is gone with it)
+	// for the grace period, then forgets them and frees their slots.
+	inoA := inodeOf(t, a)
 	if _, err := podns.Delete(podns.Config{}, a.Name); err != nil {
 		t.Fatal(err)
 	}
-	srv = startServe(t, "http", args...)
+	srv = startServe(t, "http", append(args, "--netns.grace-period=2s")...)
 	waitUntil(t, 10*time.Second, "stale pins released", func() bool {
 		ents, _ := os.ReadDir(filepath.Join(pin, collector.PinLayout, "links"))
 		return len(ents) == 0
 	})
+	orphan := pointSeries("nsflow_packets_total", fmt.Sprintf("netns:%d", inoA), "if1", "tx")
+	if s, body := srv.scrape(t); s[orphan] < float64(k1[lo].Packets) {
+		t.Errorf("the gone pod's last counts are not exported as %s (want >= %d):\n%s", orphan, k1[lo].Packets, body)
+	}
+	waitUntil(t, 15*time.Second, "the gone pod's series forgotten after the grace period", func() bool {
+		s, _ := srv.scrape(t)
+		_, ok := s[orphan]
+		return !ok
+	})
+	points, err := ebpf.LoadPinnedMap(filepath.Join(pin, collector.PinLayout, "points"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer points.Close()
+	var slot uint32
+	var key [12]byte
+	for it := points.Iterate(); it.Next(&slot, &key); {
+		if key != ([12]byte{}) {
+			t.Errorf("slot %d still assigned (%x) after every point was forgotten", slot, key)
+		}
+	}
 	srv.stop(t)
 }
 

@@ -1,0 +1,202 @@
+package bpf
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"testing"
+
+	"github.com/cilium/ebpf"
+	"github.com/gopacket/gopacket/layers"
+
+	"github.com/nsflow/nsflow/test/testenv"
+)
+
+// totalsOf reads key's counters through ReadTotals, as the collector does.
+func totalsOf(t *testing.T, objs *Objects) map[NsflowObsKey]NsflowCounters {
+	t.Helper()
+	out := map[NsflowObsKey]NsflowCounters{}
+	err := objs.ReadTotals(func(k NsflowObsKey, cv []NsflowCounters) {
+		var sum NsflowCounters
+		for _, v := range cv {
+			sum.Packets += v.Packets
+			sum.Bytes += v.Bytes
+		}
+		out[k] = sum
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// Each observation point gets its own slot, the lowest free one; a released
+// slot comes back zeroed, with its points entry cleared, and is the next one
+// handed out; a point that asks again keeps its slot; a full table is a
+// clear error, and the stubs of two points never count into each other.
+func TestSlots(t *testing.T) {
+	objs := load(t, Options{MaxPoints: 3})
+	udp := build(t, eth(layers.EthernetTypeIPv4), ipv4(layers.IPProtocolUDP), udpDgram(), payload(8))
+	a := NsflowObsKey{Netns: 1001, Ifindex: 1, Dir: uint8(RX)}
+	b := NsflowObsKey{Netns: 1001, Ifindex: 1, Dir: uint8(TX)}
+	c := NsflowObsKey{Netns: 1002, Ifindex: 2, Dir: uint8(RX)}
+	d := NsflowObsKey{Netns: 1003, Ifindex: 3, Dir: uint8(TX)}
+
+	pa, pb := stub(t, objs, a), stub(t, objs, b)
+	run(t, pa, udp)
+	run(t, pa, udp)
+	run(t, pb, udp)
+	slots := objs.Slots()
+	if slots[a] != 0 || slots[b] != 1 || len(slots) != 2 {
+		t.Errorf("slots %v, want a:0 b:1", slots)
+	}
+	n := uint64(len(udp))
+	want := map[NsflowObsKey]NsflowCounters{a: {Packets: 2, Bytes: 2 * n}, b: {Packets: 1, Bytes: n}}
+	if got := totalsOf(t, objs); !equalMaps(got, want) {
+		t.Errorf("totals %v, want %v", got, want)
+	}
+
+	// a goes: its counters and its points entry are cleared.
+	if n, err := objs.ReleasePoints(func(k NsflowObsKey) bool { return k == a }); n != 1 || err != nil {
+		t.Fatalf("release a: %d, %v", n, err)
+	}
+	var cv []NsflowCounters
+	if err := objs.Totals.Lookup(uint32(0), &cv); err != nil {
+		t.Fatal(err)
+	}
+	for cpu, v := range cv {
+		if v != (NsflowCounters{}) {
+			t.Errorf("released slot 0 still holds %+v on CPU %d", v, cpu)
+		}
+	}
+	var pk NsflowObsKey
+	if err := objs.Points.Lookup(uint32(0), &pk); err != nil || pk != (NsflowObsKey{}) {
+		t.Errorf("points[0] = %+v (%v), want cleared", pk, err)
+	}
+
+	// c takes slot 0 and starts from zero; b is untouched.
+	pc := stub(t, objs, c)
+	if s := objs.Slots()[c]; s != 0 {
+		t.Errorf("c got slot %d, want the freed 0", s)
+	}
+	run(t, pc, udp)
+	want = map[NsflowObsKey]NsflowCounters{b: {Packets: 1, Bytes: n}, c: {Packets: 1, Bytes: n}}
+	if got := totalsOf(t, objs); !equalMaps(got, want) {
+		t.Errorf("totals %v, want %v", got, want)
+	}
+	if got := readMaps(t, objs).totals; !equalMaps(got, want) {
+		t.Errorf("kernel's maps %v, want %v", got, want)
+	}
+
+	// b again: the same slot, its counts continue.
+	pb2, err := objs.Stub(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pb2.Close()
+	run(t, pb2, udp)
+	if got := totalsOf(t, objs)[b]; got != (NsflowCounters{Packets: 2, Bytes: 2 * n}) || objs.Slots()[b] != 1 {
+		t.Errorf("b after a second stub: %+v in slot %d, want 2 packets in slot 1", got, objs.Slots()[b])
+	}
+
+	stub(t, objs, d) // the third and last slot
+	if _, err := objs.Stub(NsflowObsKey{Netns: 1004, Ifindex: 4}); !errors.Is(err, ErrTotalsFull) {
+		t.Errorf("a fourth point: %v, want ErrTotalsFull", err)
+	}
+	if _, err := objs.Stub(NsflowObsKey{Ifindex: 4}); err == nil {
+		t.Error("a point without a namespace was given a slot")
+	}
+}
+
+// With pinned maps, the next Load knows every slot a previous one assigned,
+// with its counts, and hands new points other slots.
+func TestSlotsPinned(t *testing.T) {
+	testenv.RequireRoot(t)
+	dir := fmt.Sprintf("/sys/fs/bpf/nsflow-test-slots-%d", os.Getpid())
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Skipf("no bpffs: %v", err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	udp := build(t, eth(layers.EthernetTypeIPv4), ipv4(layers.IPProtocolUDP), udpDgram(), payload(8))
+	a := NsflowObsKey{Netns: 2001, Ifindex: 1, Dir: uint8(RX)}
+	b := NsflowObsKey{Netns: 2002, Ifindex: 7, Dir: uint8(TX)}
+
+	first, err := Load(Options{PinPath: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range []NsflowObsKey{a, b} {
+		p, err := first.Stub(k)
+		if err != nil {
+			t.Fatal(err)
+		}
+		run(t, p, udp)
+		p.Close()
+	}
+	first.ReleasePoints(func(k NsflowObsKey) bool { return k == a })
+	first.Close()
+
+	second, err := Load(Options{PinPath: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer second.Close()
+	if got := second.Slots(); len(got) != 1 || got[b] != 1 {
+		t.Errorf("slots after reload %v, want only b in slot 1", got)
+	}
+	if got := totalsOf(t, second); !equalMaps(got, map[NsflowObsKey]NsflowCounters{b: {Packets: 1, Bytes: uint64(len(udp))}}) {
+		t.Errorf("totals after reload %v, want b's packet", got)
+	}
+	c := NsflowObsKey{Netns: 2003, Ifindex: 1, Dir: uint8(RX)}
+	p, err := second.Stub(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.Close()
+	if s := second.Slots()[c]; s != 0 {
+		t.Errorf("new point got slot %d, want the free 0", s)
+	}
+	// The pinned parsers are this Load's: the stubs of the first, still
+	// attached in a real restart, tail-call them.
+	var id ebpf.ProgramID
+	if err := second.AccountProgs.Lookup(uint32(RX), &id); err != nil {
+		t.Fatal(err)
+	}
+	info, _ := second.NsflowIngress.Info()
+	if want, _ := info.ID(); id != want {
+		t.Errorf("account_progs[RX] = program %d, want this load's parser %d", id, want)
+	}
+}
+
+// The stub counts the packet itself when the parser is missing from
+// account_progs (the tail call fails): totals never miss a packet. The
+// parser run without a stub has no slot: it counts the packet as one the
+// totals could not take (STAT_TOTALS_FULL) and still records the flow.
+func TestStubAndParserAlone(t *testing.T) {
+	objs := load(t, Options{})
+	udp := build(t, eth(layers.EthernetTypeIPv4), ipv4(layers.IPProtocolUDP), udpDgram(), payload(8))
+	key := NsflowObsKey{Netns: selfNetns(t), Ifindex: testIfindex, Dir: uint8(RX)}
+	n := uint64(len(udp))
+
+	if err := objs.AccountProgs.Delete(uint32(RX)); err != nil {
+		t.Fatal(err)
+	}
+	run(t, prog(t, objs, RX), udp)
+	st := readMaps(t, objs)
+	if want := map[NsflowObsKey]NsflowCounters{key: {Packets: 1, Bytes: n}}; !equalMaps(st.totals, want) {
+		t.Errorf("without the parser: totals %v, want %v", st.totals, want)
+	}
+	if len(st.flows) != 0 || st.stats != [NsflowStatSTAT_MAX]uint64{} {
+		t.Errorf("without the parser: flows %v, stats %v; want none", st.flows, st.stats)
+	}
+
+	clearMaps(t, objs)
+	run(t, objs.NsflowIngress, udp)
+	st = readMaps(t, objs)
+	if len(st.totals) != 0 || len(st.flows) != 1 {
+		t.Errorf("parser alone: totals %v, %d flows; want none, 1", st.totals, len(st.flows))
+	}
+	if want := [NsflowStatSTAT_MAX]uint64{NsflowStatSTAT_TOTALS_FULL: 1, NsflowStatSTAT_FLOW_NEW: 1}; st.stats != want {
+		t.Errorf("parser alone: stats %v, want %v", st.stats, want)
+	}
+}
