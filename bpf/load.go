@@ -3,10 +3,8 @@ package bpf
 import (
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
-	"reflect"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
@@ -58,17 +56,13 @@ type Options struct {
 var PinnedMaps = []string{NsflowMapTotals, NsflowMapPoints, NsflowMapFlows, NsflowMapStats,
 	NsflowMapAccountProgs, NsflowMapHandoff}
 
-// objects are the loaded programs and maps shared by every hook.
+// objects are the loaded programs and maps shared by every hook: every map,
+// the parsers (not the stubs: they are loaded per hook, by Stub) and the
+// .rodata the stubs read their configuration from.
 type objects struct {
+	NsflowMaps
 	NsflowIngress *ebpf.Program `ebpf:"nsflow_ingress"`
 	NsflowEgress  *ebpf.Program `ebpf:"nsflow_egress"`
-	Totals        *ebpf.Map     `ebpf:"totals"`
-	Points        *ebpf.Map     `ebpf:"points"`
-	Flows         *ebpf.Map     `ebpf:"flows"`
-	FlowEvents    *ebpf.Map     `ebpf:"flow_events"`
-	Stats         *ebpf.Map     `ebpf:"stats"`
-	AccountProgs  *ebpf.Map     `ebpf:"account_progs"`
-	Handoff       *ebpf.Map     `ebpf:"handoff"`
 	Rodata        *ebpf.Map     `ebpf:".rodata"`
 }
 
@@ -224,12 +218,6 @@ func (o *Objects) Stub(key NsflowObsKey) (*ebpf.Program, error) {
 
 // Close releases the objects (pinned maps stay pinned).
 func (o *Objects) Close() error {
-	var errs []error
-	for _, c := range []io.Closer{o.NsflowIngress, o.NsflowEgress, o.Totals, o.Points, o.Flows,
-		o.FlowEvents, o.Stats, o.AccountProgs, o.Handoff, o.Rodata} {
-		if c != nil && !reflect.ValueOf(c).IsNil() {
-			errs = append(errs, c.Close())
-		}
-	}
-	return errors.Join(errs...)
+	// Close is a no-op on the nil objects of a failed Load.
+	return errors.Join(o.NsflowIngress.Close(), o.NsflowEgress.Close(), o.Rodata.Close(), o.NsflowMaps.Close())
 }
