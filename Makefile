@@ -57,7 +57,8 @@ bench-deps: deps
 	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; fi
 
 bench: bench-deps
-	$(GO) test -run '^$$' -bench . -benchtime 200000x -count 5 ./bpf/ | tee docs/bench/bpf.txt
+	$(GO) test -run '^$$' -bench Program -benchtime 200000x -count 5 ./bpf/ | tee docs/bench/bpf.txt
+	$(GO) test -run '^$$' -bench StubLoad -benchtime 2000x -count 5 ./bpf/ | tee -a docs/bench/bpf.txt
 	$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 60m ./test/bench/ | tee docs/bench/macro.txt
 	./test/bench/plot.sh docs/bench/macro.txt docs/scale.png
 
