@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 
 	"github.com/nsflow/nsflow/collector"
 	"github.com/nsflow/nsflow/test/podns"
@@ -122,12 +121,7 @@ func TestFollowsInterfaces(t *testing.T) {
 				t.Fatalf("eth0 %q after Add", s)
 			}
 
-			h, err := netns.GetFromPath(p.NetnsPath)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer h.Close()
-			nl, err := netlink.NewHandleAt(h)
+			nl, err := p.Netlink()
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -121,12 +121,7 @@ func TestFaultRenameAndMove(t *testing.T) {
 	c := observe(t, collector.ModeTCX, a, b)
 	inoA, inoB := inodeOf(t, a), inodeOf(t, b)
 
-	h, err := netns.GetFromPath(a.NetnsPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
-	nl, err := netlink.NewHandleAt(h)
+	nl, err := a.Netlink()
 	if err != nil {
 		t.Fatal(err)
 	}

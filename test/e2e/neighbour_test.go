@@ -9,7 +9,6 @@ import (
 	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/link"
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
 	"github.com/nsflow/nsflow/collector"
@@ -219,12 +218,7 @@ func TestNeighbourClsactFilter(t *testing.T) {
 	testenv.RequireRoot(t)
 	pods := newPods(t, "10.213.130.0/24", "e2e-nc-a", "e2e-nc-b")
 	a, b := pods[0], pods[1]
-	h, err := netns.GetFromPath(b.NetnsPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
-	nl, err := netlink.NewHandleAt(h)
+	nl, err := b.Netlink()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -15,7 +15,6 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
 	"github.com/nsflow/nsflow/collector"
@@ -313,12 +312,7 @@ func inodeOf(t *testing.T, p *podns.Pod) uint64 {
 // remains on the pod's interfaces.
 func assertNoClsact(t *testing.T, p *podns.Pod) {
 	t.Helper()
-	h, err := netns.GetFromPath(p.NetnsPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
-	nl, err := netlink.NewHandleAt(h)
+	nl, err := p.Netlink()
 	if err != nil {
 		t.Fatal(err)
 	}

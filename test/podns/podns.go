@@ -626,6 +626,21 @@ func lock(cfg Config) (func(), error) {
 // Handle opens the pod's namespace; the caller closes it.
 func (p *Pod) Handle() (netns.NsHandle, error) { return netns.GetFromPath(p.NetnsPath) }
 
+// Netlink opens a netlink handle inside the pod's namespace; the caller
+// closes it.
+func (p *Pod) Netlink() (*netlink.Handle, error) {
+	ns, err := p.Handle()
+	if err != nil {
+		return nil, fmt.Errorf("pod %s: %w", p.Name, err)
+	}
+	defer ns.Close() // the handle's sockets stay in the namespace
+	nl, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		return nil, fmt.Errorf("pod %s: netlink: %w", p.Name, err)
+	}
+	return nl, nil
+}
+
 // Do runs fn on a locked OS thread inside the pod's namespace. Sockets fn
 // opens stay in the pod after it returns; processes it forks start there.
 func (p *Pod) Do(fn func() error) error {
