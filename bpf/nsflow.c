@@ -432,6 +432,16 @@ static __always_inline int parse(struct __sk_buff *ctx, struct net_device *dev, 
 	return STAT_NON_IP;
 }
 
+/* Counts into the slot a stub handed over (slot + 1; 0: none did, and the
+ * packet has no slot to go to). */
+static __always_inline void count_handed(__u32 handed, __u32 packets, __u64 len)
+{
+	if (handed)
+		count_total(handed - 1, packets, len);
+	else
+		stat_inc(STAT_TOTALS_FULL);
+}
+
 /* Takes the slot a stub handed over: slot + 1, or 0 when none did. */
 static __always_inline __u32 take_slot(void)
 {
@@ -450,15 +460,12 @@ static __always_inline int account(struct __sk_buff *ctx, __u8 dir)
 {
 	struct sk_buff *skb = bpf_cast_to_kern_ctx(ctx);
 	struct net_device *dev = skb->dev;
-	__u32 slot = take_slot();
+	__u32 handed = take_slot();
 	__u64 bytes = ctx->len;
 	__u32 packets;
 
 	if (!dev) {
-		if (slot)
-			count_total(slot - 1, 1, bytes);
-		else
-			stat_inc(STAT_TOTALS_FULL);
+		count_handed(handed, 1, bytes);
 		stat_inc(STAT_NO_DEV);
 		return TC_NEXT;
 	}
@@ -477,10 +484,7 @@ static __always_inline int account(struct __sk_buff *ctx, __u8 dir)
 		if (res == 0 && l4i.hdr_len < bytes)
 			bytes += (packets - 1) * l4i.hdr_len;
 	}
-	if (slot)
-		count_total(slot - 1, packets, bytes);
-	else
-		stat_inc(STAT_TOTALS_FULL);
+	count_handed(handed, packets, bytes);
 
 	if (!flows_enabled)
 		return TC_NEXT;
@@ -523,15 +527,7 @@ static __always_inline int stub(struct __sk_buff *ctx, __u32 dir)
 			*h = 0;
 		}
 	}
-	__u32 key = slot;
-	struct counters *c = bpf_map_lookup_elem(&totals, &key);
-
-	if (c) {
-		c->packets += 1;
-		c->bytes += ctx->len;
-	} else {
-		stat_inc(STAT_TOTALS_FULL);
-	}
+	count_total(slot, 1, ctx->len);
 	return TC_NEXT;
 }
 
