@@ -182,10 +182,10 @@ func (w wantFlow) key(netns, ifindex uint32, dir Direction) NsflowFlowKey {
 type frameRow struct {
 	name  string
 	frame []byte
-	// stat is 0 when the frame makes the flow want; otherwise the frame is
-	// in the totals only and counted in stats[stat] (STAT_NON_IP or
-	// STAT_TRUNCATED).
-	stat NsflowStat
+	// res is PARSE_FLOW (zero) when the frame makes the flow want;
+	// otherwise the frame is in the totals only and counted in
+	// stats[res.stat()] (STAT_NON_IP or STAT_TRUNCATED).
+	res  NsflowParseResult
 	want wantFlow
 	// notGopacket, when set, says why gopacket's decoding cannot confirm
 	// this row: nsflow's documented semantics read less than a full decoder
@@ -273,7 +273,7 @@ func frameRows(t testing.TB) []frameRow {
 		{name: "802.1ad/ipv6/tcp syn", frame: build(t, eth(layers.EthernetTypeQinQ), vlan(7, E6), ipv6(layers.IPProtocolTCP), tcpSeg("S"), payload(32)),
 			want: flow6(tcp, 40000, 8080, syn)},
 		{name: "802.1ad+802.1q (two tags: not parsed)", frame: build(t, eth(layers.EthernetTypeQinQ), vlan(7, layers.EthernetTypeDot1Q), vlan(42, E4),
-			ipv4(P), udpDgram(), payload(32)), stat: NsflowStatSTAT_NON_IP},
+			ipv4(P), udpDgram(), payload(32)), res: NsflowParseResultPARSE_NON_IP},
 
 		// IPv6 extension headers.
 		{name: "ipv6/hop-by-hop+dstopts/udp", frame: build(t, eth(E6), ipv6(layers.IPProtocolIPv6HopByHop),
@@ -302,39 +302,39 @@ func frameRows(t testing.TB) []frameRow {
 		{name: "ipv4/last fragment/tcp", frame: build(t, eth(E4), frag4(layers.IPProtocolTCP, 3, false), fakeTCP), want: flow4(tcp, 0, 0, 0)},
 
 		// Not IP: in the totals only.
-		{name: "arp", frame: build(t, eth(layers.EthernetTypeARP), arp), stat: NsflowStatSTAT_NON_IP},
-		{name: "lldp", frame: build(t, eth(layers.EthernetTypeLinkLayerDiscovery), payload(46)), stat: NsflowStatSTAT_NON_IP},
-		{name: "802.1q/arp", frame: build(t, eth(layers.EthernetTypeDot1Q), vlan(3, layers.EthernetTypeARP), arp), stat: NsflowStatSTAT_NON_IP},
+		{name: "arp", frame: build(t, eth(layers.EthernetTypeARP), arp), res: NsflowParseResultPARSE_NON_IP},
+		{name: "lldp", frame: build(t, eth(layers.EthernetTypeLinkLayerDiscovery), payload(46)), res: NsflowParseResultPARSE_NON_IP},
+		{name: "802.1q/arp", frame: build(t, eth(layers.EthernetTypeDot1Q), vlan(3, layers.EthernetTypeARP), arp), res: NsflowParseResultPARSE_NON_IP},
 
 		// Truncated: in the totals only. BPF_PROG_TEST_RUN refuses an
 		// untagged IPv4 (IPv6) frame shorter than its IP header (see
 		// TestKernelRefuses): behind a VLAN tag the program's own checks run.
 		{name: "truncated/802.1q/ipv4 header", frame: cut(build(t, eth(layers.EthernetTypeDot1Q), vlan(1, E4), ipv4(P), udpDgram()), 18+19),
-			stat: NsflowStatSTAT_TRUNCATED},
+			res: NsflowParseResultPARSE_TRUNCATED},
 		{name: "truncated/802.1ad/ipv6 header", frame: cut(build(t, eth(layers.EthernetTypeQinQ), vlan(1, E6), ipv6(P), udpDgram()), 18+39),
-			stat: NsflowStatSTAT_TRUNCATED},
+			res: NsflowParseResultPARSE_TRUNCATED},
 		{name: "truncated/vlan tag", frame: cut(build(t, eth(layers.EthernetTypeDot1Q), vlan(1, E4), ipv4(P), udpDgram()), 17),
-			stat: NsflowStatSTAT_TRUNCATED},
+			res: NsflowParseResultPARSE_TRUNCATED},
 		{name: "truncated/ipv4 options beyond the frame", frame: patched(cut(build(t, eth(E4), ipv4(P), udpDgram()), 14+20+8), 14, 0x4f),
-			stat: NsflowStatSTAT_TRUNCATED},
+			res: NsflowParseResultPARSE_TRUNCATED},
 		{name: "truncated/tcp header", frame: cut(build(t, eth(E4), ipv4(layers.IPProtocolTCP), tcpSeg("S")), 14+20+13),
-			stat: NsflowStatSTAT_TRUNCATED},
-		{name: "truncated/udp header", frame: cut(build(t, eth(E6), ipv6(P), udpDgram()), 14+40+3), stat: NsflowStatSTAT_TRUNCATED},
+			res: NsflowParseResultPARSE_TRUNCATED},
+		{name: "truncated/udp header", frame: cut(build(t, eth(E6), ipv6(P), udpDgram()), 14+40+3), res: NsflowParseResultPARSE_TRUNCATED},
 		{name: "truncated/icmp header", frame: cut(build(t, eth(E4), ipv4(layers.IPProtocolICMPv4), &layers.ICMPv4{TypeCode: 0x0800}), 14+20+1),
-			stat: NsflowStatSTAT_TRUNCATED},
+			res: NsflowParseResultPARSE_TRUNCATED},
 		{name: "truncated/ipv6 hop-by-hop missing", frame: cut(build(t, eth(E6), ipv6(layers.IPProtocolIPv6HopByHop), hopByHop(P), udpDgram()), 14+40),
-			stat: NsflowStatSTAT_TRUNCATED},
+			res: NsflowParseResultPARSE_TRUNCATED},
 		{name: "truncated/ipv6 extension header", frame: cut(build(t, eth(E6), ipv6(layers.IPProtocolIPv6Destination), dstOpts(P), udpDgram()), 14+40+1),
-			stat: NsflowStatSTAT_TRUNCATED},
+			res: NsflowParseResultPARSE_TRUNCATED},
 		{name: "truncated/ipv6 fragment header", frame: cut(build(t, eth(E6), ipv6(layers.IPProtocolIPv6Fragment), frag6(P, 0, true), udpDgram()), 14+40+7),
-			stat: NsflowStatSTAT_TRUNCATED},
+			res: NsflowParseResultPARSE_TRUNCATED},
 		{name: "truncated/udp behind ipv6 extension header", frame: cut(build(t, eth(E6), ipv6(layers.IPProtocolIPv6Routing), routing(P), udpDgram()), 14+40+24+2),
-			stat: NsflowStatSTAT_TRUNCATED},
+			res: NsflowParseResultPARSE_TRUNCATED},
 
 		// Malformed IP headers.
-		{name: "ipv4 bad version", frame: patched(build(t, eth(E4), ipv4(P), udpDgram()), 14, 0x65), stat: NsflowStatSTAT_TRUNCATED},
-		{name: "ipv4 bad ihl", frame: patched(build(t, eth(E4), ipv4(P), udpDgram()), 14, 0x44), stat: NsflowStatSTAT_TRUNCATED},
-		{name: "ipv6 bad version", frame: patched(build(t, eth(E6), ipv6(P), udpDgram()), 14, 0x40), stat: NsflowStatSTAT_TRUNCATED},
+		{name: "ipv4 bad version", frame: patched(build(t, eth(E4), ipv4(P), udpDgram()), 14, 0x65), res: NsflowParseResultPARSE_TRUNCATED},
+		{name: "ipv4 bad ihl", frame: patched(build(t, eth(E4), ipv4(P), udpDgram()), 14, 0x44), res: NsflowParseResultPARSE_TRUNCATED},
+		{name: "ipv6 bad version", frame: patched(build(t, eth(E6), ipv6(P), udpDgram()), 14, 0x40), res: NsflowParseResultPARSE_TRUNCATED},
 
 		// nsflow reads no more than it needs: ports from 4 bytes, TCP flags
 		// from 14.
@@ -349,7 +349,7 @@ func frameRows(t testing.TB) []frameRow {
 func validFrames(t testing.TB) [][]byte {
 	var fs [][]byte
 	for _, r := range frameRows(t) {
-		if r.stat == 0 {
+		if r.res == NsflowParseResultPARSE_FLOW {
 			fs = append(fs, r.frame)
 		}
 	}

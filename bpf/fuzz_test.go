@@ -48,8 +48,8 @@ func checkAgainstReference(t testing.TB, objs *Objects, sends []send) {
 		wantTotals[ok] = c
 
 		ref := refParse(s.frame)
-		if ref.stat != 0 {
-			wantStats[ref.stat]++
+		if ref.res != NsflowParseResultPARSE_FLOW {
+			wantStats[ref.res.stat()]++
 			continue
 		}
 		ref.key.Netns, ref.key.Ifindex, ref.key.Dir = netns, testIfindex, uint8(s.dir)

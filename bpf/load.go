@@ -182,13 +182,9 @@ func (o *Objects) init(spec *ebpf.CollectionSpec) error {
 	return o.slots.init(o.Totals, o.Points)
 }
 
-// slotTemplate is the immediate the stubs carry in place of their slot
-// (SLOT_TEMPLATE in nsflow.c).
-const slotTemplate = 0x5107a11d
-
 func isSlotTemplate(ins *asm.Instruction) bool {
 	return ins.OpCode.Class() == asm.ALU64Class && ins.OpCode.ALUOp() == asm.Mov &&
-		ins.OpCode.Source() == asm.ImmSource && ins.Constant == slotTemplate
+		ins.OpCode.Source() == asm.ImmSource && ins.Constant == int64(NsflowConstsSLOT_TEMPLATE)
 }
 
 // Stub loads the program for one hook: it counts into the slot of totals

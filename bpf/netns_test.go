@@ -215,7 +215,7 @@ func TestGSOSegments(t *testing.T) {
 		frame          []byte
 		segs           uint32
 		packets, bytes uint64
-		stat           NsflowStat // 0: a flow with packets and bytes
+		res            NsflowParseResult // PARSE_FLOW: a flow with packets and bytes
 	}{
 		{name: "ipv4 tcp above the limit", dir: TX, frame: tcp4(1254), segs: 3, packets: 3, bytes: 1254 + 2*hdr4},
 		{name: "ipv4 tcp at the limit", dir: TX, frame: tcp4(ipv4Max), segs: 3, packets: 3, bytes: ipv4Max + 2*hdr4},
@@ -228,7 +228,7 @@ func TestGSOSegments(t *testing.T) {
 		{name: "ipv6 tcp above the ipv6 limit", dir: TX, frame: tcp6(2100), segs: 3, packets: 3, bytes: 2100 + 2*hdr6},
 		{name: "ipv4 udp (USO)", dir: TX, frame: udp4, segs: 4, packets: 4, bytes: 1200 + 3*hdrUDP},
 		{name: "802.1q ipv4 tcp", dir: TX, frame: vlan4, segs: 2, packets: 2, bytes: 1200 + hdrVLAN},
-		{name: "non-IP: headers unknown", dir: TX, frame: arp, segs: 3, packets: 3, bytes: 1200, stat: NsflowStatSTAT_NON_IP},
+		{name: "non-IP: headers unknown", dir: TX, frame: arp, segs: 3, packets: 3, bytes: 1200, res: NsflowParseResultPARSE_NON_IP},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			clearMaps(t, objs)
@@ -261,8 +261,8 @@ func TestGSOSegments(t *testing.T) {
 				t.Errorf("%d-byte frame, %d segments: totals %+v, want {%+v: %+v}", len(c.frame), c.segs, st.totals, ok, want)
 			}
 			var wantStats [NsflowStatSTAT_MAX]uint64
-			if c.stat != 0 {
-				wantStats[c.stat] = 1
+			if c.res != NsflowParseResultPARSE_FLOW {
+				wantStats[c.res.stat()] = 1
 			} else {
 				wantStats[NsflowStatSTAT_FLOW_NEW] = 1
 				for k, v := range st.flows {

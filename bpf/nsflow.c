@@ -42,7 +42,18 @@ char __license[] SEC("license") = "Dual BSD/GPL";
 
 #define ETH_P_8021Q_ 0x8100
 #define ETH_P_8021AD_ 0x88A8
-#define IPV6_MAX_EXT_HEADERS 6
+
+/* Constants user space shares with the programs (bpf2go -type consts
+ * generates them in Go: NsflowConstsSLOT_TEMPLATE, ...). */
+enum consts {
+	/* The stub's totals slot: an immediate that user space replaces in
+	 * each copy of the stub before loading it (as Cilium templates its
+	 * programs). */
+	SLOT_TEMPLATE = 0x5107a11d,
+	/* How many IPv6 extension headers the parser walks before the
+	 * transport header; a frame with more keeps its flow, without ports. */
+	IPV6_MAX_EXT_HEADERS = 6,
+};
 
 enum direction {
 	DIR_RX = 0, /* ingress hook: the namespace receives */
@@ -98,6 +109,16 @@ enum stat {
 	STAT_MAX = 7,
 };
 
+/* What parse() made of a frame: a complete flow key, or why not (the frame
+ * then counts in the totals only, and in the stat parse_stat names). A
+ * type of its own, so that no result is mistaken for an index of stats. */
+enum parse_result {
+	PARSE_FLOW = 0,      /* the flow key is complete */
+	PARSE_NON_IP = 1,    /* no IPv4/IPv6 (ARP, ...): STAT_NON_IP */
+	PARSE_TRUNCATED = 2, /* an IP frame too short to parse: STAT_TRUNCATED */
+	PARSE_NOT_YET = 3,   /* not parsed (yet) */
+};
+
 /* A new flow, streamed to user space through the flow_events ring buffer. */
 struct flow_event {
 	__u64 ts_ns; /* CLOCK_MONOTONIC */
@@ -107,10 +128,6 @@ struct flow_event {
 /* Set by the loader before load (CollectionSpec.Variables). */
 volatile const __u8 flows_enabled = 1;
 volatile const __u8 events_enabled = 0;
-
-/* The stub's totals slot: an immediate that user space replaces in each
- * copy of the stub before loading it (as Cilium templates its programs). */
-#define SLOT_TEMPLATE 0x5107a11d
 
 /* Exact totals, one slot per observation point, assigned by user space. */
 struct {
@@ -168,6 +185,8 @@ struct {
 /* Force BTF for the types user space decodes (bpf2go -type). */
 const enum direction *unused_direction __attribute__((unused));
 const enum stat *unused_stat __attribute__((unused));
+const enum parse_result *unused_parse_result __attribute__((unused));
+const enum consts *unused_consts __attribute__((unused));
 const struct flow_event *unused_flow_event __attribute__((unused));
 
 static __always_inline void stat_inc(__u32 idx)
@@ -398,8 +417,8 @@ static __always_inline __u32 segments(struct __sk_buff *ctx, struct net_device *
 	return (segs > dev->gso_max_segs || ctx->len >= max) ? segs : 1;
 }
 
-/* Parses the frame into key; returns 0 when the flow key is complete. */
-static __always_inline int parse(struct __sk_buff *ctx, struct net_device *dev, struct flow_key *key,
+/* Parses the frame into key (PARSE_FLOW: complete). */
+static __always_inline enum parse_result parse(struct __sk_buff *ctx, struct net_device *dev, struct flow_key *key,
 				 struct l4_info *l4i)
 {
 	void *data = (void *)(long)ctx->data;
@@ -412,7 +431,7 @@ static __always_inline int parse(struct __sk_buff *ctx, struct net_device *dev, 
 		struct ethhdr *eth = data;
 
 		if ((void *)(eth + 1) > data_end)
-			return STAT_TRUNCATED;
+			return PARSE_TRUNCATED;
 		proto = eth->h_proto;
 		off = sizeof(*eth);
 		if (proto == bpf_htons(ETH_P_8021Q_) || proto == bpf_htons(ETH_P_8021AD_)) {
@@ -420,16 +439,22 @@ static __always_inline int parse(struct __sk_buff *ctx, struct net_device *dev, 
 			__u16 *vlan = data + off;
 
 			if ((void *)(vlan + 2) > data_end)
-				return STAT_TRUNCATED;
+				return PARSE_TRUNCATED;
 			proto = vlan[1];
 			off += 4;
 		}
 	}
 	if (proto == bpf_htons(ETH_P_IP))
-		return parse_ipv4(data, data_end, off, key, l4i) ? STAT_TRUNCATED : 0;
+		return parse_ipv4(data, data_end, off, key, l4i) ? PARSE_TRUNCATED : PARSE_FLOW;
 	if (proto == bpf_htons(ETH_P_IPV6))
-		return parse_ipv6(data, data_end, off, key, l4i) ? STAT_TRUNCATED : 0;
-	return STAT_NON_IP;
+		return parse_ipv6(data, data_end, off, key, l4i) ? PARSE_TRUNCATED : PARSE_FLOW;
+	return PARSE_NON_IP;
+}
+
+/* The stat a frame without a flow counts in. */
+static __always_inline __u32 parse_stat(enum parse_result res)
+{
+	return res == PARSE_NON_IP ? STAT_NON_IP : STAT_TRUNCATED;
 }
 
 /* Counts into the slot a stub handed over (slot + 1; 0: none did, and the
@@ -475,13 +500,13 @@ static __always_inline int account(struct __sk_buff *ctx, __u8 dir)
 		.dir = dir,
 	};
 	struct l4_info l4i = {};
-	int res = -1; /* not parsed */
+	enum parse_result res = PARSE_NOT_YET;
 
 	packets = segments(ctx, dev, dir);
 	if (packets > 1) {
 		/* Each segment repeats the headers. */
 		res = parse(ctx, dev, &fkey, &l4i);
-		if (res == 0 && l4i.hdr_len < bytes)
+		if (res == PARSE_FLOW && l4i.hdr_len < bytes)
 			bytes += (packets - 1) * l4i.hdr_len;
 	}
 	count_handed(handed, packets, bytes);
@@ -489,10 +514,10 @@ static __always_inline int account(struct __sk_buff *ctx, __u8 dir)
 	if (!flows_enabled)
 		return TC_NEXT;
 	fkey.netns = dev->nd_net.net->ns.inum;
-	if (res < 0)
+	if (res == PARSE_NOT_YET)
 		res = parse(ctx, dev, &fkey, &l4i);
-	if (res) {
-		stat_inc(res);
+	if (res != PARSE_FLOW) {
+		stat_inc(parse_stat(res));
 		return TC_NEXT;
 	}
 	count_flow(&fkey, packets, bytes, l4i.tcp_flags);
@@ -503,6 +528,12 @@ SEC("tc")
 int nsflow_ingress(struct __sk_buff *ctx)
 {
 	return account(ctx, DIR_RX);
+}
+
+SEC("tc")
+int nsflow_egress(struct __sk_buff *ctx)
+{
+	return account(ctx, DIR_TX);
 }
 
 /*
@@ -541,10 +572,4 @@ SEC("tc")
 int nsflow_stub_egress(struct __sk_buff *ctx)
 {
 	return stub(ctx, DIR_TX);
-}
-
-SEC("tc")
-int nsflow_egress(struct __sk_buff *ctx)
-{
-	return account(ctx, DIR_TX);
 }

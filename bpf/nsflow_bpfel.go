@@ -13,6 +13,13 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type NsflowConsts uint32
+
+const (
+	NsflowConstsSLOT_TEMPLATE       NsflowConsts = 1359454493
+	NsflowConstsIPV6MAX_EXT_HEADERS NsflowConsts = 6
+)
+
 type NsflowCounters struct {
 	_       structs.HostLayout
 	Packets uint64
@@ -64,6 +71,15 @@ type NsflowObsKey struct {
 	Pad     [3]uint8
 }
 
+type NsflowParseResult uint32
+
+const (
+	NsflowParseResultPARSE_FLOW      NsflowParseResult = 0
+	NsflowParseResultPARSE_NON_IP    NsflowParseResult = 1
+	NsflowParseResultPARSE_TRUNCATED NsflowParseResult = 2
+	NsflowParseResultPARSE_NOT_YET   NsflowParseResult = 3
+)
+
 type NsflowStat uint32
 
 const (
@@ -94,8 +110,10 @@ const (
 	NsflowProgNsflowStubIngress = "nsflow_stub_ingress"
 	NsflowVarEventsEnabled      = "events_enabled"
 	NsflowVarFlowsEnabled       = "flows_enabled"
+	NsflowVarUnusedConsts       = "unused_consts"
 	NsflowVarUnusedDirection    = "unused_direction"
 	NsflowVarUnusedFlowEvent    = "unused_flow_event"
+	NsflowVarUnusedParseResult  = "unused_parse_result"
 	NsflowVarUnusedStat         = "unused_stat"
 )
 
@@ -164,11 +182,13 @@ type NsflowMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type NsflowVariableSpecs struct {
-	EventsEnabled   *ebpf.VariableSpec `ebpf:"events_enabled"`
-	FlowsEnabled    *ebpf.VariableSpec `ebpf:"flows_enabled"`
-	UnusedDirection *ebpf.VariableSpec `ebpf:"unused_direction"`
-	UnusedFlowEvent *ebpf.VariableSpec `ebpf:"unused_flow_event"`
-	UnusedStat      *ebpf.VariableSpec `ebpf:"unused_stat"`
+	EventsEnabled     *ebpf.VariableSpec `ebpf:"events_enabled"`
+	FlowsEnabled      *ebpf.VariableSpec `ebpf:"flows_enabled"`
+	UnusedConsts      *ebpf.VariableSpec `ebpf:"unused_consts"`
+	UnusedDirection   *ebpf.VariableSpec `ebpf:"unused_direction"`
+	UnusedFlowEvent   *ebpf.VariableSpec `ebpf:"unused_flow_event"`
+	UnusedParseResult *ebpf.VariableSpec `ebpf:"unused_parse_result"`
+	UnusedStat        *ebpf.VariableSpec `ebpf:"unused_stat"`
 }
 
 // NsflowObjects contains all objects after they have been loaded into the kernel.
@@ -216,11 +236,13 @@ func (m *NsflowMaps) Close() error {
 //
 // It can be passed to LoadNsflowObjects or ebpf.CollectionSpec.LoadAndAssign.
 type NsflowVariables struct {
-	EventsEnabled   *ebpf.Variable `ebpf:"events_enabled"`
-	FlowsEnabled    *ebpf.Variable `ebpf:"flows_enabled"`
-	UnusedDirection *ebpf.Variable `ebpf:"unused_direction"`
-	UnusedFlowEvent *ebpf.Variable `ebpf:"unused_flow_event"`
-	UnusedStat      *ebpf.Variable `ebpf:"unused_stat"`
+	EventsEnabled     *ebpf.Variable `ebpf:"events_enabled"`
+	FlowsEnabled      *ebpf.Variable `ebpf:"flows_enabled"`
+	UnusedConsts      *ebpf.Variable `ebpf:"unused_consts"`
+	UnusedDirection   *ebpf.Variable `ebpf:"unused_direction"`
+	UnusedFlowEvent   *ebpf.Variable `ebpf:"unused_flow_event"`
+	UnusedParseResult *ebpf.Variable `ebpf:"unused_parse_result"`
+	UnusedStat        *ebpf.Variable `ebpf:"unused_stat"`
 }
 
 // NsflowPrograms contains all programs after they have been loaded into the kernel.

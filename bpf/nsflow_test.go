@@ -292,8 +292,8 @@ func TestFrames(t *testing.T) {
 					t.Errorf("totals %+v, want exactly %+v", st.totals, wantTotals)
 				}
 				var wantStats [NsflowStatSTAT_MAX]uint64
-				if row.stat != 0 {
-					wantStats[row.stat] = runs
+				if row.res != NsflowParseResultPARSE_FLOW {
+					wantStats[row.res.stat()] = runs
 					if len(st.flows) != 0 {
 						t.Errorf("flows %+v, want none", st.flows)
 					}

@@ -19,20 +19,28 @@ import (
 // refResult is what an oracle makes of a frame: a flow key (observation
 // point left zero) and its TCP flags, or the stat the frame is counted in.
 type refResult struct {
-	stat  NsflowStat // 0: a flow; else STAT_NON_IP or STAT_TRUNCATED
+	res   NsflowParseResult
 	key   NsflowFlowKey
 	flags uint8
 }
 
+// stat is the stat a frame without a flow counts in (parse_stat in nsflow.c).
+func (r NsflowParseResult) stat() NsflowStat {
+	if r == NsflowParseResultPARSE_NON_IP {
+		return NsflowStatSTAT_NON_IP
+	}
+	return NsflowStatSTAT_TRUNCATED
+}
+
 func (r refResult) String() string {
-	switch r.stat {
-	case 0:
-	case NsflowStatSTAT_NON_IP:
+	switch r.res {
+	case NsflowParseResultPARSE_FLOW:
+	case NsflowParseResultPARSE_NON_IP:
 		return "non-IP"
-	case NsflowStatSTAT_TRUNCATED:
+	case NsflowParseResultPARSE_TRUNCATED:
 		return "truncated"
 	default:
-		return fmt.Sprintf("stat %d", r.stat)
+		return fmt.Sprintf("result %d", r.res)
 	}
 	k := r.key
 	src, dst := net.IP(k.Saddr[:]), net.IP(k.Daddr[:])
@@ -56,7 +64,7 @@ const (
 	protoSCTP     = 132
 	protoUDPLite  = 136
 
-	maxExtHeaders = 6 // IPV6_MAX_EXT_HEADERS
+	maxExtHeaders = int(NsflowConstsIPV6MAX_EXT_HEADERS)
 )
 
 func isExtHeader(p uint8) bool {
@@ -69,7 +77,7 @@ func isExtHeader(p uint8) bool {
 
 // refParse is the reference parser, on raw bytes.
 func refParse(f []byte) refResult {
-	trunc := refResult{stat: NsflowStatSTAT_TRUNCATED}
+	trunc := refResult{res: NsflowParseResultPARSE_TRUNCATED}
 	has := func(off, n int) bool { return off+n <= len(f) }
 	if !has(0, 14) {
 		return trunc
@@ -133,7 +141,7 @@ func refParse(f []byte) refResult {
 			return r // more extension headers than walked: no ports
 		}
 	default:
-		return refResult{stat: NsflowStatSTAT_NON_IP}
+		return refResult{res: NsflowParseResultPARSE_NON_IP}
 	}
 	switch k.Proto {
 	case protoTCP:
@@ -162,7 +170,7 @@ func refParse(f []byte) refResult {
 // it says truncated where nsflow may see a flow; whenever it sees a flow or a
 // non-IP frame, refParse must agree with it exactly.
 func gopacketParse(f []byte) refResult {
-	trunc := refResult{stat: NsflowStatSTAT_TRUNCATED}
+	trunc := refResult{res: NsflowParseResultPARSE_TRUNCATED}
 	df := gopacket.NilDecodeFeedback
 	var e layers.Ethernet
 	if e.DecodeFromBytes(f, df) != nil {
@@ -251,7 +259,7 @@ func gopacketParse(f []byte) refResult {
 		}
 		k.Proto = uint8(proto)
 	default:
-		return refResult{stat: NsflowStatSTAT_NON_IP}
+		return refResult{res: NsflowParseResultPARSE_NON_IP}
 	}
 	switch proto {
 	case layers.IPProtocolTCP:
@@ -311,8 +319,8 @@ func decodeLayer(data []byte, typ gopacket.LayerType) gopacket.Layer {
 
 // rowResult is what the table says of a row, in the oracles' terms.
 func rowResult(row frameRow) refResult {
-	if row.stat != 0 {
-		return refResult{stat: row.stat}
+	if row.res != NsflowParseResultPARSE_FLOW {
+		return refResult{res: row.res}
 	}
 	return refResult{key: row.want.key(0, 0, 0), flags: row.want.flags}
 }
@@ -326,7 +334,7 @@ func TestOraclesAgreeWithTable(t *testing.T) {
 			t.Errorf("%s: reference parser: %v, table: %v", row.name, got, want)
 		}
 		if row.notGopacket != "" {
-			if got := gopacketParse(row.frame); got.stat != NsflowStatSTAT_TRUNCATED {
+			if got := gopacketParse(row.frame); got.res != NsflowParseResultPARSE_TRUNCATED {
 				t.Errorf("%s: gopacket: %v, expected it to refuse the frame (%s)", row.name, got, row.notGopacket)
 			}
 			continue
@@ -343,7 +351,7 @@ func TestOraclesAgreeWithTable(t *testing.T) {
 func crossCheck(t testing.TB, f []byte) bool {
 	t.Helper()
 	g := gopacketParse(f)
-	if g.stat == NsflowStatSTAT_TRUNCATED {
+	if g.res == NsflowParseResultPARSE_TRUNCATED {
 		return false
 	}
 	if r := refParse(f); r != g {

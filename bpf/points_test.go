@@ -2,12 +2,11 @@ package bpf
 
 import (
 	"errors"
-	"fmt"
-	"os"
 	"testing"
 
 	"github.com/cilium/ebpf"
 	"github.com/gopacket/gopacket/layers"
+	"golang.org/x/sys/unix"
 
 	"github.com/nsflow/nsflow/test/testenv"
 )
@@ -108,15 +107,29 @@ func TestSlots(t *testing.T) {
 	}
 }
 
+// privateBPFFS mounts a bpffs of the test's own (on a temporary directory,
+// unmounted at the end): the test needs none mounted at /sys/fs/bpf and
+// leaves nothing there. A root test that cannot mount one fails.
+func privateBPFFS(t *testing.T) string {
+	t.Helper()
+	dir := t.TempDir()
+	if err := unix.Mount("bpf", dir, "bpf", 0, "mode=0700"); err != nil {
+		t.Fatalf("mount a bpffs on %s: %v", dir, err)
+	}
+	// Registered after TempDir's cleanup, so it runs before it.
+	t.Cleanup(func() {
+		if err := unix.Unmount(dir, unix.MNT_DETACH); err != nil {
+			t.Errorf("unmount bpffs %s: %v", dir, err)
+		}
+	})
+	return dir
+}
+
 // With pinned maps, the next Load knows every slot a previous one assigned,
 // with its counts, and hands new points other slots.
 func TestSlotsPinned(t *testing.T) {
 	testenv.RequireRoot(t)
-	dir := fmt.Sprintf("/sys/fs/bpf/nsflow-test-slots-%d", os.Getpid())
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		t.Skipf("no bpffs: %v", err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
+	dir := privateBPFFS(t)
 	udp := build(t, eth(layers.EthernetTypeIPv4), ipv4(layers.IPProtocolUDP), udpDgram(), payload(8))
 	a := NsflowObsKey{Netns: 2001, Ifindex: 1, Dir: uint8(RX)}
 	b := NsflowObsKey{Netns: 2002, Ifindex: 7, Dir: uint8(TX)}
