@@ -3,11 +3,22 @@
 GO        ?= go
 BIN       := bin/nsflow
 PKGS      := ./...
-# Debian packages the build, the tests and the demo need (clang only for `make generate`).
-DEB_PKGS  := clang llvm libbpf-dev linux-libc-dev bpftool iproute2 iputils-ping iperf3 tcpdump prometheus procps tmux libcap2-bin util-linux systemd docker.io iptables containerd runc containernetworking-plugins
+# The BPF compiler `make generate` uses, pinned: the committed nsflow_bpfel.o is
+# byte-for-byte what this clang makes of bpf/nsflow.c, and check-generate compares
+# bytes. Debian 12's clang-14 (14.0.6); bpf2go strips with the matching
+# llvm-strip-14 (from llvm-14). bpf/gen.go passes $BPF_CLANG to bpf2go's -cc.
+BPF_CLANG         ?= clang-14
+BPF_CLANG_VERSION ?= 14.0.6
+BPF_STRIP         := $(patsubst clang%,llvm-strip%,$(BPF_CLANG))
+export BPF_CLANG
+# bpf2go's own variable for its compiler, in case a -cc flag is missing.
+export BPF2GO_CC := $(BPF_CLANG)
+# Debian packages the build, the tests and the demo need (clang-14 and llvm-14
+# only for `make generate`: exactly the pinned compiler, not Debian's default clang).
+DEB_PKGS  := clang-14 llvm-14 libbpf-dev linux-libc-dev bpftool iproute2 iputils-ping iperf3 tcpdump prometheus procps tmux libcap2-bin util-linux systemd docker.io iptables containerd runc containernetworking-plugins
 TEST_TIMEOUT ?= 25m
 
-.PHONY: bench-deps all build generate check-generate deps lint test test-unit bench fuzz soak image demo clean
+.PHONY: bench-deps all build bpf-clang generate check-generate deps lint test test-unit bench fuzz soak image demo clean
 
 all: build
 
@@ -19,8 +30,18 @@ LDFLAGS   := -X github.com/prometheus/common/version.Version=$(VERSION) -X githu
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/nsflow
 
-## generate: recompile bpf/nsflow.c and regenerate its Go bindings with bpf2go
-generate:
+## bpf-clang: fail unless $(BPF_CLANG) is installed and is version $(BPF_CLANG_VERSION)
+bpf-clang:
+	@command -v $(BPF_CLANG) >/dev/null || { echo "$(BPF_CLANG) not found: 'make generate' needs clang $(BPF_CLANG_VERSION) as $(BPF_CLANG) (Debian 12: apt-get install clang-14 llvm-14, or 'make deps')" >&2; exit 1; }
+	@command -v $(BPF_STRIP) >/dev/null || { echo "$(BPF_STRIP) not found: bpf2go strips with the llvm-strip that matches $(BPF_CLANG) (Debian 12: apt-get install llvm-14)" >&2; exit 1; }
+	@v=$$($(BPF_CLANG) --version | head -n1); case "$$v" in \
+		*"clang version $(BPF_CLANG_VERSION)"|*"clang version $(BPF_CLANG_VERSION) "*|*"clang version $(BPF_CLANG_VERSION)-"*) ;; \
+		*) echo "$(BPF_CLANG) is \"$$v\", but the committed BPF objects are built with clang $(BPF_CLANG_VERSION): install it, or override BPF_CLANG=... BPF_CLANG_VERSION=... knowing that the regenerated objects will differ from the committed ones" >&2; exit 1;; \
+	esac
+
+## generate: recompile bpf/nsflow.c and regenerate its Go bindings with bpf2go,
+## with the pinned $(BPF_CLANG)
+generate: bpf-clang
 	$(GO) generate ./bpf/
 
 ## check-generate: fail if the committed bpf2go outputs are stale
