@@ -93,7 +93,9 @@ func scrape(t *testing.T, e *Exporter) []byte {
 func golden(t *testing.T, name string, got []byte) {
 	t.Helper()
 	if *update {
-		os.WriteFile("testdata/"+name, got, 0o644)
+		if err := os.WriteFile("testdata/"+name, got, 0o644); err != nil {
+			t.Fatalf("-update: %v", err)
+		}
 	}
 	want, err := os.ReadFile("testdata/" + name)
 	if err != nil {
