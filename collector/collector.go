@@ -18,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/nsflow/nsflow/bpf"
+	"github.com/nsflow/nsflow/collector/flow"
 )
 
 // Config configures a Collector.
@@ -40,15 +41,6 @@ type Config struct {
 	Logger *slog.Logger
 }
 
-// AttachState is the state of nsflow's programs on one interface.
-type AttachState string
-
-const (
-	StateAttached AttachState = "attached"
-	StateFailed   AttachState = "failed"
-	StateDetached AttachState = "detached"
-)
-
 // Collector owns the loaded BPF objects and everything attached with them.
 // It is safe for concurrent use.
 type Collector struct {
@@ -67,7 +59,7 @@ type Collector struct {
 	attachErrors map[string]uint64
 	pins         *pinnedLinks // nil without PinPath
 	lastFlows    int          // flows in the last snapshot: the next one's capacity
-	pods         map[uint64]PodInfo
+	pods         map[uint64]flow.PodInfo
 	onAdd        func()
 	// orphans are observation points a previous process left counted
 	// (pinned) that no observed interface claimed, since when: Prune
@@ -75,17 +67,9 @@ type Collector struct {
 	orphans map[bpf.NsflowObsKey]time.Time
 }
 
-// PodInfo is the Kubernetes pod a network namespace belongs to, as the
-// container runtime reports it (collector/cri).
-type PodInfo struct {
-	Name      string `json:"name"`
-	Namespace string `json:"namespace"`
-	UID       string `json:"uid,omitempty"`
-}
-
 // SetPods replaces the pod of every namespace (by inode); namespaces absent
 // from the map have none.
-func (c *Collector) SetPods(pods map[uint64]PodInfo) {
+func (c *Collector) SetPods(pods map[uint64]flow.PodInfo) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.pods = pods
@@ -115,7 +99,7 @@ type namespace struct {
 type iface struct {
 	index   int
 	name    string
-	state   AttachState
+	state   flow.AttachState
 	err     error
 	att     attachment
 	progIDs []ebpf.ProgramID // of its stubs, while attached
@@ -395,7 +379,7 @@ func (c *Collector) retryAttach(ns *namespace, index int, name string) {
 			return
 		}
 		i, ok := ns.ifaces[index]
-		if !ok || i.state != StateFailed || i.name != name {
+		if !ok || i.state != flow.StateFailed || i.name != name {
 			c.mu.Unlock()
 			return // attached meanwhile, or gone
 		}
@@ -411,7 +395,7 @@ func (c *Collector) retryAttach(ns *namespace, index int, name string) {
 // attachLocked attaches to one interface unless already attached; a renamed
 // interface keeps its attachment under the new name.
 func (c *Collector) attachLocked(ns *namespace, index int, name string) error {
-	if i, ok := ns.ifaces[index]; ok && i.state == StateAttached {
+	if i, ok := ns.ifaces[index]; ok && i.state == flow.StateAttached {
 		i.name = name
 		return nil
 	}
@@ -428,9 +412,9 @@ func (c *Collector) attachLocked(ns *namespace, index int, name string) error {
 		progs.ingress.Close()
 		progs.egress.Close()
 	}
-	i := &iface{index: index, name: name, state: StateAttached, att: att, progIDs: ids}
+	i := &iface{index: index, name: name, state: flow.StateAttached, att: att, progIDs: ids}
 	if err != nil {
-		i.state, i.err, i.att, i.progIDs = StateFailed, err, nil, nil
+		i.state, i.err, i.att, i.progIDs = flow.StateFailed, err, nil, nil
 		c.attachErrors[errorReason(err)]++
 		ns.ifaces[index] = i
 		return fmt.Errorf("attach to %s in netns %s: %w", name, ns.name, err)
@@ -477,8 +461,8 @@ func (c *Collector) detachLocked(ns *namespace, index int, why string) {
 		i.att = nil
 	}
 	i.progIDs = nil
-	if i.state == StateAttached {
-		i.state = StateDetached
+	if i.state == flow.StateAttached {
+		i.state = flow.StateDetached
 	}
 	c.log.Debug("detached", "netns", ns.name, "interface", i.name, "reason", why)
 }
@@ -651,10 +635,10 @@ type NamespaceInfo struct {
 
 // InterfaceInfo describes one interface and nsflow's programs on it.
 type InterfaceInfo struct {
-	Name  string      `json:"name"`
-	Index int         `json:"ifindex"`
-	State AttachState `json:"state"`
-	Error string      `json:"error,omitempty"`
+	Name  string           `json:"name"`
+	Index int              `json:"ifindex"`
+	State flow.AttachState `json:"state"`
+	Error string           `json:"error,omitempty"`
 }
 
 // ProgramIDs returns the kernel IDs of the loaded programs: the parsers

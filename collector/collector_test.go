@@ -12,6 +12,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/nsflow/nsflow/collector"
+	"github.com/nsflow/nsflow/collector/flow"
 	"github.com/nsflow/nsflow/test/podns"
 	"github.com/nsflow/nsflow/test/testenv"
 )
@@ -85,7 +86,7 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 	}
 }
 
-func ifaceState(c *collector.Collector, name string) collector.AttachState {
+func ifaceState(c *collector.Collector, name string) flow.AttachState {
 	for _, ns := range c.Interfaces() {
 		for _, i := range ns.Interfaces {
 			if i.Name == name {
@@ -117,7 +118,7 @@ func TestFollowsInterfaces(t *testing.T) {
 			if _, err := c.Add(collector.Target{Name: name, Path: p.NetnsPath}); err != nil {
 				t.Fatal(err)
 			}
-			if s := ifaceState(c, "eth0"); s != collector.StateAttached {
+			if s := ifaceState(c, "eth0"); s != flow.StateAttached {
 				t.Fatalf("eth0 %q after Add", s)
 			}
 
@@ -132,15 +133,15 @@ func TestFollowsInterfaces(t *testing.T) {
 				t.Fatal(err)
 			}
 			waitFor(t, "late0 and late1 attached", func() bool {
-				return ifaceState(c, "late0") == collector.StateAttached && ifaceState(c, "late1") == collector.StateAttached
+				return ifaceState(c, "late0") == flow.StateAttached && ifaceState(c, "late1") == flow.StateAttached
 			})
 			t.Logf("%s: new interfaces attached %v after creation", mode, time.Since(start))
 
 			if err := nl.LinkDel(veth); err != nil {
 				t.Fatal(err)
 			}
-			waitFor(t, "late0 detached", func() bool { return ifaceState(c, "late0") == collector.StateDetached })
-			if s := ifaceState(c, "eth0"); s != collector.StateAttached {
+			waitFor(t, "late0 detached", func() bool { return ifaceState(c, "late0") == flow.StateDetached })
+			if s := ifaceState(c, "eth0"); s != flow.StateAttached {
 				t.Errorf("eth0 %q after an unrelated interface went", s)
 			}
 		})

@@ -7,11 +7,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/nsflow/nsflow/bpf"
+	"github.com/nsflow/nsflow/collector/flow"
 )
-
-// AttachErrorReasons are the values of the attach-errors metric's reason
-// label: a small, fixed set, so that every series exists from the start.
-var AttachErrorReasons = []string{"not_supported", "permission", "gone", "exists", "totals_full", "other"}
 
 // errorReason classifies an attach error into one of AttachErrorReasons.
 func errorReason(err error) string {
@@ -34,8 +31,8 @@ func errorReason(err error) string {
 func (c *Collector) AttachErrors() map[string]uint64 {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	out := make(map[string]uint64, len(AttachErrorReasons))
-	for _, r := range AttachErrorReasons {
+	out := make(map[string]uint64, len(flow.AttachErrorReasons))
+	for _, r := range flow.AttachErrorReasons {
 		out[r] = c.attachErrors[r]
 	}
 	return out

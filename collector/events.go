@@ -12,33 +12,12 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/nsflow/nsflow/bpf"
+	"github.com/nsflow/nsflow/collector/flow"
 )
 
 // ErrNoEvents is returned by FlowEvents when the collector was made without
 // Config.Events.
 var ErrNoEvents = errors.New("collector made without flow events (Config.Events)")
-
-// FlowEvent is the start of a flow at an observation point: the first
-// packet the flow map saw of it.
-type FlowEvent struct {
-	Time       time.Time  `json:"time"`
-	Netns      string     `json:"netns"`
-	NetnsInode uint64     `json:"netns_inode"`
-	Interface  string     `json:"interface"`
-	Ifindex    int        `json:"ifindex"`
-	Direction  Direction  `json:"direction"`
-	Protocol   Protocol   `json:"protocol"`
-	Src        netip.Addr `json:"src"`
-	Dst        netip.Addr `json:"dst"`
-	SrcPort    uint16     `json:"src_port"`
-	DstPort    uint16     `json:"dst_port"`
-}
-
-// Flow returns the event as a flow without counts, e.g. for filters.
-func (e *FlowEvent) Flow() Flow {
-	return Flow{Netns: e.Netns, NetnsInode: e.NetnsInode, Interface: e.Interface, Ifindex: e.Ifindex,
-		Direction: e.Direction, Protocol: e.Protocol, Src: e.Src, Dst: e.Dst, SrcPort: e.SrcPort, DstPort: e.DstPort}
-}
 
 // EventReader streams flow events from the kernel's ring buffer.
 type EventReader struct {
@@ -67,22 +46,18 @@ func (c *Collector) FlowEvents() (*EventReader, error) {
 
 // Read blocks until the next event; after Close it returns an error
 // matching os.ErrClosed.
-func (r *EventReader) Read() (FlowEvent, error) {
+func (r *EventReader) Read() (flow.Event, error) {
 	rec, err := r.rd.Read()
 	if err != nil {
-		return FlowEvent{}, err
+		return flow.Event{}, err
 	}
 	var ev bpf.NsflowFlowEvent
 	if err := binary.Read(bytes.NewReader(rec.RawSample), binary.NativeEndian, &ev); err != nil {
-		return FlowEvent{}, fmt.Errorf("decode flow event: %w", err)
+		return flow.Event{}, fmt.Errorf("decode flow event: %w", err)
 	}
-	f := decodeFlowKey(&ev.Key)
-	f.Netns, f.Interface = r.c.names(f.NetnsInode, f.Ifindex)
-	return FlowEvent{
-		Time: time.Unix(0, int64(ev.TsNs)+int64(r.offset)), Netns: f.Netns, NetnsInode: f.NetnsInode,
-		Interface: f.Interface, Ifindex: f.Ifindex, Direction: f.Direction, Protocol: f.Protocol,
-		Src: f.Src, Dst: f.Dst, SrcPort: f.SrcPort, DstPort: f.DstPort,
-	}, nil
+	k := decodeKey(&ev.Key)
+	k.Netns, k.Interface = r.c.names(k.NetnsInode, k.Ifindex)
+	return flow.Event{Time: time.Unix(0, int64(ev.TsNs)+int64(r.offset)), Key: k}, nil
 }
 
 // Close ends the stream; a blocked Read returns.
@@ -102,13 +77,13 @@ func (c *Collector) names(ino uint64, idx int) (string, string) {
 	return nsName, ifName
 }
 
-// decodeFlowKey turns a map key into a Flow without names or counts.
-func decodeFlowKey(k *bpf.NsflowFlowKey) Flow {
-	f := Flow{
+// decodeKey turns a map key into a flow key without names.
+func decodeKey(k *bpf.NsflowFlowKey) flow.Key {
+	f := flow.Key{
 		NetnsInode: uint64(k.Netns),
 		Ifindex:    int(k.Ifindex),
 		Direction:  direction(k.Dir),
-		Protocol:   Protocol(k.Proto),
+		Protocol:   flow.Protocol(k.Proto),
 		SrcPort:    k.Sport,
 		DstPort:    k.Dport,
 	}

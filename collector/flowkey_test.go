@@ -24,7 +24,7 @@ func FuzzDecodeFlowKey(f *testing.F) {
 		if err := binary.Read(bytes.NewReader(raw), binary.NativeEndian, &k); err != nil {
 			t.Fatal(err)
 		}
-		fl := decodeFlowKey(&k)
+		fl := decodeKey(&k)
 		if k.Family == 4 && (!fl.Src.Is4() || !fl.Dst.Is4()) {
 			t.Fatalf("family 4 decoded as %s > %s", fl.Src, fl.Dst)
 		}

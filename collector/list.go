@@ -10,6 +10,8 @@ import (
 	"github.com/cilium/ebpf/link"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+
+	"github.com/nsflow/nsflow/collector/flow"
 )
 
 // ListedNamespace is a namespace found on the node, as `nsflow list` shows it.
@@ -19,7 +21,7 @@ type ListedNamespace struct {
 	Path       string        `json:"path"`
 	Pids       []int         `json:"pids"`
 	Commands   []string      `json:"commands"` // of the first pids, from /proc/PID/comm
-	Pod        *PodInfo      `json:"pod,omitempty"`
+	Pod        *flow.PodInfo `json:"pod,omitempty"`
 	Interfaces []ListedIface `json:"interfaces"`
 	Error      string        `json:"error,omitempty"`
 }
@@ -38,7 +40,7 @@ type ListedIface struct {
 // List finds the namespaces cfg selects, without attaching anything, and
 // reports the interfaces of each and the nsflow programs on them; pods
 // (by namespace inode, may be nil) name their pods.
-func List(cfg DiscoveryConfig, pods map[uint64]PodInfo) ([]ListedNamespace, error) {
+func List(cfg DiscoveryConfig, pods map[uint64]flow.PodInfo) ([]ListedNamespace, error) {
 	d, err := NewDiscovery(nil, cfg)
 	if err != nil {
 		return nil, err

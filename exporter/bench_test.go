@@ -9,18 +9,18 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
-	"github.com/nsflow/nsflow/collector"
+	"github.com/nsflow/nsflow/collector/flow"
 )
 
 // BenchmarkScrape measures a full /metrics scrape (collect, encode) of the
 // series of 1,000 pods (two interfaces each), without the map reads.
 func BenchmarkScrape(b *testing.B) {
-	snap := &collector.Snapshot{}
+	snap := &flow.Snapshot{}
 	for i := 0; i < 1000; i++ {
-		ns := collector.NamespaceStats{Name: fmt.Sprintf("pod-%d", i), Inode: uint64(4026530000 + i)}
+		ns := flow.NamespaceStats{Name: fmt.Sprintf("pod-%d", i), Inode: uint64(4026530000 + i)}
 		for j, name := range []string{"lo", "eth0"} {
-			ns.Interfaces = append(ns.Interfaces, collector.InterfaceStats{Name: name, Index: j + 1, State: collector.StateAttached,
-				RX: collector.Counters{Packets: 12345, Bytes: 1234567}, TX: collector.Counters{Packets: 23456, Bytes: 2345678}})
+			ns.Interfaces = append(ns.Interfaces, flow.InterfaceStats{Name: name, Index: j + 1, State: flow.StateAttached,
+				RX: flow.Counters{Packets: 12345, Bytes: 1234567}, TX: flow.Counters{Packets: 23456, Bytes: 2345678}})
 		}
 		snap.Namespaces = append(snap.Namespaces, ns)
 	}

@@ -12,6 +12,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/nsflow/nsflow/collector"
+	"github.com/nsflow/nsflow/collector/flow"
 )
 
 const namespace = "nsflow"
@@ -28,8 +29,8 @@ type Config struct {
 
 // Source is what the exporter reads at scrape time: a *collector.Collector.
 type Source interface {
-	Snapshot() (*collector.Snapshot, error)
-	Totals() (*collector.Snapshot, error)
+	Snapshot() (*flow.Snapshot, error)
+	Totals() (*flow.Snapshot, error)
 	Interfaces() []collector.NamespaceInfo
 	AttachErrors() map[string]uint64
 	Mode() collector.Mode
@@ -131,16 +132,16 @@ func (e *Exporter) Collect(ch chan<- prometheus.Metric) {
 			pod, podNS = ns.Pod.Name, ns.Pod.Namespace
 		}
 		for _, i := range ns.Interfaces {
-			counter(e.packets, i.RX.Packets, ns.Name, i.Name, string(collector.RX), pod, podNS)
-			counter(e.packets, i.TX.Packets, ns.Name, i.Name, string(collector.TX), pod, podNS)
-			counter(e.bytes, i.RX.Bytes, ns.Name, i.Name, string(collector.RX), pod, podNS)
-			counter(e.bytes, i.TX.Bytes, ns.Name, i.Name, string(collector.TX), pod, podNS)
+			counter(e.packets, i.RX.Packets, ns.Name, i.Name, string(flow.RX), pod, podNS)
+			counter(e.packets, i.TX.Packets, ns.Name, i.Name, string(flow.TX), pod, podNS)
+			counter(e.bytes, i.RX.Bytes, ns.Name, i.Name, string(flow.RX), pod, podNS)
+			counter(e.bytes, i.TX.Bytes, ns.Name, i.Name, string(flow.TX), pod, podNS)
 		}
 	}
 	gauge(e.namespaces, float64(observed), "observed")
 	gauge(e.namespaces, float64(gone), "gone")
 
-	states := map[collector.AttachState]int{collector.StateAttached: 0, collector.StateFailed: 0, collector.StateDetached: 0}
+	states := map[flow.AttachState]int{flow.StateAttached: 0, flow.StateFailed: 0, flow.StateDetached: 0}
 	for _, ns := range e.c.Interfaces() {
 		if ns.Gone {
 			continue
@@ -181,19 +182,19 @@ func (e *Exporter) Collect(ch chan<- prometheus.Metric) {
 // collectFlows exports the largest flows up to the cap and returns how many
 // it left out. Flows that differ only in what the labels do not show (none
 // today) are summed, so that no two series share a label set.
-func (e *Exporter) collectFlows(flows []collector.Flow, counter func(*prometheus.Desc, uint64, ...string)) int {
+func (e *Exporter) collectFlows(flows []flow.Flow, counter func(*prometheus.Desc, uint64, ...string)) int {
 	type key struct {
 		netns, iface, dir, proto string
 		src, dst                 netip.Addr
 		sport, dport             uint16
 	}
-	sums := map[key]*collector.Counters{}
+	sums := map[key]*flow.Counters{}
 	var order []key
 	for _, f := range flows {
 		k := key{f.Netns, f.Interface, string(f.Direction), f.Protocol.String(), f.Src, f.Dst, f.SrcPort, f.DstPort}
 		s, ok := sums[k]
 		if !ok {
-			s = &collector.Counters{}
+			s = &flow.Counters{}
 			sums[k] = s
 			order = append(order, k)
 		}

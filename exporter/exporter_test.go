@@ -14,14 +14,15 @@ import (
 	"github.com/prometheus/common/expfmt"
 
 	"github.com/nsflow/nsflow/collector"
+	"github.com/nsflow/nsflow/collector/flow"
 )
 
 var update = flag.Bool("update", false, "rewrite the golden files")
 
-type fakeSource struct{ snap *collector.Snapshot }
+type fakeSource struct{ snap *flow.Snapshot }
 
-func (f fakeSource) Snapshot() (*collector.Snapshot, error) { return f.snap, nil }
-func (f fakeSource) Totals() (*collector.Snapshot, error) {
+func (f fakeSource) Snapshot() (*flow.Snapshot, error) { return f.snap, nil }
+func (f fakeSource) Totals() (*flow.Snapshot, error) {
 	s := *f.snap
 	s.Flows = nil
 	return &s, nil
@@ -29,7 +30,7 @@ func (f fakeSource) Totals() (*collector.Snapshot, error) {
 func (f fakeSource) Mode() collector.Mode { return collector.ModeTCX }
 func (f fakeSource) AttachErrors() map[string]uint64 {
 	m := map[string]uint64{}
-	for _, r := range collector.AttachErrorReasons {
+	for _, r := range flow.AttachErrorReasons {
 		m[r] = 0
 	}
 	m["gone"] = 2
@@ -47,28 +48,28 @@ func (f fakeSource) Interfaces() []collector.NamespaceInfo {
 	return out
 }
 
-func fixture() *collector.Snapshot {
+func fixture() *flow.Snapshot {
 	a, b := netip.MustParseAddr("10.213.0.2"), netip.MustParseAddr("10.213.0.3")
-	return &collector.Snapshot{
+	return &flow.Snapshot{
 		Time: time.Date(2026, 11, 24, 12, 0, 0, 0, time.UTC),
-		Namespaces: []collector.NamespaceStats{
-			{Name: "host", Inode: 4026531833, Interfaces: []collector.InterfaceStats{
-				{Name: "lo", Index: 1, State: collector.StateAttached, RX: collector.Counters{Packets: 10, Bytes: 1000}, TX: collector.Counters{Packets: 10, Bytes: 1000}},
+		Namespaces: []flow.NamespaceStats{
+			{Name: "host", Inode: 4026531833, Interfaces: []flow.InterfaceStats{
+				{Name: "lo", Index: 1, State: flow.StateAttached, RX: flow.Counters{Packets: 10, Bytes: 1000}, TX: flow.Counters{Packets: 10, Bytes: 1000}},
 			}},
-			{Name: "web", Inode: 4026532200, Pod: &collector.PodInfo{Name: "web-7d4f", Namespace: "shop"}, Interfaces: []collector.InterfaceStats{
-				{Name: "lo", Index: 1, State: collector.StateAttached, RX: collector.Counters{Packets: 40, Bytes: 4000}, TX: collector.Counters{Packets: 40, Bytes: 4000}},
-				{Name: "eth0", Index: 2, State: collector.StateAttached, RX: collector.Counters{Packets: 5, Bytes: 490}, TX: collector.Counters{Packets: 6, Bytes: 588}},
+			{Name: "web", Inode: 4026532200, Pod: &flow.PodInfo{Name: "web-7d4f", Namespace: "shop"}, Interfaces: []flow.InterfaceStats{
+				{Name: "lo", Index: 1, State: flow.StateAttached, RX: flow.Counters{Packets: 40, Bytes: 4000}, TX: flow.Counters{Packets: 40, Bytes: 4000}},
+				{Name: "eth0", Index: 2, State: flow.StateAttached, RX: flow.Counters{Packets: 5, Bytes: 490}, TX: flow.Counters{Packets: 6, Bytes: 588}},
 			}},
-			{Name: "old", Inode: 4026532300, Gone: true, Interfaces: []collector.InterfaceStats{
-				{Name: "eth0", Index: 2, State: collector.StateDetached, RX: collector.Counters{Packets: 1, Bytes: 60}},
+			{Name: "old", Inode: 4026532300, Gone: true, Interfaces: []flow.InterfaceStats{
+				{Name: "eth0", Index: 2, State: flow.StateDetached, RX: flow.Counters{Packets: 1, Bytes: 60}},
 			}},
 		},
-		Flows: []collector.Flow{
-			{Netns: "web", Interface: "eth0", Direction: collector.TX, Protocol: 6, Src: a, Dst: b, SrcPort: 40000, DstPort: 80, Packets: 4, Bytes: 400},
-			{Netns: "web", Interface: "eth0", Direction: collector.TX, Protocol: 17, Src: a, Dst: b, SrcPort: 5353, DstPort: 53, Packets: 2, Bytes: 188},
-			{Netns: "web", Interface: "lo", Direction: collector.TX, Protocol: 1, Src: a, Dst: a, SrcPort: 8, Packets: 1, Bytes: 98},
+		Flows: []flow.Flow{
+			{Key: flow.Key{Netns: "web", Interface: "eth0", Direction: flow.TX, Protocol: 6, Src: a, Dst: b, SrcPort: 40000, DstPort: 80}, Packets: 4, Bytes: 400},
+			{Key: flow.Key{Netns: "web", Interface: "eth0", Direction: flow.TX, Protocol: 17, Src: a, Dst: b, SrcPort: 5353, DstPort: 53}, Packets: 2, Bytes: 188},
+			{Key: flow.Key{Netns: "web", Interface: "lo", Direction: flow.TX, Protocol: 1, Src: a, Dst: a, SrcPort: 8}, Packets: 1, Bytes: 98},
 		},
-		Stats: collector.Stats{FlowEntries: 3, FlowCapacity: 65536, FlowsCreated: 5, FlowsEvicted: 0, NonIP: 7},
+		Stats: flow.Stats{FlowEntries: 3, FlowCapacity: 65536, FlowsCreated: 5, FlowsEvicted: 0, NonIP: 7},
 	}
 }
 

@@ -15,6 +15,7 @@ import (
 
 	"github.com/nsflow/nsflow/collector"
 	"github.com/nsflow/nsflow/collector/cri"
+	"github.com/nsflow/nsflow/collector/flow"
 )
 
 func newListCmd() *cobra.Command {
@@ -94,13 +95,13 @@ func newListCmd() *cobra.Command {
 }
 
 // podMap captures what an enricher finds.
-type podMap map[uint64]collector.PodInfo
+type podMap map[uint64]flow.PodInfo
 
-func (m *podMap) SetPods(p map[uint64]collector.PodInfo) { *m = p }
+func (m *podMap) SetPods(p map[uint64]flow.PodInfo) { *m = p }
 
 // podsOnce asks the container runtime once for the pods of the namespaces
 // (nil when there is no runtime or it does not answer).
-func podsOnce(ctx context.Context, endpoint string) map[uint64]collector.PodInfo {
+func podsOnce(ctx context.Context, endpoint string) map[uint64]flow.PodInfo {
 	if endpoint == "auto" {
 		endpoint = cri.Detect()
 	}

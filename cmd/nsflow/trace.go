@@ -20,6 +20,7 @@ import (
 	"github.com/nsflow/nsflow/collector"
 	"github.com/nsflow/nsflow/collector/cri"
 	"github.com/nsflow/nsflow/collector/filter"
+	"github.com/nsflow/nsflow/collector/flow"
 	"github.com/nsflow/nsflow/exporter/report"
 )
 
@@ -100,7 +101,7 @@ type traceConfig struct {
 	patterns  []string
 	mode      collector.Mode
 	filter    *filter.Filter
-	sort      collector.SortKey
+	sort      flow.SortKey
 	top       int
 	discovery *collector.DiscoveryConfig
 }
@@ -132,9 +133,9 @@ func (f *traceFlags) validate() (*traceConfig, error) {
 			tc.top = 0
 		}
 	}
-	switch collector.SortKey(f.sort) {
-	case collector.SortBytes, collector.SortPackets:
-		tc.sort = collector.SortKey(f.sort)
+	switch flow.SortKey(f.sort) {
+	case flow.SortBytes, flow.SortPackets:
+		tc.sort = flow.SortKey(f.sort)
 	default:
 		return nil, usagef("--sort must be bytes or packets, got %q", f.sort)
 	}
@@ -210,7 +211,7 @@ func globsRegexp(globs []string) *regexp.Regexp {
 type jsonlRecord struct {
 	Type string `json:"type"` // interval, flow_start, summary
 	*report.Trace
-	*collector.FlowEvent
+	*flow.Event
 }
 
 func runTrace(ctx context.Context, f traceFlags) (err error) {
@@ -239,8 +240,8 @@ func runTrace(ctx context.Context, f traceFlags) (err error) {
 
 	out := &syncWriter{w: os.Stdout}
 	opts := report.Options{AttachMode: string(c.Mode()), Filter: tc.filter, FilterText: tc.filter.String(), Sort: tc.sort, Top: tc.top}
-	writeRecord := func(typ string, tr *report.Trace, ev *collector.FlowEvent) error {
-		b, err := json.Marshal(jsonlRecord{Type: typ, Trace: tr, FlowEvent: ev})
+	writeRecord := func(typ string, tr *report.Trace, ev *flow.Event) error {
+		b, err := json.Marshal(jsonlRecord{Type: typ, Trace: tr, Event: ev})
 		if err != nil {
 			return err
 		}
@@ -283,7 +284,7 @@ func runTrace(ctx context.Context, f traceFlags) (err error) {
 	statusTick := time.NewTicker(time.Second)
 	defer statusTick.Stop()
 
-	prev := &collector.Snapshot{Time: start}
+	prev := &flow.Snapshot{Time: start}
 loop:
 	for {
 		select {
@@ -338,7 +339,7 @@ loop:
 
 // streamEvents prints new flows as they start until the reader is closed.
 func streamEvents(rd *collector.EventReader, flt *filter.Filter, output string, out *syncWriter,
-	writeRecord func(string, *report.Trace, *collector.FlowEvent) error) {
+	writeRecord func(string, *report.Trace, *flow.Event) error) {
 	for {
 		ev, err := rd.Read()
 		if err != nil {
@@ -387,7 +388,7 @@ func newStatus(want bool) *status {
 	return &status{enabled: want && term.IsTerminal(int(os.Stderr.Fd()))}
 }
 
-func (s *status) show(snap *collector.Snapshot, elapsed time.Duration) {
+func (s *status) show(snap *flow.Snapshot, elapsed time.Duration) {
 	var nss, ifs int
 	var pk, by uint64
 	for _, ns := range snap.Namespaces {

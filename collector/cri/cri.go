@@ -21,7 +21,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
-	"github.com/nsflow/nsflow/collector"
+	"github.com/nsflow/nsflow/collector/flow"
 )
 
 // KnownEndpoints are tried, in order, when the endpoint is "auto".
@@ -41,9 +41,10 @@ func Detect() string {
 	return ""
 }
 
-// Setter is what the enricher feeds: a *collector.Collector.
+// Setter is what the enricher feeds (a *collector.Collector): an interface,
+// so that this package depends on the model (collector/flow), not the engine.
 type Setter interface {
-	SetPods(map[uint64]collector.PodInfo)
+	SetPods(map[uint64]flow.PodInfo)
 }
 
 // Config configures an Enricher.
@@ -65,7 +66,7 @@ type Enricher struct {
 
 	mu    sync.Mutex
 	conn  *grpc.ClientConn
-	pods  map[uint64]collector.PodInfo // last known: kept while the runtime is down
+	pods  map[uint64]flow.PodInfo // last known: kept while the runtime is down
 	up    bool
 	syncs uint64
 }
@@ -78,7 +79,7 @@ func New(set Setter, cfg Config) *Enricher {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	return &Enricher{cfg: cfg, set: set, log: cfg.Logger, kick: make(chan struct{}, 1), pods: map[uint64]collector.PodInfo{}}
+	return &Enricher{cfg: cfg, set: set, log: cfg.Logger, kick: make(chan struct{}, 1), pods: map[uint64]flow.PodInfo{}}
 }
 
 // Kick asks for a sync soon (e.g. a namespace appeared).
@@ -141,7 +142,7 @@ func (e *Enricher) Sync(ctx context.Context) error {
 		e.setUp(false)
 		return fmt.Errorf("list pod sandboxes: %w", err)
 	}
-	pods := map[uint64]collector.PodInfo{}
+	pods := map[uint64]flow.PodInfo{}
 	for _, sb := range list.Items {
 		st, err := client.PodSandboxStatus(ctx, &runtimeapi.PodSandboxStatusRequest{PodSandboxId: sb.Id, Verbose: true})
 		if err != nil {
@@ -156,7 +157,7 @@ func (e *Enricher) Sync(ctx context.Context) error {
 			continue
 		}
 		md := sb.Metadata
-		pods[s.Ino] = collector.PodInfo{Name: md.GetName(), Namespace: md.GetNamespace(), UID: md.GetUid()}
+		pods[s.Ino] = flow.PodInfo{Name: md.GetName(), Namespace: md.GetNamespace(), UID: md.GetUid()}
 	}
 	e.mu.Lock()
 	e.pods, e.up = pods, true

@@ -11,7 +11,7 @@ import (
 	"google.golang.org/grpc"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
-	"github.com/nsflow/nsflow/collector"
+	"github.com/nsflow/nsflow/collector/flow"
 )
 
 // fakeRuntime is a CRI server with one ready sandbox whose network
@@ -39,10 +39,10 @@ func (fakeRuntime) PodSandboxStatus(_ context.Context, r *runtimeapi.PodSandboxS
 
 type captured struct {
 	mu   sync.Mutex
-	pods map[uint64]collector.PodInfo
+	pods map[uint64]flow.PodInfo
 }
 
-func (c *captured) SetPods(p map[uint64]collector.PodInfo) {
+func (c *captured) SetPods(p map[uint64]flow.PodInfo) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.pods = p
@@ -67,7 +67,7 @@ func TestSync(t *testing.T) {
 	if err := unix.Stat("/proc/self/ns/net", &st); err != nil {
 		t.Fatal(err)
 	}
-	want := collector.PodInfo{Name: "web-1", Namespace: "shop", UID: "u1"}
+	want := flow.PodInfo{Name: "web-1", Namespace: "shop", UID: "u1"}
 	if len(got.pods) != 1 || got.pods[st.Ino] != want {
 		t.Fatalf("pods %+v, want only {%d: %+v} (a hostNetwork pod has no namespace of its own)", got.pods, st.Ino, want)
 	}

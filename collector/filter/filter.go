@@ -31,7 +31,7 @@ import (
 	"strings"
 	"unicode"
 
-	"github.com/nsflow/nsflow/collector"
+	"github.com/nsflow/nsflow/collector/flow"
 )
 
 // ErrSyntax is wrapped by every parse error.
@@ -48,7 +48,7 @@ func (f *Filter) String() string { return f.text }
 
 // Match reports whether the flow satisfies the filter. A nil Filter
 // matches everything.
-func (f *Filter) Match(fl *collector.Flow) bool {
+func (f *Filter) Match(fl *flow.Flow) bool {
 	if f == nil || f.expr == nil {
 		return true
 	}
@@ -77,20 +77,20 @@ func Parse(s string) (*Filter, error) {
 }
 
 type node interface {
-	match(*collector.Flow) bool
+	match(*flow.Flow) bool
 }
 
 type (
 	orNode  struct{ a, b node }
 	andNode struct{ a, b node }
 	notNode struct{ a node }
-	fnNode  func(*collector.Flow) bool
+	fnNode  func(*flow.Flow) bool
 )
 
-func (n orNode) match(f *collector.Flow) bool  { return n.a.match(f) || n.b.match(f) }
-func (n andNode) match(f *collector.Flow) bool { return n.a.match(f) && n.b.match(f) }
-func (n notNode) match(f *collector.Flow) bool { return !n.a.match(f) }
-func (n fnNode) match(f *collector.Flow) bool  { return n(f) }
+func (n orNode) match(f *flow.Flow) bool  { return n.a.match(f) || n.b.match(f) }
+func (n andNode) match(f *flow.Flow) bool { return n.a.match(f) && n.b.match(f) }
+func (n notNode) match(f *flow.Flow) bool { return !n.a.match(f) }
+func (n fnNode) match(f *flow.Flow) bool  { return n(f) }
 
 func lex(s string) ([]string, error) {
 	var toks []string
@@ -207,12 +207,12 @@ func (p *parser) not() (node, error) {
 	return p.primitive()
 }
 
-var protoNumbers = map[string]collector.Protocol{"tcp": 6, "udp": 17, "icmp": 1, "icmp6": 58, "icmpv6": 58, "sctp": 132}
+var protoNumbers = map[string]flow.Protocol{"tcp": 6, "udp": 17, "icmp": 1, "icmp6": 58, "icmpv6": 58, "sctp": 132}
 
 func (p *parser) primitive() (node, error) {
 	t := p.next()
 	if n, ok := protoNumbers[t]; ok {
-		return fnNode(func(f *collector.Flow) bool { return f.Protocol == n }), nil
+		return fnNode(func(f *flow.Flow) bool { return f.Protocol == n }), nil
 	}
 	switch t {
 	case "ip":
@@ -220,19 +220,19 @@ func (p *parser) primitive() (node, error) {
 			p.next()
 			return p.protoArg()
 		}
-		return fnNode(func(f *collector.Flow) bool { return f.Src.Is4() }), nil
+		return fnNode(func(f *flow.Flow) bool { return f.Src.Is4() }), nil
 	case "ip6":
 		if p.peek() == "proto" {
 			p.next()
 			return p.protoArg()
 		}
-		return fnNode(func(f *collector.Flow) bool { return f.Src.Is6() && !f.Src.Is4In6() }), nil
+		return fnNode(func(f *flow.Flow) bool { return f.Src.Is6() && !f.Src.Is4In6() }), nil
 	case "proto":
 		return p.protoArg()
 	case "rx", "inbound":
-		return fnNode(func(f *collector.Flow) bool { return f.Direction == collector.RX }), nil
+		return fnNode(func(f *flow.Flow) bool { return f.Direction == flow.RX }), nil
 	case "tx", "outbound":
-		return fnNode(func(f *collector.Flow) bool { return f.Direction == collector.TX }), nil
+		return fnNode(func(f *flow.Flow) bool { return f.Direction == flow.TX }), nil
 	case "src", "dst":
 		return p.qualified(t, p.next())
 	case "host", "net", "port", "portrange":
@@ -246,19 +246,19 @@ func (p *parser) primitive() (node, error) {
 func (p *parser) protoArg() (node, error) {
 	t := p.next()
 	if n, ok := protoNumbers[t]; ok {
-		return fnNode(func(f *collector.Flow) bool { return f.Protocol == n }), nil
+		return fnNode(func(f *flow.Flow) bool { return f.Protocol == n }), nil
 	}
 	v, err := strconv.ParseUint(t, 10, 8)
 	if err != nil {
 		return nil, p.errorf("proto wants a protocol name or a number 0-255, got %q", t)
 	}
-	n := collector.Protocol(v)
-	return fnNode(func(f *collector.Flow) bool { return f.Protocol == n }), nil
+	n := flow.Protocol(v)
+	return fnNode(func(f *flow.Flow) bool { return f.Protocol == n }), nil
 }
 
 // hasPorts reports whether the flow's port fields are ports (not ICMP type
 // and code).
-func hasPorts(f *collector.Flow) bool {
+func hasPorts(f *flow.Flow) bool {
 	switch f.Protocol {
 	case 6, 17, 132, 136:
 		return true
@@ -271,31 +271,31 @@ func (p *parser) qualified(dir, kind string) (node, error) {
 	if arg == "" {
 		return nil, p.errorf("%s needs an argument", kind)
 	}
-	var src, dst func(*collector.Flow) bool
+	var src, dst func(*flow.Flow) bool
 	switch kind {
 	case "host":
 		a, err := netip.ParseAddr(arg)
 		if err != nil {
 			return nil, p.errorf("host wants an IP address, got %q", arg)
 		}
-		src = func(f *collector.Flow) bool { return f.Src == a }
-		dst = func(f *collector.Flow) bool { return f.Dst == a }
+		src = func(f *flow.Flow) bool { return f.Src == a }
+		dst = func(f *flow.Flow) bool { return f.Dst == a }
 	case "net":
 		n, err := netip.ParsePrefix(arg)
 		if err != nil {
 			return nil, p.errorf("net wants a CIDR prefix, got %q", arg)
 		}
 		n = n.Masked()
-		src = func(f *collector.Flow) bool { return n.Contains(f.Src) }
-		dst = func(f *collector.Flow) bool { return n.Contains(f.Dst) }
+		src = func(f *flow.Flow) bool { return n.Contains(f.Src) }
+		dst = func(f *flow.Flow) bool { return n.Contains(f.Dst) }
 	case "port":
 		v, err := strconv.ParseUint(arg, 10, 16)
 		if err != nil {
 			return nil, p.errorf("port wants a number 0-65535, got %q", arg)
 		}
 		port := uint16(v)
-		src = func(f *collector.Flow) bool { return hasPorts(f) && f.SrcPort == port }
-		dst = func(f *collector.Flow) bool { return hasPorts(f) && f.DstPort == port }
+		src = func(f *flow.Flow) bool { return hasPorts(f) && f.SrcPort == port }
+		dst = func(f *flow.Flow) bool { return hasPorts(f) && f.DstPort == port }
 	case "portrange":
 		lo, hi, ok := strings.Cut(arg, "-")
 		l, err1 := strconv.ParseUint(lo, 10, 16)
@@ -304,8 +304,8 @@ func (p *parser) qualified(dir, kind string) (node, error) {
 			return nil, p.errorf("portrange wants LOW-HIGH, got %q", arg)
 		}
 		in := func(v uint16) bool { return uint64(v) >= l && uint64(v) <= h }
-		src = func(f *collector.Flow) bool { return hasPorts(f) && in(f.SrcPort) }
-		dst = func(f *collector.Flow) bool { return hasPorts(f) && in(f.DstPort) }
+		src = func(f *flow.Flow) bool { return hasPorts(f) && in(f.SrcPort) }
+		dst = func(f *flow.Flow) bool { return hasPorts(f) && in(f.DstPort) }
 	default:
 		return nil, p.errorf("%s must be followed by host, net, port or portrange, got %q", dir, kind)
 	}
@@ -315,5 +315,5 @@ func (p *parser) qualified(dir, kind string) (node, error) {
 	case "dst":
 		return fnNode(dst), nil
 	}
-	return fnNode(func(f *collector.Flow) bool { return src(f) || dst(f) }), nil
+	return fnNode(func(f *flow.Flow) bool { return src(f) || dst(f) }), nil
 }

@@ -6,16 +6,16 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/nsflow/nsflow/collector"
+	"github.com/nsflow/nsflow/collector/flow"
 )
 
-var flows = []collector.Flow{
-	{Protocol: 6, Src: netip.MustParseAddr("10.213.0.2"), Dst: netip.MustParseAddr("10.213.0.3"), SrcPort: 40000, DstPort: 80, Direction: collector.TX},
-	{Protocol: 17, Src: netip.MustParseAddr("10.213.0.3"), Dst: netip.MustParseAddr("10.213.0.2"), SrcPort: 53, DstPort: 5353, Direction: collector.RX},
-	{Protocol: 1, Src: netip.MustParseAddr("10.213.0.2"), Dst: netip.MustParseAddr("10.213.0.9"), SrcPort: 8, DstPort: 0, Direction: collector.TX},
-	{Protocol: 6, Src: netip.MustParseAddr("fd6e::2"), Dst: netip.MustParseAddr("fd6e::3"), SrcPort: 443, DstPort: 50000, Direction: collector.RX},
-	{Protocol: 58, Src: netip.MustParseAddr("fd6e::2"), Dst: netip.MustParseAddr("ff02::1"), SrcPort: 135, DstPort: 0, Direction: collector.TX},
-	{Protocol: 132, Src: netip.MustParseAddr("127.0.0.1"), Dst: netip.MustParseAddr("127.0.0.1"), SrcPort: 9000, DstPort: 9001, Direction: collector.TX},
+var flows = []flow.Flow{
+	{Key: flow.Key{Protocol: 6, Src: netip.MustParseAddr("10.213.0.2"), Dst: netip.MustParseAddr("10.213.0.3"), SrcPort: 40000, DstPort: 80, Direction: flow.TX}},
+	{Key: flow.Key{Protocol: 17, Src: netip.MustParseAddr("10.213.0.3"), Dst: netip.MustParseAddr("10.213.0.2"), SrcPort: 53, DstPort: 5353, Direction: flow.RX}},
+	{Key: flow.Key{Protocol: 1, Src: netip.MustParseAddr("10.213.0.2"), Dst: netip.MustParseAddr("10.213.0.9"), SrcPort: 8, DstPort: 0, Direction: flow.TX}},
+	{Key: flow.Key{Protocol: 6, Src: netip.MustParseAddr("fd6e::2"), Dst: netip.MustParseAddr("fd6e::3"), SrcPort: 443, DstPort: 50000, Direction: flow.RX}},
+	{Key: flow.Key{Protocol: 58, Src: netip.MustParseAddr("fd6e::2"), Dst: netip.MustParseAddr("ff02::1"), SrcPort: 135, DstPort: 0, Direction: flow.TX}},
+	{Key: flow.Key{Protocol: 132, Src: netip.MustParseAddr("127.0.0.1"), Dst: netip.MustParseAddr("127.0.0.1"), SrcPort: 9000, DstPort: 9001, Direction: flow.TX}},
 }
 
 func TestMatch(t *testing.T) {

@@ -11,32 +11,32 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/nsflow/nsflow/collector"
+	"github.com/nsflow/nsflow/collector/flow"
 )
 
 // Trace is the result of one trace: the traffic of the selected namespaces
 // between Start and End. Its JSON form is the document `nsflow trace
 // --output json` prints (documented in docs/OUTPUT.md).
 type Trace struct {
-	Start      time.Time       `json:"start"`
-	End        time.Time       `json:"end"`
-	Duration   float64         `json:"duration_seconds"`
-	AttachMode string          `json:"attach_mode"`
-	Filter     string          `json:"filter,omitempty"`
-	Sort       string          `json:"sort"`
-	Namespaces []Namespace     `json:"namespaces"`
-	Flows      []Flow          `json:"flows"`
-	FlowsShown int             `json:"flows_shown"`
-	FlowsTotal int             `json:"flows_total"`
-	Stats      collector.Stats `json:"stats"`
+	Start      time.Time   `json:"start"`
+	End        time.Time   `json:"end"`
+	Duration   float64     `json:"duration_seconds"`
+	AttachMode string      `json:"attach_mode"`
+	Filter     string      `json:"filter,omitempty"`
+	Sort       string      `json:"sort"`
+	Namespaces []Namespace `json:"namespaces"`
+	Flows      []Flow      `json:"flows"`
+	FlowsShown int         `json:"flows_shown"`
+	FlowsTotal int         `json:"flows_total"`
+	Stats      flow.Stats  `json:"stats"`
 }
 
 // Namespace is one namespace's totals, per interface.
 type Namespace struct {
-	Name       string             `json:"name"`
-	Inode      uint64             `json:"inode"`
-	Pod        *collector.PodInfo `json:"pod,omitempty"`
-	Interfaces []Interface        `json:"interfaces"`
+	Name       string        `json:"name"`
+	Inode      uint64        `json:"inode"`
+	Pod        *flow.PodInfo `json:"pod,omitempty"`
+	Interfaces []Interface   `json:"interfaces"`
 }
 
 // Interface is one interface's totals.
@@ -79,20 +79,20 @@ type Flow struct {
 type Options struct {
 	AttachMode string
 	// Filter keeps the flows it matches (the totals are never filtered).
-	Filter interface{ Match(*collector.Flow) bool }
+	Filter interface{ Match(*flow.Flow) bool }
 	// FilterText is the filter as given, for the output.
 	FilterText string
 	// Sort orders the flows; empty means by bytes.
-	Sort collector.SortKey
+	Sort flow.SortKey
 	// Top keeps the largest flows; 0 keeps all.
 	Top int
 }
 
 // NewTrace builds a Trace from a snapshot of the traffic between start and
 // the snapshot's time (a whole trace, or one interval of it: see Delta).
-func NewTrace(snap *collector.Snapshot, start time.Time, o Options) *Trace {
+func NewTrace(snap *flow.Snapshot, start time.Time, o Options) *Trace {
 	if o.Sort == "" {
-		o.Sort = collector.SortBytes
+		o.Sort = flow.SortBytes
 	}
 	secs := snap.Time.Sub(start).Seconds()
 	rate := func(v uint64, scale float64) float64 {
@@ -125,13 +125,13 @@ func NewTrace(snap *collector.Snapshot, start time.Time, o Options) *Trace {
 		}
 		t.Namespaces = append(t.Namespaces, n)
 	}
-	var flows []collector.Flow
+	var flows []flow.Flow
 	for i := range snap.Flows {
 		if f := &snap.Flows[i]; f.Packets > 0 && (o.Filter == nil || o.Filter.Match(f)) {
 			flows = append(flows, *f)
 		}
 	}
-	collector.SortFlows(flows, o.Sort)
+	flow.SortFlows(flows, o.Sort)
 	t.FlowsTotal = len(flows)
 	for i, f := range flows {
 		if o.Top > 0 && i >= o.Top {
@@ -152,23 +152,23 @@ func NewTrace(snap *collector.Snapshot, start time.Time, o Options) *Trace {
 // Delta returns the traffic between two snapshots of one collector: cur's
 // counters minus prev's, per interface and per flow. Flows evicted from the
 // map between the two are missing from cur and so from the delta.
-func Delta(prev, cur *collector.Snapshot) *collector.Snapshot {
+func Delta(prev, cur *flow.Snapshot) *flow.Snapshot {
 	type ifKey struct {
 		ino uint64
 		idx int
 	}
-	before := map[ifKey]collector.InterfaceStats{}
+	before := map[ifKey]flow.InterfaceStats{}
 	for _, ns := range prev.Namespaces {
 		for _, i := range ns.Interfaces {
 			before[ifKey{ns.Inode, i.Index}] = i
 		}
 	}
-	out := &collector.Snapshot{Time: cur.Time, Stats: cur.Stats}
-	sub := func(a, b collector.Counters) collector.Counters {
+	out := &flow.Snapshot{Time: cur.Time, Stats: cur.Stats}
+	sub := func(a, b flow.Counters) flow.Counters {
 		if a.Packets < b.Packets || a.Bytes < b.Bytes {
 			return a // counters restarted (e.g. the inode was reused)
 		}
-		return collector.Counters{Packets: a.Packets - b.Packets, Bytes: a.Bytes - b.Bytes}
+		return flow.Counters{Packets: a.Packets - b.Packets, Bytes: a.Bytes - b.Bytes}
 	}
 	for _, ns := range cur.Namespaces {
 		n := ns
@@ -183,20 +183,20 @@ func Delta(prev, cur *collector.Snapshot) *collector.Snapshot {
 	type flowKey struct {
 		ino          uint64
 		idx          int
-		dir          collector.Direction
-		proto        collector.Protocol
+		dir          flow.Direction
+		proto        flow.Protocol
 		src, dst     netip.Addr
 		sport, dport uint16
 	}
-	key := func(f *collector.Flow) flowKey {
+	key := func(f *flow.Flow) flowKey {
 		return flowKey{f.NetnsInode, f.Ifindex, f.Direction, f.Protocol, f.Src, f.Dst, f.SrcPort, f.DstPort}
 	}
-	prevFlows := map[flowKey]collector.Counters{}
+	prevFlows := map[flowKey]flow.Counters{}
 	for i := range prev.Flows {
-		prevFlows[key(&prev.Flows[i])] = collector.Counters{Packets: prev.Flows[i].Packets, Bytes: prev.Flows[i].Bytes}
+		prevFlows[key(&prev.Flows[i])] = flow.Counters{Packets: prev.Flows[i].Packets, Bytes: prev.Flows[i].Bytes}
 	}
 	for _, f := range cur.Flows {
-		c := sub(collector.Counters{Packets: f.Packets, Bytes: f.Bytes}, prevFlows[key(&f)])
+		c := sub(flow.Counters{Packets: f.Packets, Bytes: f.Bytes}, prevFlows[key(&f)])
 		if c.Packets == 0 {
 			continue
 		}

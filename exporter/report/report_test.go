@@ -11,39 +11,39 @@ import (
 
 	"github.com/santhosh-tekuri/jsonschema/v6"
 
-	"github.com/nsflow/nsflow/collector"
+	"github.com/nsflow/nsflow/collector/flow"
 )
 
 var update = flag.Bool("update", false, "rewrite the golden files")
 
-func fixture() *collector.Snapshot {
+func fixture() *flow.Snapshot {
 	t0 := time.Date(2026, 11, 24, 12, 0, 0, 0, time.UTC)
 	a4, b4 := netip.MustParseAddr("10.213.0.2"), netip.MustParseAddr("10.213.0.3")
 	lo := netip.MustParseAddr("127.0.0.1")
-	return &collector.Snapshot{
+	return &flow.Snapshot{
 		Time: t0.Add(10 * time.Second),
-		Namespaces: []collector.NamespaceStats{
-			{Name: "db", Inode: 4026532300, Interfaces: []collector.InterfaceStats{
-				{Name: "lo", Index: 1, State: collector.StateAttached},
-				{Name: "eth0", Index: 2, State: collector.StateAttached, RX: collector.Counters{Packets: 5, Bytes: 490}, TX: collector.Counters{Packets: 5, Bytes: 490}},
+		Namespaces: []flow.NamespaceStats{
+			{Name: "db", Inode: 4026532300, Interfaces: []flow.InterfaceStats{
+				{Name: "lo", Index: 1, State: flow.StateAttached},
+				{Name: "eth0", Index: 2, State: flow.StateAttached, RX: flow.Counters{Packets: 5, Bytes: 490}, TX: flow.Counters{Packets: 5, Bytes: 490}},
 			}},
-			{Name: "web", Inode: 4026532200, Interfaces: []collector.InterfaceStats{
-				{Name: "lo", Index: 1, State: collector.StateAttached, RX: collector.Counters{Packets: 40, Bytes: 3 << 20}, TX: collector.Counters{Packets: 40, Bytes: 3 << 20}},
-				{Name: "eth0", Index: 2, State: collector.StateAttached, RX: collector.Counters{Packets: 5, Bytes: 490}, TX: collector.Counters{Packets: 5, Bytes: 490}},
+			{Name: "web", Inode: 4026532200, Interfaces: []flow.InterfaceStats{
+				{Name: "lo", Index: 1, State: flow.StateAttached, RX: flow.Counters{Packets: 40, Bytes: 3 << 20}, TX: flow.Counters{Packets: 40, Bytes: 3 << 20}},
+				{Name: "eth0", Index: 2, State: flow.StateAttached, RX: flow.Counters{Packets: 5, Bytes: 490}, TX: flow.Counters{Packets: 5, Bytes: 490}},
 			}},
 		},
-		Flows: []collector.Flow{
-			{Netns: "web", NetnsInode: 4026532200, Interface: "lo", Ifindex: 1, Direction: collector.TX, Protocol: 6,
-				Src: lo, Dst: lo, SrcPort: 40000, DstPort: 8080, Packets: 20, Bytes: 3 << 19, TCPFlags: 0x1b,
+		Flows: []flow.Flow{
+			{Key: flow.Key{Netns: "web", NetnsInode: 4026532200, Interface: "lo", Ifindex: 1, Direction: flow.TX, Protocol: 6, Src: lo, Dst: lo, SrcPort: 40000, DstPort: 8080},
+				Packets: 20, Bytes: 3 << 19, TCPFlags: 0x1b,
 				FirstSeen: t0.Add(time.Second), LastSeen: t0.Add(2 * time.Second)},
-			{Netns: "web", NetnsInode: 4026532200, Interface: "eth0", Ifindex: 2, Direction: collector.TX, Protocol: 1,
-				Src: a4, Dst: b4, SrcPort: 8, DstPort: 0, Packets: 5, Bytes: 490,
+			{Key: flow.Key{Netns: "web", NetnsInode: 4026532200, Interface: "eth0", Ifindex: 2, Direction: flow.TX, Protocol: 1, Src: a4, Dst: b4, SrcPort: 8, DstPort: 0},
+				Packets: 5, Bytes: 490,
 				FirstSeen: t0.Add(time.Second), LastSeen: t0.Add(5 * time.Second)},
-			{Netns: "db", NetnsInode: 4026532300, Interface: "eth0", Ifindex: 2, Direction: collector.RX, Protocol: 17,
-				Src: a4, Dst: b4, SrcPort: 5353, DstPort: 53, Packets: 1, Bytes: 80,
+			{Key: flow.Key{Netns: "db", NetnsInode: 4026532300, Interface: "eth0", Ifindex: 2, Direction: flow.RX, Protocol: 17, Src: a4, Dst: b4, SrcPort: 5353, DstPort: 53},
+				Packets: 1, Bytes: 80,
 				FirstSeen: t0.Add(3 * time.Second), LastSeen: t0.Add(3 * time.Second)},
 		},
-		Stats: collector.Stats{FlowEntries: 3, FlowCapacity: 65536, FlowsCreated: 3},
+		Stats: flow.Stats{FlowEntries: 3, FlowCapacity: 65536, FlowsCreated: 3},
 	}
 }
 
@@ -89,17 +89,17 @@ func TestBytes(t *testing.T) {
 	}
 }
 
-type protoFilter collector.Protocol
+type protoFilter flow.Protocol
 
-func (p protoFilter) Match(f *collector.Flow) bool { return f.Protocol == collector.Protocol(p) }
+func (p protoFilter) Match(f *flow.Flow) bool { return f.Protocol == flow.Protocol(p) }
 
 func TestTraceOptions(t *testing.T) {
 	start := time.Date(2026, 11, 24, 12, 0, 0, 0, time.UTC)
-	tr := NewTrace(fixture(), start, Options{Filter: protoFilter(17), FilterText: "udp", Sort: collector.SortPackets})
+	tr := NewTrace(fixture(), start, Options{Filter: protoFilter(17), FilterText: "udp", Sort: flow.SortPackets})
 	if tr.FlowsTotal != 1 || tr.Flows[0].Protocol != "udp" || tr.Filter != "udp" || tr.Sort != "packets" {
 		t.Errorf("filtered trace: %+v", tr.Flows)
 	}
-	tr = NewTrace(fixture(), start, Options{Sort: collector.SortPackets})
+	tr = NewTrace(fixture(), start, Options{Sort: flow.SortPackets})
 	if tr.Flows[0].Packets != 20 || tr.Flows[1].Packets != 5 || tr.Flows[2].Packets != 1 {
 		t.Errorf("sort by packets: %+v", tr.Flows)
 	}
@@ -119,10 +119,10 @@ func TestDelta(t *testing.T) {
 	cur.Flows[0].Packets += 7
 	cur.Flows[0].Bytes += 700
 	d := Delta(prev, cur)
-	if got := d.Namespaces[1].Interfaces[0].TX; got != (collector.Counters{Packets: 7, Bytes: 700}) {
+	if got := d.Namespaces[1].Interfaces[0].TX; got != (flow.Counters{Packets: 7, Bytes: 700}) {
 		t.Errorf("interface delta %+v", got)
 	}
-	if got := d.Namespaces[0].Interfaces[1].RX; got != (collector.Counters{}) {
+	if got := d.Namespaces[0].Interfaces[1].RX; got != (flow.Counters{}) {
 		t.Errorf("idle interface delta %+v", got)
 	}
 	if len(d.Flows) != 1 || d.Flows[0].Packets != 7 || d.Flows[0].Bytes != 700 {

@@ -10,8 +10,8 @@ import (
 
 	tea "github.com/charmbracelet/bubbletea"
 
-	"github.com/nsflow/nsflow/collector"
 	"github.com/nsflow/nsflow/collector/filter"
+	"github.com/nsflow/nsflow/collector/flow"
 	"github.com/nsflow/nsflow/exporter/report"
 )
 
@@ -21,7 +21,7 @@ var SortKeys = []string{"rate", "packet-rate", "bytes", "packets"}
 // Config configures the view.
 type Config struct {
 	// Snapshot reads the collector.
-	Snapshot func() (*collector.Snapshot, error)
+	Snapshot func() (*flow.Snapshot, error)
 	// Interval between refreshes.
 	Interval time.Duration
 	// Filter is the initial flow filter (may be empty).
@@ -33,9 +33,9 @@ type Config struct {
 // Model is the bubbletea model of `nsflow top`.
 type Model struct {
 	cfg     Config
-	prev    *collector.Snapshot
-	cur     *collector.Snapshot
-	delta   *collector.Snapshot
+	prev    *flow.Snapshot
+	cur     *flow.Snapshot
+	delta   *flow.Snapshot
 	err     error
 	sortIdx int
 	filter  *filter.Filter
@@ -49,7 +49,7 @@ type Model struct {
 type tickMsg time.Time
 
 type snapMsg struct {
-	snap *collector.Snapshot
+	snap *flow.Snapshot
 	err  error
 }
 
@@ -148,7 +148,7 @@ func (m *Model) Sort() string { return SortKeys[m.sortIdx] }
 
 // row is a flow with its current rates.
 type row struct {
-	f           collector.Flow
+	f           flow.Flow
 	bps, pps    float64
 	total, pkts uint64
 }
@@ -182,7 +182,7 @@ func (m *Model) View() string {
 
 	// Namespaces: current rates from the delta, totals from the snapshot.
 	fmt.Fprintf(&b, "\n%-24s %-12s %12s %12s %10s %10s %12s %12s\n", "NETNS", "INTERFACE", "RX RATE", "TX RATE", "RX PKT/S", "TX PKT/S", "RX TOTAL", "TX TOTAL")
-	deltaIf := map[[2]uint64]collector.InterfaceStats{}
+	deltaIf := map[[2]uint64]flow.InterfaceStats{}
 	if m.delta != nil {
 		for _, ns := range m.delta.Namespaces {
 			for _, i := range ns.Interfaces {
@@ -206,7 +206,7 @@ func (m *Model) View() string {
 	}
 
 	// Flows.
-	deltaFlows := map[flowID]collector.Flow{}
+	deltaFlows := map[flowID]flow.Flow{}
 	if m.delta != nil {
 		for _, f := range m.delta.Flows {
 			deltaFlows[id(&f)] = f
@@ -261,13 +261,13 @@ func (m *Model) View() string {
 type flowID struct {
 	ino          uint64
 	idx          int
-	dir          collector.Direction
-	proto        collector.Protocol
+	dir          flow.Direction
+	proto        flow.Protocol
 	src, dst     string
 	sport, dport uint16
 }
 
-func id(f *collector.Flow) flowID {
+func id(f *flow.Flow) flowID {
 	return flowID{f.NetnsInode, f.Ifindex, f.Direction, f.Protocol, f.Src.String(), f.Dst.String(), f.SrcPort, f.DstPort}
 }
 

@@ -8,19 +8,19 @@ import (
 
 	tea "github.com/charmbracelet/bubbletea"
 
-	"github.com/nsflow/nsflow/collector"
+	"github.com/nsflow/nsflow/collector/flow"
 )
 
-func snap(at time.Time, udp, tcp uint64) *collector.Snapshot {
+func snap(at time.Time, udp, tcp uint64) *flow.Snapshot {
 	a, b := netip.MustParseAddr("10.213.0.2"), netip.MustParseAddr("10.213.0.3")
-	return &collector.Snapshot{
+	return &flow.Snapshot{
 		Time: at,
-		Namespaces: []collector.NamespaceStats{{Name: "web", Inode: 7, Interfaces: []collector.InterfaceStats{
-			{Name: "eth0", Index: 2, TX: collector.Counters{Packets: udp + tcp, Bytes: 100*udp + 1500*tcp}},
+		Namespaces: []flow.NamespaceStats{{Name: "web", Inode: 7, Interfaces: []flow.InterfaceStats{
+			{Name: "eth0", Index: 2, TX: flow.Counters{Packets: udp + tcp, Bytes: 100*udp + 1500*tcp}},
 		}}},
-		Flows: []collector.Flow{
-			{Netns: "web", NetnsInode: 7, Interface: "eth0", Ifindex: 2, Direction: collector.TX, Protocol: 17, Src: a, Dst: b, SrcPort: 1, DstPort: 53, Packets: udp, Bytes: 100 * udp},
-			{Netns: "web", NetnsInode: 7, Interface: "eth0", Ifindex: 2, Direction: collector.TX, Protocol: 6, Src: a, Dst: b, SrcPort: 2, DstPort: 80, Packets: tcp, Bytes: 1500 * tcp},
+		Flows: []flow.Flow{
+			{Key: flow.Key{Netns: "web", NetnsInode: 7, Interface: "eth0", Ifindex: 2, Direction: flow.TX, Protocol: 17, Src: a, Dst: b, SrcPort: 1, DstPort: 53}, Packets: udp, Bytes: 100 * udp},
+			{Key: flow.Key{Netns: "web", NetnsInode: 7, Interface: "eth0", Ifindex: 2, Direction: flow.TX, Protocol: 6, Src: a, Dst: b, SrcPort: 2, DstPort: 80}, Packets: tcp, Bytes: 1500 * tcp},
 		},
 	}
 }

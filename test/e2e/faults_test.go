@@ -15,6 +15,7 @@ import (
 	"github.com/vishvananda/netns"
 
 	"github.com/nsflow/nsflow/collector"
+	"github.com/nsflow/nsflow/collector/flow"
 	"github.com/nsflow/nsflow/test/podns"
 	"github.com/nsflow/nsflow/test/testenv"
 )
@@ -149,7 +150,7 @@ func TestFaultRenameAndMove(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	got := nsflowCounts(snap, map[uint64]string{inoA: a.NetnsPath})[point{inoA, "eth9", collector.RX}].Packets
+	got := nsflowCounts(snap, map[uint64]string{inoA: a.NetnsPath})[point{inoA, "eth9", flow.RX}].Packets
 	if got < before+3 {
 		t.Errorf("eth9 (was eth0) rx %d packets, want its old %d plus at least 3", got, before)
 	}
@@ -159,7 +160,7 @@ func TestFaultRenameAndMove(t *testing.T) {
 	if err := nl.LinkAdd(veth); err != nil {
 		t.Fatal(err)
 	}
-	waitUntil(t, 5*time.Second, "mv1 attached in a", func() bool { return ifaceState(c, inoA, "mv1") == collector.StateAttached })
+	waitUntil(t, 5*time.Second, "mv1 attached in a", func() bool { return ifaceState(c, inoA, "mv1") == flow.StateAttached })
 	mv1, err := nl.LinkByName("mv1")
 	if err != nil {
 		t.Fatal(err)
@@ -173,7 +174,7 @@ func TestFaultRenameAndMove(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitUntil(t, 5*time.Second, "mv1 released in a and attached in b", func() bool {
-		return ifaceState(c, inoA, "mv1") == collector.StateDetached && ifaceState(c, inoB, "mv1") == collector.StateAttached
+		return ifaceState(c, inoA, "mv1") == flow.StateDetached && ifaceState(c, inoB, "mv1") == flow.StateAttached
 	})
 	if n := tcxPrograms(t, b); n != 6 { // lo, eth0, mv1
 		t.Errorf("%d tcx programs in b, want 6", n)
@@ -193,7 +194,7 @@ func ifaceName(c *collector.Collector, ino uint64, idx int) string {
 	return ""
 }
 
-func ifaceState(c *collector.Collector, ino uint64, name string) collector.AttachState {
+func ifaceState(c *collector.Collector, ino uint64, name string) flow.AttachState {
 	for _, ns := range c.Interfaces() {
 		if ns.Inode == ino {
 			for _, i := range ns.Interfaces {

@@ -12,6 +12,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/nsflow/nsflow/collector"
+	"github.com/nsflow/nsflow/collector/flow"
 	"github.com/nsflow/nsflow/test/podns"
 	"github.com/nsflow/nsflow/test/testenv"
 )
@@ -131,7 +132,7 @@ func rxPackets(t *testing.T, c *collector.Collector, p *podns.Pod) uint64 {
 		t.Fatal(err)
 	}
 	ino := inodeOf(t, p)
-	return nsflowCounts(snap, map[uint64]string{ino: p.NetnsPath})[point{ino, "eth0", collector.RX}].Packets
+	return nsflowCounts(snap, map[uint64]string{ino: p.NetnsPath})[point{ino, "eth0", flow.RX}].Packets
 }
 
 // pingFails runs ping from one pod to another and reports whether every

@@ -9,21 +9,22 @@ import (
 	"github.com/vishvananda/netns"
 
 	"github.com/nsflow/nsflow/collector"
+	"github.com/nsflow/nsflow/collector/flow"
 )
 
 // ethHeader is the Ethernet header nsflow counts in bytes and the kernel's
-// lo counters leave out (see collector.Counters).
+// lo counters leave out (see flow.Counters).
 const ethHeader = 14
 
 // point is an observation point: namespace inode, interface name, direction.
 type point struct {
 	inode uint64
 	iface string
-	dir   collector.Direction
+	dir   flow.Direction
 }
 
 // counts maps observation points to packets and bytes.
-type counts map[point]collector.Counters
+type counts map[point]flow.Counters
 
 // kernelCounts reads the kernel's own interface counters inside each
 // namespace, converted to nsflow's byte definition (lo: + 14 per packet).
@@ -54,23 +55,23 @@ func kernelCounts(t *testing.T, paths map[uint64]string) counts {
 				rxb += ethHeader * s.RxPackets
 				txb += ethHeader * s.TxPackets
 			}
-			out[point{ino, a.Name, collector.RX}] = collector.Counters{Packets: s.RxPackets, Bytes: rxb}
-			out[point{ino, a.Name, collector.TX}] = collector.Counters{Packets: s.TxPackets, Bytes: txb}
+			out[point{ino, a.Name, flow.RX}] = flow.Counters{Packets: s.RxPackets, Bytes: rxb}
+			out[point{ino, a.Name, flow.TX}] = flow.Counters{Packets: s.TxPackets, Bytes: txb}
 		}
 	}
 	return out
 }
 
 // nsflowCounts flattens a snapshot's totals for the given namespaces.
-func nsflowCounts(snap *collector.Snapshot, paths map[uint64]string) counts {
+func nsflowCounts(snap *flow.Snapshot, paths map[uint64]string) counts {
 	out := counts{}
 	for _, ns := range snap.Namespaces {
 		if _, ok := paths[ns.Inode]; !ok {
 			continue
 		}
 		for _, i := range ns.Interfaces {
-			out[point{ns.Inode, i.Name, collector.RX}] = i.RX
-			out[point{ns.Inode, i.Name, collector.TX}] = i.TX
+			out[point{ns.Inode, i.Name, flow.RX}] = i.RX
+			out[point{ns.Inode, i.Name, flow.TX}] = i.TX
 		}
 	}
 	return out
@@ -113,7 +114,7 @@ func delta(start, end counts) counts {
 	out := counts{}
 	for k, v := range end {
 		s := start[k]
-		out[k] = collector.Counters{Packets: v.Packets - s.Packets, Bytes: v.Bytes - s.Bytes}
+		out[k] = flow.Counters{Packets: v.Packets - s.Packets, Bytes: v.Bytes - s.Bytes}
 	}
 	return out
 }

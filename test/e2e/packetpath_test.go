@@ -18,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/nsflow/nsflow/collector"
+	"github.com/nsflow/nsflow/collector/flow"
 	"github.com/nsflow/nsflow/test/podns"
 	"github.com/nsflow/nsflow/test/testenv"
 )
@@ -108,15 +109,15 @@ func testPacketPath(t *testing.T, mode collector.Mode, a, b *podns.Pod) {
 			t.Errorf("%s: counted by nsflow, unknown to the kernel", p)
 		}
 	}
-	for _, p := range []point{{inoA, "lo", collector.TX}, {inoA, "eth0", collector.TX}, {inoB, "eth0", collector.RX}} {
+	for _, p := range []point{{inoA, "lo", flow.TX}, {inoA, "eth0", flow.TX}, {inoB, "eth0", flow.RX}} {
 		if kd[p].Packets == 0 {
 			t.Errorf("%s: no traffic seen: the test sent none?", p)
 		}
 	}
 	t.Logf("%s: pod a lo %+v/%+v eth0 %+v/%+v; pod b lo %+v eth0 %+v/%+v (rx/tx, equal to the kernel's)", mode,
-		cd[point{inoA, "lo", collector.RX}], cd[point{inoA, "lo", collector.TX}],
-		cd[point{inoA, "eth0", collector.RX}], cd[point{inoA, "eth0", collector.TX}],
-		cd[point{inoB, "lo", collector.RX}], cd[point{inoB, "eth0", collector.RX}], cd[point{inoB, "eth0", collector.TX}])
+		cd[point{inoA, "lo", flow.RX}], cd[point{inoA, "lo", flow.TX}],
+		cd[point{inoA, "eth0", flow.RX}], cd[point{inoA, "eth0", flow.TX}],
+		cd[point{inoB, "lo", flow.RX}], cd[point{inoB, "eth0", flow.RX}], cd[point{inoB, "eth0", flow.TX}])
 
 	// 2. Flows match the traffic the test sent.
 	snap, err := c.Snapshot()
@@ -124,9 +125,9 @@ func testPacketPath(t *testing.T, mode collector.Mode, a, b *podns.Pod) {
 		t.Fatal(err)
 	}
 	flows := snap.Flows
-	expect := func(ino uint64, iface string, dir collector.Direction, proto string, src, dst netip.Addr, sport, dport int, packets, bytes uint64) {
+	expect := func(ino uint64, iface string, dir flow.Direction, proto string, src, dst netip.Addr, sport, dport int, packets, bytes uint64) {
 		t.Helper()
-		var got []collector.Flow
+		var got []flow.Flow
 		for _, f := range flows {
 			if f.NetnsInode == ino && f.Interface == iface && f.Direction == dir && f.Protocol.String() == proto &&
 				f.Src == src && f.Dst == dst && (sport < 0 || int(f.SrcPort) == sport) && int(f.DstPort) == dport {
@@ -143,23 +144,23 @@ func testPacketPath(t *testing.T, mode collector.Mode, a, b *podns.Pod) {
 		}
 	}
 	// ping: echo request (type 8 / 128) out of a and into b, 5 each; replies back.
-	expect(inoA, "eth0", collector.TX, "icmp", a.IPv4, b.IPv4, 8, 0, 5, 5*(84+ethHeader))
-	expect(inoB, "eth0", collector.RX, "icmp", a.IPv4, b.IPv4, 8, 0, 5, 5*(84+ethHeader))
-	expect(inoB, "eth0", collector.TX, "icmp", b.IPv4, a.IPv4, 0, 0, 5, 5*(84+ethHeader))
-	expect(inoA, "eth0", collector.TX, "icmpv6", a.IPv6, b.IPv6, 128, 0, 5, 5*(104+ethHeader))
-	expect(inoA, "eth0", collector.RX, "icmpv6", b.IPv6, a.IPv6, 129, 0, 5, 5*(104+ethHeader))
+	expect(inoA, "eth0", flow.TX, "icmp", a.IPv4, b.IPv4, 8, 0, 5, 5*(84+ethHeader))
+	expect(inoB, "eth0", flow.RX, "icmp", a.IPv4, b.IPv4, 8, 0, 5, 5*(84+ethHeader))
+	expect(inoB, "eth0", flow.TX, "icmp", b.IPv4, a.IPv4, 0, 0, 5, 5*(84+ethHeader))
+	expect(inoA, "eth0", flow.TX, "icmpv6", a.IPv6, b.IPv6, 128, 0, 5, 5*(104+ethHeader))
+	expect(inoA, "eth0", flow.RX, "icmpv6", b.IPv6, a.IPv6, 129, 0, 5, 5*(104+ethHeader))
 	// UDP datagrams, exactly as sent, on both ends of the wire.
 	for _, ino := range []uint64{inoA, inoB} {
-		dir := collector.TX
+		dir := flow.TX
 		if ino == inoB {
-			dir = collector.RX
+			dir = flow.RX
 		}
 		expect(ino, "eth0", dir, "udp", a.IPv4, b.IPv4, -1, 9000, 40, 40*(100+udpHeader+ipv4Header+ethHeader))
 		expect(ino, "eth0", dir, "udp", a.IPv6, b.IPv6, -1, 9001, 20, 20*(200+udpHeader+ipv6Header+ethHeader))
 	}
 	// Loopback between two processes of pod a: seen leaving and entering lo.
 	lo4, lo6 := netip.MustParseAddr("127.0.0.1"), netip.MustParseAddr("::1")
-	for _, dir := range []collector.Direction{collector.TX, collector.RX} {
+	for _, dir := range []flow.Direction{flow.TX, flow.RX} {
 		expect(inoA, "lo", dir, "udp", lo4, lo4, -1, 9101, 30, 30*(64+udpHeader+ipv4Header+ethHeader))
 		expect(inoA, "lo", dir, "udp", lo6, lo6, -1, 9102, 20, 20*(300+udpHeader+ipv6Header+ethHeader))
 	}
@@ -173,7 +174,7 @@ func testPacketPath(t *testing.T, mode collector.Mode, a, b *podns.Pod) {
 	}{{inoA, "eth0", a.IPv4, netip.AddrPortFrom(b.IPv4, 9002), 1 << 20}, {inoA, "lo", lo4, netip.MustParseAddrPort("127.0.0.1:9100"), 256 << 10}} {
 		found := false
 		for _, fl := range flows {
-			if fl.NetnsInode == f.ino && fl.Interface == f.iface && fl.Direction == collector.TX && fl.Protocol.String() == "tcp" &&
+			if fl.NetnsInode == f.ino && fl.Interface == f.iface && fl.Direction == flow.TX && fl.Protocol.String() == "tcp" &&
 				fl.Src == f.src && fl.Dst == f.dst.Addr() && fl.DstPort == f.dst.Port() {
 				found = true
 				if fl.Bytes < f.min {
@@ -190,8 +191,8 @@ func testPacketPath(t *testing.T, mode collector.Mode, a, b *podns.Pod) {
 	}
 	// 3. On lo (no ARP, no neighbour discovery) every packet is in a flow:
 	// the flows of an observation point add up to its exact total.
-	for _, dir := range []collector.Direction{collector.TX, collector.RX} {
-		var sum collector.Counters
+	for _, dir := range []flow.Direction{flow.TX, flow.RX} {
+		var sum flow.Counters
 		for _, f := range flows {
 			if f.NetnsInode == inoA && f.Interface == "lo" && f.Direction == dir {
 				sum.Packets += f.Packets

@@ -12,6 +12,7 @@ import (
 	"github.com/cilium/ebpf"
 
 	"github.com/nsflow/nsflow/collector"
+	"github.com/nsflow/nsflow/collector/flow"
 	"github.com/nsflow/nsflow/test/podns"
 	"github.com/nsflow/nsflow/test/testenv"
 )
@@ -27,7 +28,7 @@ func TestServePinRestart(t *testing.T) {
 	pods := newPods(t, "10.213.126.0/24", "e2e-pin-a")
 	a := pods[0]
 	byIno := map[uint64]*podns.Pod{inodeOf(t, a): a}
-	lo := point{inodeOf(t, a), "lo", collector.TX}
+	lo := point{inodeOf(t, a), "lo", flow.TX}
 
 	seriesUp := func(srv *server) {
 		waitUntil(t, 10*time.Second, "pod a in /metrics", func() bool {

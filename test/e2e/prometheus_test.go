@@ -24,7 +24,7 @@ import (
 
 	"golang.org/x/crypto/bcrypt"
 
-	"github.com/nsflow/nsflow/collector"
+	"github.com/nsflow/nsflow/collector/flow"
 	"github.com/nsflow/nsflow/test/testenv"
 )
 
@@ -45,7 +45,7 @@ func TestPrometheusScrapes(t *testing.T) {
 	})
 	udpExchange(t, a, a, netip.MustParseAddrPort("127.0.0.1:9300"), 42, 10)
 	paths := map[uint64]string{inodeOf(t, a): a.NetnsPath}
-	kernel := kernelCounts(t, paths)[point{inodeOf(t, a), "lo", collector.TX}]
+	kernel := kernelCounts(t, paths)[point{inodeOf(t, a), "lo", flow.TX}]
 
 	dir := t.TempDir()
 	promPort := freePort(t)

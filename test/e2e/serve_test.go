@@ -11,7 +11,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 
-	"github.com/nsflow/nsflow/collector"
+	"github.com/nsflow/nsflow/collector/flow"
 	"github.com/nsflow/nsflow/test/podns"
 	"github.com/nsflow/nsflow/test/testenv"
 )
@@ -21,11 +21,11 @@ func scrapeCounts(s samples, pods map[uint64]*podns.Pod, ifaces []string) counts
 	out := counts{}
 	for ino, p := range pods {
 		for _, i := range ifaces {
-			for _, d := range []collector.Direction{collector.RX, collector.TX} {
+			for _, d := range []flow.Direction{flow.RX, flow.TX} {
 				pk, ok1 := s[pointSeries("nsflow_packets_total", p.Name, i, string(d))]
 				by, ok2 := s[pointSeries("nsflow_bytes_total", p.Name, i, string(d))]
 				if ok1 && ok2 {
-					out[point{ino, i, d}] = collector.Counters{Packets: uint64(pk), Bytes: uint64(by)}
+					out[point{ino, i, d}] = flow.Counters{Packets: uint64(pk), Bytes: uint64(by)}
 				}
 			}
 		}
@@ -87,11 +87,11 @@ func TestServe(t *testing.T) {
 		}
 	}
 	inoA := inodeOf(t, a)
-	if kd[point{inoA, "lo", collector.TX}].Packets == 0 || kd[point{inoA, "eth0", collector.TX}].Packets == 0 {
+	if kd[point{inoA, "lo", flow.TX}].Packets == 0 || kd[point{inoA, "eth0", flow.TX}].Packets == 0 {
 		t.Errorf("no traffic measured: %+v", kd)
 	}
 	t.Logf("scraped deltas equal to the kernel's: a lo tx %+v, a eth0 tx %+v, b eth0 rx %+v",
-		sd[point{inoA, "lo", collector.TX}], sd[point{inoA, "eth0", collector.TX}], sd[point{inodeOf(t, b), "eth0", collector.RX}])
+		sd[point{inoA, "lo", flow.TX}], sd[point{inoA, "eth0", flow.TX}], sd[point{inodeOf(t, b), "eth0", flow.RX}])
 
 	if code, body := srv.get("/-/healthy"); code != 200 || body != "ok\n" {
 		t.Errorf("/-/healthy: %d %q", code, body)

@@ -8,7 +8,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nsflow/nsflow/collector"
+	"github.com/nsflow/nsflow/collector/flow"
 	"github.com/nsflow/nsflow/test/podns"
 	"github.com/nsflow/nsflow/test/testenv"
 )
@@ -115,7 +115,7 @@ func TestChurnSoak(t *testing.T) {
 			t.Errorf("survivor %s after churn: /metrics %+v, kernel %+v", p, sd[p], want)
 		}
 	}
-	lo := point{inodeOf(t, survivors[0]), "lo", collector.TX}
+	lo := point{inodeOf(t, survivors[0]), "lo", flow.TX}
 	if kd[lo].Packets < uint64(cycles) {
 		t.Errorf("survivor lo tx %d packets, want at least %d", kd[lo].Packets, cycles)
 	}

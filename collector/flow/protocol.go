@@ -1,4 +1,4 @@
-package collector
+package flow
 
 import (
 	"encoding/json"
