@@ -1,6 +1,8 @@
-// Package collector attaches nsflow's TC programs to every interface of the
-// observed network namespaces, follows interfaces as they appear and vanish
-// (netlink events), and reads the BPF maps into snapshots.
+// Package collector is nsflow's engine: it loads the BPF programs, keeps
+// the registry of observed network namespaces and their interfaces
+// (attaching through collector/attach, following link events through
+// collector/linkwatch), and reads the maps into snapshots (collector/flow)
+// and flow events. collector/discovery decides which namespaces it observes.
 package collector
 
 import (
@@ -18,13 +20,15 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/nsflow/nsflow/bpf"
+	"github.com/nsflow/nsflow/collector/attach"
 	"github.com/nsflow/nsflow/collector/flow"
+	"github.com/nsflow/nsflow/collector/linkwatch"
 )
 
 // Config configures a Collector.
 type Config struct {
-	// Mode selects the attach mechanism; empty means ModeAuto.
-	Mode Mode
+	// Mode selects the attach mechanism; empty means attach.ModeAuto.
+	Mode attach.Mode
 	// FlowEntries is the flow map's capacity; 0 means bpf.DefaultFlowEntries.
 	FlowEntries uint32
 	// NoFlows keeps only the exact per-interface totals.
@@ -49,15 +53,15 @@ type Collector struct {
 	cfg  Config
 
 	mu         sync.Mutex
-	mode       Mode // resolved: ModeTCX or ModeClsact
-	att        attacher
+	mode       attach.Mode // resolved: ModeTCX or ModeClsact
+	att        attach.Attacher
 	namespaces map[uint64]*namespace
 	closed     bool
 	// flowsDeleted counts flow entries removed by Prune, so that LRU
 	// evictions can be told apart from deliberate deletions.
 	flowsDeleted uint64
 	attachErrors map[string]uint64
-	pins         *pinnedLinks // nil without PinPath
+	pins         *attach.Pins // nil without PinPath
 	lastFlows    int          // flows in the last snapshot: the next one's capacity
 	pods         map[uint64]flow.PodInfo
 	onAdd        func()
@@ -90,7 +94,7 @@ type namespace struct {
 	handle netns.NsHandle
 	nl     *netlink.Handle
 	ifaces map[int]*iface
-	watch  *linkWatch // guarded by Collector.mu
+	watch  *linkwatch.Watch // guarded by Collector.mu
 	stop   chan struct{}
 	done   chan struct{}
 	gone   time.Time
@@ -101,7 +105,7 @@ type iface struct {
 	name    string
 	state   flow.AttachState
 	err     error
-	att     attachment
+	att     attach.Attachment
 	progIDs []ebpf.ProgramID // of its stubs, while attached
 	gone    time.Time        // when the interface was deleted; zero while it exists
 }
@@ -109,9 +113,9 @@ type iface struct {
 // New loads the BPF programs and maps; nothing is attached yet.
 func New(cfg Config) (*Collector, error) {
 	if cfg.Mode == "" {
-		cfg.Mode = ModeAuto
+		cfg.Mode = attach.ModeAuto
 	}
-	if _, err := ParseMode(string(cfg.Mode)); err != nil {
+	if _, err := attach.ParseMode(string(cfg.Mode)); err != nil {
 		return nil, err
 	}
 	if cfg.Logger == nil {
@@ -121,9 +125,9 @@ func New(cfg Config) (*Collector, error) {
 		return nil, err
 	}
 	opts := bpf.Options{FlowEntries: cfg.FlowEntries, NoFlows: cfg.NoFlows, Events: cfg.Events}
-	var pins *pinnedLinks
+	var pins *attach.Pins
 	if cfg.PinPath != "" {
-		dir, err := preparePins(cfg.PinPath, cfg.Logger)
+		dir, err := attach.PreparePins(cfg.PinPath, cfg.Logger)
 		if err != nil {
 			return nil, err
 		}
@@ -131,13 +135,13 @@ func New(cfg Config) (*Collector, error) {
 		opts.OnReplace = func(name string, why error) {
 			cfg.Logger.Warn("pinned map incompatible with this version: replacing it (its counts restart)", "map", name, "reason", why)
 		}
-		if pins, err = loadPinnedLinks(filepath.Join(dir, "links"), cfg.Logger); err != nil {
+		if pins, err = attach.LoadPins(filepath.Join(dir, "links"), cfg.Logger); err != nil {
 			return nil, err
 		}
 	}
 	objs, err := bpf.Load(opts)
 	if err != nil {
-		pins.releasePending()
+		pins.ReleasePending()
 		return nil, fmt.Errorf("%w (nsflow needs Linux 6.3+ with BTF)", err)
 	}
 	c := &Collector{
@@ -153,12 +157,12 @@ func New(cfg Config) (*Collector, error) {
 	return c, nil
 }
 
-func (c *Collector) setMode(m Mode) {
+func (c *Collector) setMode(m attach.Mode) {
 	c.mode = m
-	if m == ModeClsact {
-		c.att = &clsactAttacher{keep: c.pins != nil}
+	if m == attach.ModeClsact {
+		c.att = attach.NewClsact(c.pins != nil)
 	} else {
-		c.att = &tcxAttacher{pins: c.pins}
+		c.att = attach.NewTCX(c.pins)
 	}
 }
 
@@ -168,7 +172,7 @@ func (c *Collector) setMode(m Mode) {
 // after the grace period, like those of an interface removed while this
 // process runs. Call it once discovery has observed everything.
 func (c *Collector) DropStalePins() int {
-	n := c.pins.dropPending()
+	n := c.pins.DropPending()
 	if n > 0 {
 		c.log.Info("released stale pinned links", "links", n)
 	}
@@ -196,11 +200,11 @@ func (c *Collector) DropStalePins() int {
 
 // Mode returns the attach mechanism in use. Under ModeAuto it is ModeTCX
 // until an attach finds the kernel without TCX, then ModeClsact.
-func (c *Collector) Mode() Mode {
+func (c *Collector) Mode() attach.Mode {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.mode == ModeAuto {
-		return ModeTCX
+	if c.mode == attach.ModeAuto {
+		return attach.ModeTCX
 	}
 	return c.mode
 }
@@ -254,7 +258,7 @@ func (c *Collector) Add(t Target) (uint64, error) {
 		ifaces: map[int]*iface{}, stop: make(chan struct{}), done: make(chan struct{}),
 	}
 	// Subscribe before listing, so that no interface added in between is missed.
-	if ns.watch, err = openLinkWatch(h); err != nil {
+	if ns.watch, err = linkwatch.Open(h); err != nil {
 		nl.Close()
 		h.Close()
 		return 0, fmt.Errorf("subscribe to link events in netns %s: %w", t.Name, err)
@@ -304,7 +308,7 @@ func (c *Collector) follow(ns *namespace) {
 	c.mu.Unlock()
 	backoff := 10 * time.Millisecond
 	for {
-		err := w.run(func(u netlink.LinkUpdate) { c.apply(ns, u) })
+		err := w.Run(func(u netlink.LinkUpdate) { c.apply(ns, u) })
 		select {
 		case <-ns.stop:
 			return
@@ -313,7 +317,7 @@ func (c *Collector) follow(ns *namespace) {
 		c.log.Warn("link events", "netns", ns.name, "err", err)
 		w.Close()
 		for {
-			if w, err = openLinkWatch(ns.handle); err == nil {
+			if w, err = linkwatch.Open(ns.handle); err == nil {
 				break
 			}
 			c.log.Warn("resubscribe to link events", "netns", ns.name, "err", err, "retry_in", backoff)
@@ -400,17 +404,17 @@ func (c *Collector) attachLocked(ns *namespace, index int, name string) error {
 		return nil
 	}
 	progs, ids, err := c.stubsLocked(ns.inode, index)
-	var att attachment
+	var att attach.Attachment
 	if err == nil {
-		att, err = c.att.attach(ns.handle, ns.nl, ns.inode, index, progs)
-		if err != nil && c.mode == ModeAuto && errors.Is(err, ebpf.ErrNotSupported) {
+		att, err = c.att.Attach(ns.handle, ns.nl, ns.inode, index, progs)
+		if err != nil && c.mode == attach.ModeAuto && errors.Is(err, ebpf.ErrNotSupported) {
 			c.log.Info("kernel without TCX: falling back to clsact + cls_bpf")
-			c.setMode(ModeClsact)
-			att, err = c.att.attach(ns.handle, ns.nl, ns.inode, index, progs)
+			c.setMode(attach.ModeClsact)
+			att, err = c.att.Attach(ns.handle, ns.nl, ns.inode, index, progs)
 		}
 		// Attached, the kernel holds the stubs; this process needs no fd.
-		progs.ingress.Close()
-		progs.egress.Close()
+		progs.Ingress.Close()
+		progs.Egress.Close()
 	}
 	i := &iface{index: index, name: name, state: flow.StateAttached, att: att, progIDs: ids}
 	if err != nil {
@@ -426,7 +430,7 @@ func (c *Collector) attachLocked(ns *namespace, index int, name string) error {
 
 // stubsLocked loads the stubs for the two hooks of one interface, each
 // counting into its own observation point's slot of totals.
-func (c *Collector) stubsLocked(inode uint64, index int) (hookPrograms, []ebpf.ProgramID, error) {
+func (c *Collector) stubsLocked(inode uint64, index int) (attach.Programs, []ebpf.ProgramID, error) {
 	var progs [2]*ebpf.Program
 	var ids []ebpf.ProgramID
 	for _, dir := range []bpf.Direction{bpf.RX, bpf.TX} {
@@ -436,7 +440,7 @@ func (c *Collector) stubsLocked(inode uint64, index int) (hookPrograms, []ebpf.P
 			if progs[bpf.RX] != nil {
 				progs[bpf.RX].Close()
 			}
-			return hookPrograms{}, nil, err
+			return attach.Programs{}, nil, err
 		}
 		delete(c.orphans, key) // claimed again
 		progs[dir] = p
@@ -446,7 +450,7 @@ func (c *Collector) stubsLocked(inode uint64, index int) (hookPrograms, []ebpf.P
 			}
 		}
 	}
-	return hookPrograms{ingress: progs[bpf.RX], egress: progs[bpf.TX]}, ids, nil
+	return attach.Programs{Ingress: progs[bpf.RX], Egress: progs[bpf.TX]}, ids, nil
 }
 
 func (c *Collector) detachLocked(ns *namespace, index int, why string) {
@@ -455,7 +459,7 @@ func (c *Collector) detachLocked(ns *namespace, index int, why string) {
 		return
 	}
 	if i.att != nil {
-		if err := i.att.close(); err != nil {
+		if err := i.att.Close(); err != nil {
 			c.log.Warn("detach", "netns", ns.name, "interface", i.name, "err", err)
 		}
 		i.att = nil
@@ -484,7 +488,7 @@ func (c *Collector) remove(inode uint64, keep bool) {
 	ns.gone = time.Now()
 	for idx, i := range ns.ifaces {
 		if keep && i.att != nil {
-			if err := i.att.release(); err != nil {
+			if err := i.att.Release(); err != nil {
 				c.log.Warn("release", "netns", ns.name, "interface", i.name, "err", err)
 			}
 			i.att = nil
@@ -598,7 +602,7 @@ func (c *Collector) Close() error {
 	for _, ino := range live {
 		c.remove(ino, c.pins != nil)
 	}
-	c.pins.releasePending()
+	c.pins.ReleasePending()
 	return c.objs.Close()
 }
 

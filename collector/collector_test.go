@@ -12,6 +12,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/nsflow/nsflow/collector"
+	"github.com/nsflow/nsflow/collector/attach"
 	"github.com/nsflow/nsflow/collector/flow"
 	"github.com/nsflow/nsflow/test/podns"
 	"github.com/nsflow/nsflow/test/testenv"
@@ -62,17 +63,6 @@ func TestParseTarget(t *testing.T) {
 	}
 }
 
-func TestParseMode(t *testing.T) {
-	for _, s := range []string{"auto", "tcx", "clsact", "TCX"} {
-		if _, err := collector.ParseMode(s); err != nil {
-			t.Errorf("%s: %v", s, err)
-		}
-	}
-	if _, err := collector.ParseMode("xdp"); err == nil {
-		t.Error("xdp accepted")
-	}
-}
-
 // waitFor polls a condition on the collector's own state (no sleeping for
 // the kernel): the attach happens on a netlink event, asynchronously.
 func waitFor(t *testing.T, what string, cond func() bool) {
@@ -102,7 +92,7 @@ func ifaceState(c *collector.Collector, name string) flow.AttachState {
 // when it goes.
 func TestFollowsInterfaces(t *testing.T) {
 	testenv.RequireRoot(t)
-	for _, mode := range []collector.Mode{collector.ModeTCX, collector.ModeClsact} {
+	for _, mode := range []attach.Mode{attach.ModeTCX, attach.ModeClsact} {
 		t.Run(string(mode), func(t *testing.T) {
 			name := "col-follow-" + string(mode)
 			p, err := podns.Create(podns.Config{}, name, podns.Options{Subnet: netip.MustParsePrefix("10.213.110.0/24")})

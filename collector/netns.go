@@ -10,8 +10,6 @@ import (
 
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
-
-	"github.com/nsflow/nsflow/collector/nsenter"
 )
 
 // ErrNamespaceNotFound is returned when a namespace selector names nothing.
@@ -104,6 +102,3 @@ func inode(h netns.NsHandle) (uint64, error) {
 	}
 	return st.Ino, nil
 }
-
-// inNetns runs fn inside ns (see package nsenter).
-func inNetns(ns netns.NsHandle, fn func() error) error { return nsenter.Do(ns, fn) }

@@ -12,6 +12,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/nsflow/nsflow/collector"
+	"github.com/nsflow/nsflow/collector/attach"
 	"github.com/nsflow/nsflow/collector/flow"
 )
 
@@ -33,7 +34,7 @@ type Source interface {
 	Totals() (*flow.Snapshot, error)
 	Interfaces() []collector.NamespaceInfo
 	AttachErrors() map[string]uint64
-	Mode() collector.Mode
+	Mode() attach.Mode
 }
 
 // Exporter is a prometheus.Collector over a Source.

@@ -14,6 +14,7 @@ import (
 	"github.com/prometheus/common/expfmt"
 
 	"github.com/nsflow/nsflow/collector"
+	"github.com/nsflow/nsflow/collector/attach"
 	"github.com/nsflow/nsflow/collector/flow"
 )
 
@@ -27,7 +28,7 @@ func (f fakeSource) Totals() (*flow.Snapshot, error) {
 	s.Flows = nil
 	return &s, nil
 }
-func (f fakeSource) Mode() collector.Mode { return collector.ModeTCX }
+func (f fakeSource) Mode() attach.Mode { return attach.ModeTCX }
 func (f fakeSource) AttachErrors() map[string]uint64 {
 	m := map[string]uint64{}
 	for _, r := range flow.AttachErrorReasons {

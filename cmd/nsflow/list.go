@@ -13,8 +13,8 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/nsflow/nsflow/collector"
 	"github.com/nsflow/nsflow/collector/cri"
+	"github.com/nsflow/nsflow/collector/discovery"
 	"github.com/nsflow/nsflow/collector/flow"
 )
 
@@ -32,7 +32,7 @@ func newListCmd() *cobra.Command {
 			if output != "table" && output != "json" {
 				return usagef("--output must be table or json, got %q", output)
 			}
-			cfg := collector.DiscoveryConfig{Host: host, Proc: proc}
+			cfg := discovery.Config{Host: host, Proc: proc}
 			var err error
 			if include != "" {
 				if cfg.Include, err = regexp.Compile(include); err != nil {
@@ -45,7 +45,7 @@ func newListCmd() *cobra.Command {
 				}
 			}
 			pods := podsOnce(cmd.Context(), criEndpoint)
-			nss, err := collector.List(cfg, pods)
+			nss, err := discovery.List(cfg, pods)
 			if err != nil {
 				return err
 			}

@@ -23,7 +23,9 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/nsflow/nsflow/collector"
+	"github.com/nsflow/nsflow/collector/attach"
 	"github.com/nsflow/nsflow/collector/cri"
+	"github.com/nsflow/nsflow/collector/discovery"
 	"github.com/nsflow/nsflow/exporter"
 )
 
@@ -74,7 +76,7 @@ the BPF maps at scrape time. SIGTERM or Ctrl-C detaches everything and exits.`,
 	fl.StringVar(&f.exclude, "netns.exclude", "", "skip namespaces whose name matches this regular expression")
 	fl.DurationVar(&f.grace, "netns.grace-period", 5*time.Minute, "keep the series of a deleted namespace this long, so its last increments are scraped")
 	fl.DurationVar(&f.resync, "netns.resync-interval", 30*time.Second, "safety-net full rescan interval (discovery is event driven)")
-	fl.StringVar(&f.attachMode, "attach-mode", string(collector.ModeAuto), "how to attach: auto, tcx or clsact")
+	fl.StringVar(&f.attachMode, "attach-mode", string(attach.ModeAuto), "how to attach: auto, tcx or clsact")
 	fl.Uint32Var(&f.flowEntries, "flow-entries", 65536, "capacity of the flow map")
 	fl.BoolVar(&f.flows, "flows", false, "export per-flow series (nsflow_flow_*_total)")
 	fl.IntVar(&f.maxFlowSeries, "flows.max-series", 1000, "at most this many flows per scrape, largest first")
@@ -83,20 +85,20 @@ the BPF maps at scrape time. SIGTERM or Ctrl-C detaches everything and exits.`,
 	fl.DurationVar(&f.criInterval, "cri.interval", 10*time.Second, "resync period of pod identities (new namespaces trigger one at once)")
 	fl.BoolVar(&f.pprof, "web.enable-pprof", false, "serve Go profiling endpoints under /debug/pprof/ (off by default: they expose internals)")
 	fl.BoolVar(&f.pin, "pin", false, "pin maps and links on the bpffs: counting goes on while nsflow restarts or upgrades, and the next serve adopts them")
-	fl.StringVar(&f.pinPath, "pin.path", collector.DefaultPinPath, "bpffs directory for --pin (bpffs is mounted at /sys/fs/bpf if absent)")
+	fl.StringVar(&f.pinPath, "pin.path", attach.DefaultPinPath, "bpffs directory for --pin (bpffs is mounted at /sys/fs/bpf if absent)")
 	return cmd
 }
 
 type serveConfig struct {
-	mode      collector.Mode
-	discovery collector.DiscoveryConfig
+	mode      attach.Mode
+	discovery discovery.Config
 	level     slog.Level
 }
 
 func (f *serveFlags) validate() (serveConfig, error) {
 	var sc serveConfig
 	var err error
-	if sc.mode, err = collector.ParseMode(f.attachMode); err != nil {
+	if sc.mode, err = attach.ParseMode(f.attachMode); err != nil {
 		return sc, usagef("--attach-mode: %v", err)
 	}
 	if err := sc.level.UnmarshalText([]byte(f.logLevel)); err != nil {
@@ -131,7 +133,7 @@ func (f *serveFlags) validate() (serveConfig, error) {
 	if f.maxFlowSeries < 0 {
 		return sc, usagef("--flows.max-series must not be negative")
 	}
-	sc.discovery = collector.DiscoveryConfig{Host: f.host, Proc: f.proc, Resync: f.resync}
+	sc.discovery = discovery.Config{Host: f.host, Proc: f.proc, Resync: f.resync}
 	for _, re := range []struct {
 		flag, expr string
 		dst        **regexp.Regexp
@@ -170,7 +172,7 @@ func runServe(ctx context.Context, f serveFlags) (err error) {
 			log.Info("detached everything, exiting")
 		}
 	}()
-	d, err := collector.NewDiscovery(c, sc.discovery)
+	d, err := discovery.New(c, sc.discovery)
 	if err != nil {
 		return err
 	}

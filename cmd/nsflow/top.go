@@ -11,7 +11,7 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
 
-	"github.com/nsflow/nsflow/collector"
+	"github.com/nsflow/nsflow/collector/attach"
 	"github.com/nsflow/nsflow/exporter/tui"
 )
 
@@ -51,7 +51,7 @@ trace-style interval tables instead.`,
 	fl.StringArrayVarP(&f.exclude, "exclude", "x", nil, "with --all or patterns: skip namespaces whose name matches this glob pattern (repeatable)")
 	fl.DurationVarP(&f.interval, "interval", "i", time.Second, "refresh interval")
 	fl.StringVarP(&f.filter, "filter", "f", "", "flow filter (pcap-filter subset; also accepted as trailing arguments)")
-	fl.StringVar(&f.attachMode, "attach-mode", string(collector.ModeAuto), "how to attach: auto, tcx or clsact")
+	fl.StringVar(&f.attachMode, "attach-mode", string(attach.ModeAuto), "how to attach: auto, tcx or clsact")
 	fl.Uint32Var(&f.flowEntries, "flow-entries", 65536, "capacity of the flow map")
 	fl.StringVar(&f.criEndpoint, "cri.endpoint", "auto", "container runtime CRI socket for pod names (auto, none or unix:///path)")
 	f.output, f.sort, f.top = "table", "bytes", -1

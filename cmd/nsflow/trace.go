@@ -18,7 +18,9 @@ import (
 	"golang.org/x/term"
 
 	"github.com/nsflow/nsflow/collector"
+	"github.com/nsflow/nsflow/collector/attach"
 	"github.com/nsflow/nsflow/collector/cri"
+	"github.com/nsflow/nsflow/collector/discovery"
 	"github.com/nsflow/nsflow/collector/filter"
 	"github.com/nsflow/nsflow/collector/flow"
 	"github.com/nsflow/nsflow/exporter/report"
@@ -88,7 +90,7 @@ are never filtered.`,
 	fl.StringVar(&f.sort, "sort", "bytes", "order flows by bytes or packets")
 	fl.StringVarP(&f.filter, "filter", "f", "", "flow filter (pcap-filter subset; also accepted as trailing arguments)")
 	fl.BoolVarP(&f.events, "events", "e", false, "print every new flow as it starts")
-	fl.StringVar(&f.attachMode, "attach-mode", string(collector.ModeAuto), "how to attach: auto, tcx or clsact")
+	fl.StringVar(&f.attachMode, "attach-mode", string(attach.ModeAuto), "how to attach: auto, tcx or clsact")
 	fl.Uint32Var(&f.flowEntries, "flow-entries", 65536, "capacity of the flow map (flows beyond it are evicted, totals stay exact)")
 	fl.BoolVarP(&f.verbose, "verbose", "v", false, "log attach events to stderr")
 	fl.StringVar(&f.criEndpoint, "cri.endpoint", "auto", "container runtime CRI socket for pod names (auto, none or unix:///path)")
@@ -99,11 +101,11 @@ are never filtered.`,
 type traceConfig struct {
 	targets   []collector.Target
 	patterns  []string
-	mode      collector.Mode
+	mode      attach.Mode
 	filter    *filter.Filter
 	sort      flow.SortKey
 	top       int
-	discovery *collector.DiscoveryConfig
+	discovery *discovery.Config
 }
 
 func (f *traceFlags) validate() (*traceConfig, error) {
@@ -146,7 +148,7 @@ func (f *traceFlags) validate() (*traceConfig, error) {
 		return nil, usagef("--cri.endpoint must be auto, none or unix:///path, got %q", f.criEndpoint)
 	}
 	var err error
-	if tc.mode, err = collector.ParseMode(f.attachMode); err != nil {
+	if tc.mode, err = attach.ParseMode(f.attachMode); err != nil {
 		return nil, usagef("--attach-mode: %v", err)
 	}
 	if tc.filter, err = filter.Parse(f.filter); err != nil {
@@ -175,7 +177,7 @@ func (f *traceFlags) validate() (*traceConfig, error) {
 		return nil, usagef("--exclude applies to --all and --netns patterns")
 	}
 	if f.all || len(tc.patterns) > 0 {
-		dc := &collector.DiscoveryConfig{Host: f.all, Proc: true}
+		dc := &discovery.Config{Host: f.all, Proc: true}
 		if !f.all {
 			dc.Include = globsRegexp(tc.patterns)
 		}
@@ -447,7 +449,7 @@ func openSession(ctx context.Context, tc *traceConfig, f traceFlags, log *slog.L
 	}
 	if tc.discovery != nil {
 		tc.discovery.Logger = log
-		d, err := collector.NewDiscovery(c, *tc.discovery)
+		d, err := discovery.New(c, *tc.discovery)
 		if err != nil {
 			return nil, errors.Join(err, s.Close())
 		}

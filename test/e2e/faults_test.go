@@ -15,6 +15,7 @@ import (
 	"github.com/vishvananda/netns"
 
 	"github.com/nsflow/nsflow/collector"
+	"github.com/nsflow/nsflow/collector/attach"
 	"github.com/nsflow/nsflow/collector/flow"
 	"github.com/nsflow/nsflow/test/podns"
 	"github.com/nsflow/nsflow/test/testenv"
@@ -119,7 +120,7 @@ func TestFaultRenameAndMove(t *testing.T) {
 	testenv.RequireRoot(t)
 	pods := newPods(t, "10.213.133.0/24", "e2e-fr-a", "e2e-fr-b")
 	a, b := pods[0], pods[1]
-	c := observe(t, collector.ModeTCX, a, b)
+	c := observe(t, attach.ModeTCX, a, b)
 	inoA, inoB := inodeOf(t, a), inodeOf(t, b)
 
 	nl, err := a.Netlink()

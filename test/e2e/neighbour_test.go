@@ -12,6 +12,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/nsflow/nsflow/collector"
+	"github.com/nsflow/nsflow/collector/attach"
 	"github.com/nsflow/nsflow/collector/flow"
 	"github.com/nsflow/nsflow/test/podns"
 	"github.com/nsflow/nsflow/test/testenv"
@@ -110,7 +111,7 @@ func eth0Ingress(t *testing.T, p *podns.Pod) int {
 	return n
 }
 
-func observe(t *testing.T, mode collector.Mode, pods ...*podns.Pod) *collector.Collector {
+func observe(t *testing.T, mode attach.Mode, pods ...*podns.Pod) *collector.Collector {
 	t.Helper()
 	c, err := collector.New(collector.Config{Mode: mode})
 	if err != nil {
@@ -155,7 +156,7 @@ func TestNeighbourTCXProgram(t *testing.T) {
 	prog, counter := foreignCounter(t)
 	attachForeignTCX(t, a, prog)
 
-	c := observe(t, collector.ModeTCX, a)
+	c := observe(t, attach.ModeTCX, a)
 	if n := eth0Ingress(t, a); n != 2 {
 		t.Fatalf("%d programs on a's eth0 ingress, want the foreign one and nsflow's", n)
 	}
@@ -187,7 +188,7 @@ func TestNeighbourTCXDrop(t *testing.T) {
 	pods := newPods(t, "10.213.129.0/24", "e2e-nd-a", "e2e-nd-b")
 	a, b := pods[0], pods[1]
 	drop := attachForeignTCX(t, b, foreignDropper(t))
-	c := observe(t, collector.ModeTCX, b)
+	c := observe(t, attach.ModeTCX, b)
 	before := rxPackets(t, c, b)
 	if !pingFails(t, a, b, "3") {
 		t.Fatal("ping succeeded: nsflow overrode the foreign drop")
@@ -240,7 +241,7 @@ func TestNeighbourClsactFilter(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	c := observe(t, collector.ModeClsact, b)
+	c := observe(t, attach.ModeClsact, b)
 	before := rxPackets(t, c, b)
 	if !pingFails(t, a, b, "3") {
 		t.Fatal("ping succeeded: the foreign drop filter was bypassed")

@@ -18,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/nsflow/nsflow/collector"
+	"github.com/nsflow/nsflow/collector/attach"
 	"github.com/nsflow/nsflow/collector/flow"
 	"github.com/nsflow/nsflow/test/podns"
 	"github.com/nsflow/nsflow/test/testenv"
@@ -53,12 +54,12 @@ func newPods(t *testing.T, subnet string, names ...string) []*podns.Pod {
 func TestPacketPath(t *testing.T) {
 	testenv.RequireRoot(t)
 	pods := newPods(t, "10.213.100.0/24", "e2e-pp-a", "e2e-pp-b")
-	for _, mode := range []collector.Mode{collector.ModeTCX, collector.ModeClsact} {
+	for _, mode := range []attach.Mode{attach.ModeTCX, attach.ModeClsact} {
 		t.Run(string(mode), func(t *testing.T) { testPacketPath(t, mode, pods[0], pods[1]) })
 	}
 }
 
-func testPacketPath(t *testing.T, mode collector.Mode, a, b *podns.Pod) {
+func testPacketPath(t *testing.T, mode attach.Mode, a, b *podns.Pod) {
 	c, err := collector.New(collector.Config{Mode: mode})
 	if err != nil {
 		t.Fatalf("load: %v", err)

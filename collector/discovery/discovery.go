@@ -1,4 +1,8 @@
-package collector
+// Package discovery finds the network namespaces of a node as they come and
+// go (bind mounts in the netns directories, processes under /proc, the
+// host's own) and makes an Observer (a *collector.Collector) observe exactly
+// those. Scan and List find them once, without a collector.
+package discovery
 
 import (
 	"context"
@@ -8,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -16,17 +21,19 @@ import (
 	"github.com/fsnotify/fsnotify"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/nsflow/nsflow/collector"
 )
 
-// DiscoveryConfig selects the namespaces a Discovery observes.
-type DiscoveryConfig struct {
+// Config selects the namespaces a Discovery observes.
+type Config struct {
 	// Host observes the namespace nsflow itself runs in (the node's, for a
 	// DaemonSet with hostNetwork). When false, processes in that namespace
 	// (hostNetwork pods) are not observed either: they are not a namespace
 	// of their own.
 	Host bool
 	// NetnsDirs are watched for `ip netns` / CNI bind mounts; nil means
-	// the package's NetnsDirs.
+	// collector.NetnsDirs.
 	NetnsDirs []string
 	// Proc observes the namespaces of processes found under ProcDir.
 	Proc bool
@@ -43,16 +50,27 @@ type DiscoveryConfig struct {
 	Logger *slog.Logger
 }
 
-// Discovery finds network namespaces as they come and go and makes a
-// Collector observe them.
+// Observer is what a Discovery drives: a *collector.Collector.
+type Observer interface {
+	// Add starts observing a namespace and returns its inode (0 when it
+	// could not be opened).
+	Add(collector.Target) (uint64, error)
+	// Remove stops observing the namespace of that inode.
+	Remove(inode uint64)
+	// Rename changes the name the namespace is reported under.
+	Rename(inode uint64, name string)
+}
+
+// Discovery finds network namespaces as they come and go and makes an
+// Observer observe them.
 type Discovery struct {
-	c   *Collector
-	cfg DiscoveryConfig
+	o   Observer
+	sc  *scanner
+	cfg Config
 	log *slog.Logger
 
-	hostIno uint64
-	kick    chan struct{}
-	ready   chan struct{}
+	kick  chan struct{}
+	ready chan struct{}
 
 	mu    sync.Mutex
 	known map[uint64]string // inode → name it is observed under
@@ -60,26 +78,14 @@ type Discovery struct {
 	scans uint64
 }
 
-// NewDiscovery prepares discovery for c; Run starts it.
-func NewDiscovery(c *Collector, cfg DiscoveryConfig) (*Discovery, error) {
-	if cfg.NetnsDirs == nil {
-		cfg.NetnsDirs = NetnsDirs
-	}
-	if cfg.ProcDir == "" {
-		cfg.ProcDir = "/proc"
-	}
-	if cfg.Resync <= 0 {
-		cfg.Resync = 30 * time.Second
-	}
-	if cfg.Logger == nil {
-		cfg.Logger = slog.New(slog.DiscardHandler)
-	}
-	host, err := nsInode("/proc/self/ns/net")
+// New prepares discovery for o (a *collector.Collector); Run starts it.
+func New(o Observer, cfg Config) (*Discovery, error) {
+	sc, err := newScanner(cfg)
 	if err != nil {
-		return nil, fmt.Errorf("own network namespace: %w", err)
+		return nil, err
 	}
 	return &Discovery{
-		c: c, cfg: cfg, log: cfg.Logger, hostIno: host,
+		o: o, sc: sc, cfg: sc.cfg, log: sc.cfg.Logger,
 		kick: make(chan struct{}, 1), ready: make(chan struct{}),
 		known: map[uint64]string{}, pids: map[int]uint64{},
 	}, nil
@@ -181,7 +187,7 @@ func (d *Discovery) procEvent(ev netlink.ProcEvent) {
 		// A process that unshared its network namespace (or was cloned
 		// into one) and exec'd: a new namespace if its inode is unknown.
 		ino, err := nsInode(filepath.Join(d.cfg.ProcDir, strconv.Itoa(int(m.ProcessTgid)), "ns/net"))
-		if err != nil || ino == d.hostIno {
+		if err != nil || ino == d.sc.hostIno {
 			return
 		}
 		d.mu.Lock()
@@ -203,78 +209,131 @@ func (d *Discovery) procEvent(ev netlink.ProcEvent) {
 	}
 }
 
-// found is a namespace seen by a scan.
-type found struct {
-	target Target
-	pids   []int
+// Found is a namespace a scan found.
+type Found struct {
+	Target collector.Target
+	Inode  uint64
+	// Pids are the processes in the namespace (with Config.Proc), lowest
+	// first; a namespace found only through them is named pid:LOWEST.
+	Pids []int
+}
+
+// scanner lists the namespaces a configuration selects.
+type scanner struct {
+	cfg     Config
+	hostIno uint64
+	// nsInode is the package's nsInode; tests replace it.
+	nsInode func(path string) (uint64, error)
+}
+
+func newScanner(cfg Config) (*scanner, error) {
+	if cfg.NetnsDirs == nil {
+		cfg.NetnsDirs = collector.NetnsDirs
+	}
+	if cfg.ProcDir == "" {
+		cfg.ProcDir = "/proc"
+	}
+	if cfg.Resync <= 0 {
+		cfg.Resync = 30 * time.Second
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	host, err := nsInode("/proc/self/ns/net")
+	if err != nil {
+		return nil, fmt.Errorf("own network namespace: %w", err)
+	}
+	return &scanner{cfg: cfg, hostIno: host, nsInode: nsInode}, nil
+}
+
+// Scan lists the namespaces cfg selects once, sorted by name, without
+// observing them (what `nsflow list` shows).
+func Scan(cfg Config) ([]Found, error) {
+	sc, err := newScanner(cfg)
+	if err != nil {
+		return nil, err
+	}
+	m := sc.scan()
+	out := make([]Found, 0, len(m))
+	for _, f := range m {
+		out = append(out, *f)
+	}
+	sort.Slice(out, func(a, b int) bool { return out[a].Target.Name < out[b].Target.Name })
+	return out, nil
 }
 
 // scan lists every namespace the configuration selects, keyed by inode.
-func (d *Discovery) scan() map[uint64]*found {
-	out := map[uint64]*found{}
-	if d.cfg.Host {
-		out[d.hostIno] = &found{target: Target{Name: HostName, Path: "/proc/self/ns/net"}}
+func (s *scanner) scan() map[uint64]*Found {
+	out := map[uint64]*Found{}
+	if s.cfg.Host {
+		out[s.hostIno] = &Found{Target: collector.Target{Name: collector.HostName, Path: "/proc/self/ns/net"}, Inode: s.hostIno}
 	}
-	for _, dir := range d.cfg.NetnsDirs {
+	for _, dir := range s.cfg.NetnsDirs {
 		ents, err := os.ReadDir(dir)
 		if err != nil {
 			continue
 		}
 		for _, e := range ents {
 			p := filepath.Join(dir, e.Name())
-			ino, err := nsInode(p)
-			if err != nil || ino == d.hostIno {
+			ino, err := s.nsInode(p)
+			if err != nil || ino == s.hostIno {
 				continue // not (yet) a mounted namespace
 			}
 			if _, ok := out[ino]; !ok {
-				out[ino] = &found{target: Target{Name: e.Name(), Path: p}}
+				out[ino] = &Found{Target: collector.Target{Name: e.Name(), Path: p}, Inode: ino}
 			}
 		}
 	}
-	if d.cfg.Proc {
-		ents, _ := os.ReadDir(d.cfg.ProcDir)
+	if s.cfg.Proc {
+		ents, _ := os.ReadDir(s.cfg.ProcDir)
 		for _, e := range ents {
 			pid, err := strconv.Atoi(e.Name())
 			if err != nil {
 				continue
 			}
-			p := filepath.Join(d.cfg.ProcDir, e.Name(), "ns/net")
-			ino, err := nsInode(p)
-			if err != nil || ino == d.hostIno {
+			ino, err := s.nsInode(filepath.Join(s.cfg.ProcDir, e.Name(), "ns/net"))
+			if err != nil || ino == s.hostIno {
 				continue // gone, kernel thread, or not ours to read
 			}
 			f, ok := out[ino]
 			if !ok {
-				f = &found{target: Target{Name: "pid:" + e.Name(), Path: p}}
+				f = &Found{Inode: ino}
 				out[ino] = f
 			}
-			f.pids = append(f.pids, pid)
+			f.Pids = append(f.Pids, pid)
 		}
 	}
 	for ino, f := range out {
-		if !d.selected(f.target.Name) {
+		// ReadDir sorts by name: "10" before "9". A namespace found only
+		// through its processes is named after the lowest pid.
+		sort.Ints(f.Pids)
+		if f.Target.Name == "" {
+			pid := strconv.Itoa(f.Pids[0])
+			f.Target = collector.Target{Name: "pid:" + pid, Path: filepath.Join(s.cfg.ProcDir, pid, "ns/net")}
+		}
+		if !s.selected(f.Target.Name) {
 			delete(out, ino)
 		}
 	}
 	return out
 }
 
-func (d *Discovery) selected(name string) bool {
-	if d.cfg.Include != nil && !d.cfg.Include.MatchString(name) {
+func (s *scanner) selected(name string) bool {
+	if s.cfg.Include != nil && !s.cfg.Include.MatchString(name) {
 		return false
 	}
-	return d.cfg.Exclude == nil || !d.cfg.Exclude.MatchString(name)
+	return s.cfg.Exclude == nil || !s.cfg.Exclude.MatchString(name)
 }
 
-// reconcile makes the collector observe exactly what a scan finds.
+// reconcile makes the observer observe exactly what a scan finds.
 func (d *Discovery) reconcile() {
-	now := d.scan()
+	now := d.sc.scan()
 	d.mu.Lock()
 	d.scans++
 	d.pids = map[int]uint64{}
 	for ino, f := range now {
-		if strings.HasPrefix(f.target.Name, "pid:") {
-			for _, pid := range f.pids {
+		if strings.HasPrefix(f.Target.Name, "pid:") {
+			for _, pid := range f.Pids {
 				d.pids[pid] = ino
 			}
 		}
@@ -286,36 +345,36 @@ func (d *Discovery) reconcile() {
 			delete(d.known, ino)
 		}
 	}
-	var added []*found
+	var added []*Found
 	for ino, f := range now {
 		name, ok := d.known[ino]
 		switch {
 		case !ok:
 			added = append(added, f)
-		case strings.HasPrefix(name, "pid:") && !strings.HasPrefix(f.target.Name, "pid:"):
+		case strings.HasPrefix(name, "pid:") && !strings.HasPrefix(f.Target.Name, "pid:"):
 			// A process namespace that got a name (bind-mounted later).
-			d.c.Rename(ino, f.target.Name)
-			d.known[ino] = f.target.Name
+			d.o.Rename(ino, f.Target.Name)
+			d.known[ino] = f.Target.Name
 		}
 	}
 	d.mu.Unlock()
 
 	for _, ino := range gone {
-		d.c.Remove(ino)
+		d.o.Remove(ino)
 	}
 	for _, f := range added {
-		ino, err := d.c.Add(f.target)
+		ino, err := d.o.Add(f.Target)
 		if ino == 0 {
 			// The namespace vanished between the scan and the attach, or
 			// cannot be opened: the next event or rescan settles it.
-			d.log.Debug("namespace not observed", "netns", f.target.Name, "err", err)
+			d.log.Debug("namespace not observed", "netns", f.Target.Name, "err", err)
 			continue
 		}
 		if err != nil {
-			d.log.Warn("observe namespace", "netns", f.target.Name, "err", err)
+			d.log.Warn("observe namespace", "netns", f.Target.Name, "err", err)
 		}
 		d.mu.Lock()
-		d.known[ino] = f.target.Name
+		d.known[ino] = f.Target.Name
 		d.mu.Unlock()
 	}
 }

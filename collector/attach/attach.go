@@ -1,4 +1,9 @@
-package collector
+// Package attach puts a pair of TC programs (ingress, egress) on one
+// interface of a network namespace and takes them off again: with TCX links
+// (bpf_link, kernel 6.6+), optionally pinned so that they outlive the
+// process, or with cls_bpf filters on a clsact qdisc. It also tells which
+// interfaces hold nsflow programs (Query), for `nsflow list`.
+package attach
 
 import (
 	"errors"
@@ -11,6 +16,8 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/nsflow/nsflow/collector/nsenter"
 )
 
 // Mode selects how programs are attached to interfaces.
@@ -41,28 +48,41 @@ const (
 	clsactName     = "nsflow"
 )
 
-// attachment is the pair of hooks (ingress, egress) nsflow holds on one
-// interface. close detaches both; it is safe on an interface that is gone.
-// release lets go of them but leaves them attached (and pinned), for the
+// Attachment is the pair of hooks (ingress, egress) nsflow holds on one
+// interface. Close detaches both; it is safe on an interface that is gone.
+// Release lets go of them but leaves them attached (and pinned), for the
 // next nsflow process to adopt (--pin).
-type attachment interface {
-	close() error
-	release() error
+type Attachment interface {
+	Close() error
+	Release() error
 }
 
-// hookPrograms are the programs for the two hooks of one interface: its
-// stubs (bpf.Objects.Stub), which count into the interface's own slots. The
+// Programs are the programs for the two hooks of one interface: its stubs
+// (bpf.Objects.Stub), which count into the interface's own slots. The
 // kernel holds them while they are attached: the caller closes its fds
-// after attach.
-type hookPrograms struct{ ingress, egress *ebpf.Program }
+// after Attach.
+type Programs struct{ Ingress, Egress *ebpf.Program }
 
-// attacher attaches the two programs to one interface of a namespace.
-type attacher interface {
-	attach(ns netns.NsHandle, nl *netlink.Handle, inode uint64, ifindex int, progs hookPrograms) (attachment, error)
+// Attacher attaches the two programs to one interface of a namespace: ns
+// is the namespace, nl a netlink handle in it, inode its inode (it names
+// the pins), ifindex the interface's index in it.
+type Attacher interface {
+	Attach(ns netns.NsHandle, nl *netlink.Handle, inode uint64, ifindex int, progs Programs) (Attachment, error)
 }
+
+// NewTCX returns an Attacher that attaches TCX links at the head of each
+// hook; with pins (--pin) it pins them there and first adopts the links a
+// previous process left pinned. An attach fails with an error matching
+// ebpf.ErrNotSupported on a kernel without TCX.
+func NewTCX(pins *Pins) Attacher { return &tcxAttacher{pins: pins} }
+
+// NewClsact returns an Attacher that adds cls_bpf filters to a clsact
+// qdisc (created if absent); keep leaves the filters in the kernel on
+// Release, for the next process (--pin).
+func NewClsact(keep bool) Attacher { return &clsactAttacher{keep: keep} }
 
 type tcxAttacher struct {
-	pins *pinnedLinks // nil without --pin
+	pins *Pins // nil without --pin
 }
 
 type tcxAttachment struct {
@@ -74,7 +94,7 @@ type tcxAttachment struct {
 // (NSFLOW_FAULT_NO_TCX=1), to test the clsact fallback on kernels that have it.
 var faultNoTCX = os.Getenv("NSFLOW_FAULT_NO_TCX") == "1"
 
-func (a *tcxAttacher) attach(ns netns.NsHandle, _ *netlink.Handle, inode uint64, ifindex int, progs hookPrograms) (attachment, error) {
+func (a *tcxAttacher) Attach(ns netns.NsHandle, _ *netlink.Handle, inode uint64, ifindex int, progs Programs) (Attachment, error) {
 	if faultNoTCX {
 		return nil, fmt.Errorf("tcx (fault injected by NSFLOW_FAULT_NO_TCX): %w", ebpf.ErrNotSupported)
 	}
@@ -83,9 +103,9 @@ func (a *tcxAttacher) attach(ns netns.NsHandle, _ *netlink.Handle, inode uint64,
 		prog *ebpf.Program
 		typ  ebpf.AttachType
 		name string
-	}{{progs.ingress, ebpf.AttachTCXIngress, "ingress"}, {progs.egress, ebpf.AttachTCXEgress, "egress"}}
+	}{{progs.Ingress, ebpf.AttachTCXIngress, "ingress"}, {progs.Egress, ebpf.AttachTCXEgress, "egress"}}
 	// ifindex is relative to the calling thread's namespace: attach from inside.
-	err := inNetns(ns, func() error {
+	err := nsenter.Do(ns, func() error {
 		for _, h := range hooks {
 			key := linkKey(inode, ifindex, h.name)
 			// A link a previous nsflow process left pinned: swap the new
@@ -116,13 +136,13 @@ func (a *tcxAttacher) attach(ns netns.NsHandle, _ *netlink.Handle, inode uint64,
 		return nil
 	})
 	if err != nil {
-		_ = att.close()
+		_ = att.Close()
 		return nil, err
 	}
 	return att, nil
 }
 
-func (a *tcxAttachment) close() error {
+func (a *tcxAttachment) Close() error {
 	var errs []error
 	for _, l := range a.links {
 		if err := l.Unpin(); err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -134,7 +154,7 @@ func (a *tcxAttachment) close() error {
 	return errors.Join(errs...)
 }
 
-func (a *tcxAttachment) release() error {
+func (a *tcxAttachment) Release() error {
 	var errs []error
 	for _, l := range a.links {
 		errs = append(errs, l.Close()) // the pin keeps the link attached
@@ -166,7 +186,7 @@ func clsactQdisc(ifindex int) *netlink.GenericQdisc {
 	}
 }
 
-func (a *clsactAttacher) attach(_ netns.NsHandle, nl *netlink.Handle, _ uint64, ifindex int, progs hookPrograms) (attachment, error) {
+func (a *clsactAttacher) Attach(_ netns.NsHandle, nl *netlink.Handle, _ uint64, ifindex int, progs Programs) (Attachment, error) {
 	att := &clsactAttachment{nl: nl, ifindex: ifindex, keep: a.keep}
 	// Another tool's clsact qdisc is shared, never replaced or removed.
 	switch err := nl.QdiscAdd(clsactQdisc(ifindex)); {
@@ -180,7 +200,7 @@ func (a *clsactAttacher) attach(_ netns.NsHandle, nl *netlink.Handle, _ uint64, 
 		prog   *ebpf.Program
 		parent uint32
 		name   string
-	}{{progs.ingress, netlink.HANDLE_MIN_INGRESS, "ingress"}, {progs.egress, netlink.HANDLE_MIN_EGRESS, "egress"}} {
+	}{{progs.Ingress, netlink.HANDLE_MIN_INGRESS, "ingress"}, {progs.Egress, netlink.HANDLE_MIN_EGRESS, "egress"}} {
 		f := &netlink.BpfFilter{
 			FilterAttrs: netlink.FilterAttrs{
 				LinkIndex: ifindex,
@@ -196,7 +216,7 @@ func (a *clsactAttacher) attach(_ netns.NsHandle, nl *netlink.Handle, _ uint64, 
 		// Replace: a filter a previous nsflow process left (--pin) gets the
 		// new program atomically; otherwise the filter is created.
 		if err := nl.FilterReplace(f); err != nil {
-			_ = att.close()
+			_ = att.Close()
 			return nil, fmt.Errorf("add cls_bpf filter %s: %w", h.name, err)
 		}
 		att.filters = append(att.filters, f)
@@ -204,7 +224,7 @@ func (a *clsactAttacher) attach(_ netns.NsHandle, nl *netlink.Handle, _ uint64, 
 	return att, nil
 }
 
-func (a *clsactAttachment) close() error {
+func (a *clsactAttachment) Close() error {
 	var errs []error
 	for _, f := range a.filters {
 		if err := a.nl.FilterDel(f); err != nil && !gone(err) {
@@ -220,12 +240,12 @@ func (a *clsactAttachment) close() error {
 	return errors.Join(errs...)
 }
 
-func (a *clsactAttachment) release() error {
+func (a *clsactAttachment) Release() error {
 	if a.keep {
 		a.filters = nil // they stay in the kernel, holding the program
 		return nil
 	}
-	return a.close()
+	return a.Close()
 }
 
 // qdiscUnused reports whether no other filter sits on the clsact qdisc that

@@ -1,4 +1,4 @@
-package collector
+package attach
 
 import (
 	"errors"
@@ -47,9 +47,11 @@ func ensureBPFFS(pinPath string, log *slog.Logger) error {
 
 var layoutRE = regexp.MustCompile(`^v[0-9]+$`)
 
-// preparePins makes PinPath/PinLayout (mode 0700), removing the pinned state
-// of other layouts, and returns the layout directory.
-func preparePins(pinPath string, log *slog.Logger) (string, error) {
+// PreparePins makes pinPath/PinLayout (mode 0700), mounting a bpffs at
+// /sys/fs/bpf if needed and removing the pinned state of other layouts, and
+// returns the layout directory: the maps are pinned there, the links in its
+// "links" subdirectory.
+func PreparePins(pinPath string, log *slog.Logger) (string, error) {
 	if err := ensureBPFFS(pinPath, log); err != nil {
 		return "", err
 	}
@@ -70,9 +72,10 @@ func preparePins(pinPath string, log *slog.Logger) (string, error) {
 	return dir, nil
 }
 
-// pinnedLinks are the TCX links pinned by nsflow, by key
-// (netns inode, ifindex, hook); those found at start wait to be adopted.
-type pinnedLinks struct {
+// Pins are the TCX links pinned by nsflow, by key (netns inode, ifindex,
+// hook); those found at start wait to be adopted by NewTCX's attacher. A nil
+// *Pins (no --pin) has no links.
+type Pins struct {
 	dir string
 	log *slog.Logger
 
@@ -84,11 +87,11 @@ func linkKey(inode uint64, ifindex int, hook string) string {
 	return fmt.Sprintf("%d_%d_%s", inode, ifindex, hook)
 }
 
-func (p *pinnedLinks) path(key string) string { return filepath.Join(p.dir, key) }
+func (p *Pins) path(key string) string { return filepath.Join(p.dir, key) }
 
-// loadPinnedLinks opens the links a previous process left pinned.
-func loadPinnedLinks(dir string, log *slog.Logger) (*pinnedLinks, error) {
-	p := &pinnedLinks{dir: dir, log: log, pending: map[string]link.Link{}}
+// LoadPins opens the links a previous process left pinned in dir.
+func LoadPins(dir string, log *slog.Logger) (*Pins, error) {
+	p := &Pins{dir: dir, log: log, pending: map[string]link.Link{}}
 	ents, err := os.ReadDir(dir)
 	if err != nil {
 		return nil, err
@@ -111,7 +114,7 @@ func loadPinnedLinks(dir string, log *slog.Logger) (*pinnedLinks, error) {
 // adopt takes over a pending link for key, replacing its program with prog
 // (BPF_LINK_UPDATE: atomic, no packet between two programs). It returns nil
 // when there is no such link or it cannot be updated (then it is dropped).
-func (p *pinnedLinks) adopt(key string, prog *ebpf.Program) link.Link {
+func (p *Pins) adopt(key string, prog *ebpf.Program) link.Link {
 	if p == nil {
 		return nil
 	}
@@ -133,9 +136,9 @@ func (p *pinnedLinks) adopt(key string, prog *ebpf.Program) link.Link {
 	return l
 }
 
-// dropPending unpins and closes every link no interface claimed: their
-// namespace or interface is gone.
-func (p *pinnedLinks) dropPending() int {
+// DropPending unpins and closes every link no interface claimed: their
+// namespace or interface is gone. It returns how many.
+func (p *Pins) DropPending() int {
 	if p == nil {
 		return 0
 	}
@@ -151,9 +154,9 @@ func (p *pinnedLinks) dropPending() int {
 	return n
 }
 
-// releasePending closes the fds of the links no interface claimed, leaving
+// ReleasePending closes the fds of the links no interface claimed, leaving
 // them pinned (and attached) for the next process.
-func (p *pinnedLinks) releasePending() {
+func (p *Pins) ReleasePending() {
 	if p == nil {
 		return
 	}

@@ -1,16 +1,14 @@
-package collector
+package discovery
 
 import (
 	"fmt"
 	"os"
-	"sort"
 	"strings"
 
-	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/link"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 
+	"github.com/nsflow/nsflow/collector/attach"
 	"github.com/nsflow/nsflow/collector/flow"
 )
 
@@ -40,19 +38,21 @@ type ListedIface struct {
 // List finds the namespaces cfg selects, without attaching anything, and
 // reports the interfaces of each and the nsflow programs on them; pods
 // (by namespace inode, may be nil) name their pods.
-func List(cfg DiscoveryConfig, pods map[uint64]flow.PodInfo) ([]ListedNamespace, error) {
-	d, err := NewDiscovery(nil, cfg)
+func List(cfg Config, pods map[uint64]flow.PodInfo) ([]ListedNamespace, error) {
+	found, err := Scan(cfg)
 	if err != nil {
 		return nil, err
 	}
-	found := d.scan()
+	procDir := cfg.ProcDir
+	if procDir == "" {
+		procDir = "/proc"
+	}
 	out := make([]ListedNamespace, 0, len(found))
-	for ino, f := range found {
-		ln := ListedNamespace{Name: f.target.Name, Inode: ino, Path: f.target.Path, Pids: f.pids, Interfaces: []ListedIface{}}
-		if p, ok := pods[ino]; ok {
+	for _, f := range found {
+		ln := ListedNamespace{Name: f.Target.Name, Inode: f.Inode, Path: f.Target.Path, Pids: f.Pids, Interfaces: []ListedIface{}}
+		if p, ok := pods[f.Inode]; ok {
 			ln.Pod = &p
 		}
-		sort.Ints(ln.Pids)
 		if ln.Pids == nil {
 			ln.Pids = []int{}
 		}
@@ -61,7 +61,7 @@ func List(cfg DiscoveryConfig, pods map[uint64]flow.PodInfo) ([]ListedNamespace,
 			if i == 8 {
 				break
 			}
-			comm, _ := os.ReadFile(fmt.Sprintf("%s/%d/comm", d.cfg.ProcDir, pid))
+			comm, _ := os.ReadFile(fmt.Sprintf("%s/%d/comm", procDir, pid))
 			ln.Commands = append(ln.Commands, strings.TrimSpace(string(comm)))
 		}
 		if err := listInterfaces(&ln); err != nil {
@@ -69,7 +69,6 @@ func List(cfg DiscoveryConfig, pods map[uint64]flow.PodInfo) ([]ListedNamespace,
 		}
 		out = append(out, ln)
 	}
-	sort.Slice(out, func(a, b int) bool { return out[a].Name < out[b].Name })
 	return out, nil
 }
 
@@ -92,11 +91,11 @@ func listInterfaces(ln *ListedNamespace) error {
 		a := l.Attrs()
 		li := ListedIface{Name: a.Name, Index: a.Index, Type: l.Type(), Up: a.Flags&1 != 0}
 		var kinds []string
-		tcx, err := tcxHooks(h, a.Index)
+		hooks, err := attach.Query(h, nl, l)
 		if err != nil {
 			return fmt.Errorf("query tcx on %s: %w", a.Name, err)
 		}
-		cls := clsactHooks(nl, l)
+		tcx, cls := hooks.TCX, hooks.Clsact
 		if tcx > 0 {
 			kinds = append(kinds, "tcx")
 		}
@@ -111,54 +110,4 @@ func listInterfaces(ln *ListedNamespace) error {
 		ln.Interfaces = append(ln.Interfaces, li)
 	}
 	return nil
-}
-
-// tcxHooks counts the hooks (ingress, egress) of an interface that hold an
-// nsflow program attached with TCX.
-func tcxHooks(ns netns.NsHandle, ifindex int) (int, error) {
-	n := 0
-	err := inNetns(ns, func() error {
-		for _, at := range []ebpf.AttachType{ebpf.AttachTCXIngress, ebpf.AttachTCXEgress} {
-			r, err := link.QueryPrograms(link.QueryOptions{Target: ifindex, Attach: at})
-			if err != nil {
-				return err
-			}
-			for _, p := range r.Programs {
-				if isNsflowProgram(p.ID) {
-					n++
-					break
-				}
-			}
-		}
-		return nil
-	})
-	return n, err
-}
-
-func isNsflowProgram(id ebpf.ProgramID) bool {
-	p, err := ebpf.NewProgramFromID(id)
-	if err != nil {
-		return false
-	}
-	defer p.Close()
-	info, err := p.Info()
-	return err == nil && strings.HasPrefix(info.Name, "nsflow_")
-}
-
-// clsactHooks counts the clsact hooks of an interface holding nsflow's filter.
-func clsactHooks(nl *netlink.Handle, l netlink.Link) int {
-	n := 0
-	for _, parent := range []uint32{netlink.HANDLE_MIN_INGRESS, netlink.HANDLE_MIN_EGRESS} {
-		fs, err := nl.FilterList(l, parent)
-		if err != nil {
-			continue
-		}
-		for _, f := range fs {
-			if bf, ok := f.(*netlink.BpfFilter); ok && bf.Handle == clsactHandle && bf.Priority == clsactPriority {
-				n++
-				break
-			}
-		}
-	}
-	return n
 }

@@ -1,4 +1,7 @@
-package collector
+// Package linkwatch follows the interfaces of one network namespace: a
+// netlink socket created inside it, subscribed to its link events
+// (RTM_NEWLINK, RTM_DELLINK) and read through Go's netpoller.
+package linkwatch
 
 import (
 	"errors"
@@ -11,6 +14,8 @@ import (
 	"github.com/vishvananda/netlink/nl"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/nsflow/nsflow/collector/nsenter"
 )
 
 // recvBuffers are shared by every namespace's link-event socket: a buffer is
@@ -20,18 +25,19 @@ import (
 // goroutines per waiting socket; this is one goroutine and no buffer).
 var recvBuffers = sync.Pool{New: func() any { b := make([]byte, 64<<10); return &b }}
 
-// linkWatch is a netlink socket subscribed to the link events
-// (RTNLGRP_LINK) of one namespace, read through Go's netpoller.
-type linkWatch struct {
+// Watch is a netlink socket subscribed to the link events (RTNLGRP_LINK)
+// of one namespace, read through Go's netpoller.
+type Watch struct {
 	f  *os.File
 	rc syscall.RawConn
 }
 
-// openLinkWatch subscribes to the link events of a namespace.
-func openLinkWatch(ns netns.NsHandle) (*linkWatch, error) {
+// Open subscribes to the link events of a namespace. Subscribe before
+// listing the interfaces, so that none added in between is missed.
+func Open(ns netns.NsHandle) (*Watch, error) {
 	var fd int
 	// A netlink socket belongs to the namespace it is created in.
-	err := inNetns(ns, func() error {
+	err := nsenter.Do(ns, func() error {
 		var err error
 		fd, err = unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, unix.NETLINK_ROUTE)
 		if err != nil {
@@ -52,15 +58,15 @@ func openLinkWatch(ns netns.NsHandle) (*linkWatch, error) {
 		f.Close()
 		return nil, err
 	}
-	return &linkWatch{f: f, rc: rc}, nil
+	return &Watch{f: f, rc: rc}, nil
 }
 
-// Close ends the watch; a blocked run returns.
-func (w *linkWatch) Close() error { return w.f.Close() }
+// Close ends the watch; a blocked Run returns.
+func (w *Watch) Close() error { return w.f.Close() }
 
-// run calls fn for every link event until the watch is closed or fails
+// Run calls fn for every link event until the watch is closed or fails
 // (ENOBUFS: events were lost, the caller resynchronizes).
-func (w *linkWatch) run(fn func(netlink.LinkUpdate)) error {
+func (w *Watch) Run(fn func(netlink.LinkUpdate)) error {
 	for {
 		var msgs []syscall.NetlinkMessage
 		var rerr error
