@@ -11,7 +11,7 @@ import (
 
 	"github.com/cilium/ebpf"
 
-	"github.com/nsflow/nsflow/collector"
+	"github.com/nsflow/nsflow/collector/attach"
 	"github.com/nsflow/nsflow/collector/flow"
 	"github.com/nsflow/nsflow/test/podns"
 	"github.com/nsflow/nsflow/test/testenv"
@@ -101,7 +101,7 @@ func TestServePinRestart(t *testing.T) {
 	starting := time.Now()
 	srv = startServe(t, "http", append(args, fmt.Sprintf("--netns.grace-period=%s", grace))...)
 	waitUntil(t, 10*time.Second, "stale pins released", func() bool {
-		ents, _ := os.ReadDir(filepath.Join(pin, collector.PinLayout, "links"))
+		ents, _ := os.ReadDir(filepath.Join(pin, attach.PinLayout, "links"))
 		return len(ents) == 0
 	})
 	orphan := pointSeries("nsflow_packets_total", fmt.Sprintf("netns:%d", inoA), "if1", "tx")
@@ -115,7 +115,7 @@ func TestServePinRestart(t *testing.T) {
 		_, ok := s[orphan]
 		return !ok
 	})
-	points, err := ebpf.LoadPinnedMap(filepath.Join(pin, collector.PinLayout, "points"), nil)
+	points, err := ebpf.LoadPinnedMap(filepath.Join(pin, attach.PinLayout, "points"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -136,7 +136,7 @@ func TestServePinIncompatible(t *testing.T) {
 	testenv.RequireRoot(t)
 	pin := fmt.Sprintf("/sys/fs/bpf/nsflow-e2e-incompat-%d", os.Getpid())
 	t.Cleanup(func() { os.RemoveAll(pin) })
-	dir := filepath.Join(pin, collector.PinLayout)
+	dir := filepath.Join(pin, attach.PinLayout)
 	if err := os.MkdirAll(filepath.Join(pin, "v0"), 0o700); err != nil {
 		t.Fatal(err)
 	}
