@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"fmt"
+	"net/http"
 	"net/netip"
 	"os/exec"
 	"strings"
@@ -98,6 +99,9 @@ func TestServe(t *testing.T) {
 	}
 	if code, body := srv.get("/"); code != 200 || !strings.Contains(body, "/metrics") {
 		t.Errorf("landing page: %d, no link to /metrics", code)
+	}
+	if code, _ := srv.get("/debug/pprof/"); code != http.StatusNotFound {
+		t.Errorf("/debug/pprof/ without --web.enable-pprof: status %d, want 404", code)
 	}
 	// The exposition passes promtool's lint.
 	check := exec.Command("promtool", "check", "metrics")
