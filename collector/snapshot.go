@@ -21,14 +21,21 @@ func direction(d uint8) flow.Direction {
 
 // Snapshot reads the maps: every observed namespace with every interface
 // (zero counters included), the flows, and the programs' statistics.
-func (c *Collector) Snapshot() (*flow.Snapshot, error) { return c.snapshot(true) }
+func (c *Collector) Snapshot() (*flow.Snapshot, error) { return c.snapshot(-1) }
+
+// SnapshotTop is Snapshot with only the n largest flows by bytes, largest
+// first (Stats.FlowEntries still counts them all): a scrape capped at n
+// flow series holds n flows, not the whole flow map (flow.Top).
+func (c *Collector) SnapshotTop(n int) (*flow.Snapshot, error) { return c.snapshot(max(n, 0)) }
 
 // Totals is Snapshot without the flows themselves (Stats still counts
 // them): what a scrape needs when flows are not exported, at a fraction of
 // the cost when the flow map holds tens of thousands of flows.
-func (c *Collector) Totals() (*flow.Snapshot, error) { return c.snapshot(false) }
+func (c *Collector) Totals() (*flow.Snapshot, error) { return c.snapshot(0) }
 
-func (c *Collector) snapshot(withFlows bool) (*flow.Snapshot, error) {
+// snapshot reads the maps with all flows (limit < 0), none, or the limit
+// largest.
+func (c *Collector) snapshot(limit int) (*flow.Snapshot, error) {
 	type ifaceKey struct {
 		ino   uint64
 		index int
@@ -92,7 +99,7 @@ func (c *Collector) snapshot(withFlows bool) (*flow.Snapshot, error) {
 		return snap.Namespaces[a].Inode < snap.Namespaces[b].Inode
 	})
 
-	flows, nflows, err := c.readFlows(withFlows, func(ino uint64, idx int) (string, string) {
+	flows, nflows, err := c.readFlows(limit, func(ino uint64, idx int) (string, string) {
 		nsName, ifName := fmt.Sprintf("netns:%d", ino), fmt.Sprintf("if%d", idx)
 		if ns := names[ino]; ns != nil {
 			nsName = ns.Name
@@ -120,9 +127,10 @@ func (c *Collector) snapshot(withFlows bool) (*flow.Snapshot, error) {
 	return snap, errors.Join(errs...)
 }
 
-// readFlows reads the flow map: the flows when keep is set, and how many
-// live flows there are.
-func (c *Collector) readFlows(keep bool, name func(ino uint64, idx int) (string, string)) ([]flow.Flow, int, error) {
+// readFlows reads the flow map: all flows (limit < 0), none (0) or the
+// limit largest, and how many live flows there are.
+func (c *Collector) readFlows(limit int, name func(ino uint64, idx int) (string, string)) ([]flow.Flow, int, error) {
+	keep := limit != 0
 	// Flow timestamps are CLOCK_MONOTONIC_COARSE: anchor them to wall time.
 	var mono unix.Timespec
 	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC_COARSE, &mono); err != nil {
@@ -133,9 +141,15 @@ func (c *Collector) readFlows(keep bool, name func(ino uint64, idx int) (string,
 		return now.Add(-time.Duration(uint64(mono.Nano()) - ns))
 	}
 
-	c.mu.Lock()
-	flows := make([]flow.Flow, 0, c.lastFlows+c.lastFlows/8)
-	c.mu.Unlock()
+	var flows []flow.Flow
+	var top *flow.Top
+	if limit > 0 {
+		top = flow.NewTop(limit)
+	} else if limit < 0 {
+		c.mu.Lock()
+		flows = make([]flow.Flow, 0, c.lastFlows+c.lastFlows/8)
+		c.mu.Unlock()
+	}
 	n := 0
 	err := readPerCPU(c.objs.Flows, func(k *bpf.NsflowFlowKey, vals []bpf.NsflowFlowVal) {
 		if !keep {
@@ -165,10 +179,16 @@ func (c *Collector) readFlows(keep bool, name func(ino uint64, idx int) (string,
 			return // LRU slot recycled between iteration steps
 		}
 		f.FirstSeen, f.LastSeen = wall(first), wall(last)
-		flows = append(flows, f)
+		if top != nil {
+			top.Offer(&f)
+		} else {
+			flows = append(flows, f)
+		}
 		n++
 	})
-	if keep {
+	if top != nil {
+		flows = top.Flows()
+	} else if keep {
 		c.mu.Lock()
 		c.lastFlows = n
 		c.mu.Unlock()

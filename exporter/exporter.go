@@ -1,11 +1,11 @@
 // Package exporter exposes collector snapshots as Prometheus metrics. The
 // maps are read at scrape time (a custom prometheus.Collector): nothing is
-// cached, so nothing can go stale.
+// cached across scrapes, so nothing can go stale. Concurrent scrapes share
+// one read (Handler).
 package exporter
 
 import (
 	"net/netip"
-	"sort"
 	"strconv"
 	"sync"
 
@@ -26,6 +26,13 @@ type Config struct {
 	// MaxFlowSeries caps the flows exported per scrape, largest by bytes
 	// first; the rest is counted in nsflow_flow_series_dropped_total.
 	MaxFlowSeries int
+}
+
+// TopSource is a Source that can read only the n largest flows
+// (collector.SnapshotTop): with --flows, a scrape then holds
+// --flows.max-series flows, not the whole flow map.
+type TopSource interface {
+	SnapshotTop(n int) (*flow.Snapshot, error)
 }
 
 // Source is what the exporter reads at scrape time: a *collector.Collector.
@@ -102,6 +109,9 @@ func (e *Exporter) Collect(ch chan<- prometheus.Metric) {
 	read := e.c.Totals
 	if e.cfg.Flows {
 		read = e.c.Snapshot
+		if ts, ok := e.c.(TopSource); ok && e.cfg.MaxFlowSeries >= 0 {
+			read = func() (*flow.Snapshot, error) { return ts.SnapshotTop(e.cfg.MaxFlowSeries) }
+		}
 	}
 	snap, err := read()
 	e.mu.Lock()
@@ -171,7 +181,13 @@ func (e *Exporter) Collect(ch chan<- prometheus.Metric) {
 
 	dropped := 0
 	if e.cfg.Flows {
-		dropped = e.collectFlows(snap.Flows, counter)
+		// A TopSource's snapshot holds the largest flows only; all are
+		// counted in FlowEntries.
+		total := max(len(snap.Flows), int(st.FlowEntries))
+		if _, ok := e.c.(TopSource); !ok || e.cfg.MaxFlowSeries < 0 {
+			total = len(snap.Flows)
+		}
+		dropped = e.collectFlows(snap.Flows, total, counter)
 	}
 	e.mu.Lock()
 	e.droppedTotal += uint64(dropped)
@@ -180,39 +196,43 @@ func (e *Exporter) Collect(ch chan<- prometheus.Metric) {
 	counter(e.flowSeriesDropped, droppedTotal)
 }
 
-// collectFlows exports the largest flows up to the cap and returns how many
-// it left out. Flows that differ only in what the labels do not show (none
-// today) are summed, so that no two series share a label set.
-func (e *Exporter) collectFlows(flows []flow.Flow, counter func(*prometheus.Desc, uint64, ...string)) int {
+// collectFlows exports the largest of flows up to the cap, and returns how
+// many of total it left out. It holds the flows it exports only (flow.Top),
+// not a copy of them all. Flows that differ only in what the labels do not
+// show (none today: netns and interface names are unique while the flow map
+// names them) are summed among those exported, so that no two series share a
+// label set.
+func (e *Exporter) collectFlows(flows []flow.Flow, total int, counter func(*prometheus.Desc, uint64, ...string)) int {
+	top := flow.NewTop(e.cfg.MaxFlowSeries)
+	for i := range flows {
+		top.Offer(&flows[i])
+	}
+	kept := top.Flows()
 	type key struct {
-		netns, iface, dir, proto string
-		src, dst                 netip.Addr
-		sport, dport             uint16
+		netns, iface string
+		dir          flow.Direction
+		proto        flow.Protocol
+		src, dst     netip.Addr
+		sport, dport uint16
 	}
-	sums := map[key]*flow.Counters{}
-	var order []key
-	for _, f := range flows {
-		k := key{f.Netns, f.Interface, string(f.Direction), f.Protocol.String(), f.Src, f.Dst, f.SrcPort, f.DstPort}
-		s, ok := sums[k]
-		if !ok {
-			s = &flow.Counters{}
-			sums[k] = s
-			order = append(order, k)
+	index := make(map[key]int, len(kept))
+	sums := kept[:0]
+	for _, f := range kept {
+		k := key{f.Netns, f.Interface, f.Direction, f.Protocol, f.Src, f.Dst, f.SrcPort, f.DstPort}
+		if i, ok := index[k]; ok {
+			sums[i].Packets += f.Packets
+			sums[i].Bytes += f.Bytes
+			continue
 		}
-		s.Packets += f.Packets
-		s.Bytes += f.Bytes
+		index[k] = len(sums)
+		sums = append(sums, f)
 	}
-	sort.SliceStable(order, func(a, b int) bool { return sums[order[a]].Bytes > sums[order[b]].Bytes })
-	dropped := 0
-	if max := e.cfg.MaxFlowSeries; max >= 0 && len(order) > max {
-		dropped = len(order) - max
-		order = order[:max]
+	for i := range sums {
+		f := &sums[i]
+		labels := []string{f.Netns, f.Interface, string(f.Direction), f.Protocol.String(), f.Src.String(), f.Dst.String(),
+			strconv.Itoa(int(f.SrcPort)), strconv.Itoa(int(f.DstPort))}
+		counter(e.flowPackets, f.Packets, labels...)
+		counter(e.flowBytes, f.Bytes, labels...)
 	}
-	for _, k := range order {
-		labels := []string{k.netns, k.iface, k.dir, k.proto, k.src.String(), k.dst.String(),
-			strconv.Itoa(int(k.sport)), strconv.Itoa(int(k.dport))}
-		counter(e.flowPackets, sums[k].Packets, labels...)
-		counter(e.flowBytes, sums[k].Bytes, labels...)
-	}
-	return dropped
+	return total - len(kept)
 }
