@@ -131,6 +131,15 @@ func (e *Exporter) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
 	}
 
+	// Interfaces that share a label set are summed: an interface deleted
+	// and re-created under its name (or a namespace under its name) while
+	// the old one awaits its grace period, so that no two series share a
+	// label set, which would fail the whole scrape.
+	type point struct{ netns, iface, pod, podNS string }
+	type sum struct{ rx, tx flow.Counters }
+	index := map[point]int{}
+	var points []point
+	var sums []sum
 	var observed, gone int
 	for _, ns := range snap.Namespaces {
 		if ns.Gone {
@@ -143,11 +152,27 @@ func (e *Exporter) Collect(ch chan<- prometheus.Metric) {
 			pod, podNS = ns.Pod.Name, ns.Pod.Namespace
 		}
 		for _, i := range ns.Interfaces {
-			counter(e.packets, i.RX.Packets, ns.Name, i.Name, string(flow.RX), pod, podNS)
-			counter(e.packets, i.TX.Packets, ns.Name, i.Name, string(flow.TX), pod, podNS)
-			counter(e.bytes, i.RX.Bytes, ns.Name, i.Name, string(flow.RX), pod, podNS)
-			counter(e.bytes, i.TX.Bytes, ns.Name, i.Name, string(flow.TX), pod, podNS)
+			p := point{ns.Name, i.Name, pod, podNS}
+			k, ok := index[p]
+			if !ok {
+				k = len(points)
+				index[p] = k
+				points = append(points, p)
+				sums = append(sums, sum{})
+			}
+			s := &sums[k]
+			s.rx.Packets += i.RX.Packets
+			s.rx.Bytes += i.RX.Bytes
+			s.tx.Packets += i.TX.Packets
+			s.tx.Bytes += i.TX.Bytes
 		}
+	}
+	for k, p := range points {
+		s := sums[k]
+		counter(e.packets, s.rx.Packets, p.netns, p.iface, string(flow.RX), p.pod, p.podNS)
+		counter(e.packets, s.tx.Packets, p.netns, p.iface, string(flow.TX), p.pod, p.podNS)
+		counter(e.bytes, s.rx.Bytes, p.netns, p.iface, string(flow.RX), p.pod, p.podNS)
+		counter(e.bytes, s.tx.Bytes, p.netns, p.iface, string(flow.TX), p.pod, p.podNS)
 	}
 	gauge(e.namespaces, float64(observed), "observed")
 	gauge(e.namespaces, float64(gone), "gone")
