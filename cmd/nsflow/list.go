@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
-	"regexp"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -19,32 +18,27 @@ import (
 )
 
 func newListCmd() *cobra.Command {
-	var output, include, exclude string
-	var host, proc bool
-	var criEndpoint string
+	var output string
+	var netns netnsFlags
+	var criF criFlags
+	var cfg discovery.Config
 	cmd := &cobra.Command{
 		Use:   "list",
 		Short: "List the network namespaces on this node, their interfaces and nsflow's attachments",
 		Example: `  nsflow list
   nsflow list -o json --netns.include '^web'`,
 		Args: checkArgs(cobra.NoArgs),
-		RunE: func(cmd *cobra.Command, _ []string) error {
+		PreRunE: func(*cobra.Command, []string) (err error) {
 			if output != "table" && output != "json" {
 				return usagef("--output must be table or json, got %q", output)
 			}
-			cfg := discovery.Config{Host: host, Proc: proc}
-			var err error
-			if include != "" {
-				if cfg.Include, err = regexp.Compile(include); err != nil {
-					return usagef("--netns.include: %v", err)
-				}
+			if cfg, err = netns.validate(); err != nil {
+				return err
 			}
-			if exclude != "" {
-				if cfg.Exclude, err = regexp.Compile(exclude); err != nil {
-					return usagef("--netns.exclude: %v", err)
-				}
-			}
-			pods := podsOnce(cmd.Context(), criEndpoint)
+			return criF.validate()
+		},
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			pods := podsOnce(cmd.Context(), criF.resolve())
 			nss, err := discovery.List(cfg, pods)
 			if err != nil {
 				return err
@@ -86,11 +80,8 @@ func newListCmd() *cobra.Command {
 	}
 	fl := cmd.Flags()
 	fl.StringVarP(&output, "output", "o", "table", "output format: table or json")
-	fl.BoolVar(&host, "netns.host", true, "include the host's own namespace")
-	fl.BoolVar(&proc, "netns.proc", true, "include namespaces of processes under /proc")
-	fl.StringVar(&include, "netns.include", "", "only namespaces whose name matches this regular expression")
-	fl.StringVar(&exclude, "netns.exclude", "", "skip namespaces whose name matches this regular expression")
-	fl.StringVar(&criEndpoint, "cri.endpoint", "auto", "container runtime CRI socket for pod names (auto, none or unix:///path)")
+	netns.register(fl)
+	criF.register(fl, false)
 	return cmd
 }
 
@@ -102,10 +93,7 @@ func (m *podMap) SetPods(p map[uint64]flow.PodInfo) { *m = p }
 // podsOnce asks the container runtime once for the pods of the namespaces
 // (nil when there is no runtime or it does not answer).
 func podsOnce(ctx context.Context, endpoint string) map[uint64]flow.PodInfo {
-	if endpoint == "auto" {
-		endpoint = cri.Detect()
-	}
-	if endpoint == "" || endpoint == "none" {
+	if endpoint == "" {
 		return nil
 	}
 	var pods podMap

@@ -56,10 +56,17 @@ func main() {
 
 // exitCode prints err and maps it to the process's exit status.
 func exitCode(err error) int {
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "nsflow:", err)
+	}
+	return exitStatus(err)
+}
+
+// exitStatus maps an error to the process's exit status.
+func exitStatus(err error) int {
 	if err == nil {
 		return exitOK
 	}
-	fmt.Fprintln(os.Stderr, "nsflow:", err)
 	var ue usageError
 	if errors.As(err, &ue) || isCobraUsageError(err) {
 		return exitUsage
@@ -89,5 +96,3 @@ func checkArgs(v cobra.PositionalArgs) cobra.PositionalArgs {
 		return nil
 	}
 }
-
-func joinArgs(args []string) string { return strings.Join(args, " ") }

@@ -46,14 +46,14 @@ func podError(err error) error {
 
 func newPodCreateCmd(cfg *podns.Config) *cobra.Command {
 	var subnet, ip string
+	var opts podns.Options
 	cmd := &cobra.Command{
 		Use:   "create NAME [--subnet CIDR] [--ip ADDR]",
 		Short: "Create a pod",
 		Example: `  nsflow pod create web
   nsflow pod create db --subnet 10.213.7.0/24 --ip 10.213.7.10`,
 		Args: checkArgs(cobra.ExactArgs(1)),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			var opts podns.Options
+		PreRunE: func(_ *cobra.Command, args []string) error {
 			if err := podns.ValidateName(args[0]); err != nil {
 				return usageError{err}
 			}
@@ -71,6 +71,9 @@ func newPodCreateCmd(cfg *podns.Config) *cobra.Command {
 				}
 				opts.IP = a
 			}
+			return nil
+		},
+		RunE: func(cmd *cobra.Command, args []string) error {
 			p, err := podns.Create(*cfg, args[0], opts)
 			if err != nil {
 				return podError(err)
@@ -89,12 +92,15 @@ func newPodDeleteCmd(cfg *podns.Config) *cobra.Command {
 		Use:   "delete NAME...",
 		Short: "Delete pods (deleting a missing pod is not an error)",
 		Args:  checkArgs(cobra.MinimumNArgs(1)),
-		RunE: func(cmd *cobra.Command, args []string) error {
+		PreRunE: func(_ *cobra.Command, args []string) error {
 			for _, name := range args {
 				if err := podns.ValidateName(name); err != nil {
 					return usageError{err}
 				}
 			}
+			return nil
+		},
+		RunE: func(cmd *cobra.Command, args []string) error {
 			var errs []error
 			for _, name := range args {
 				existed, err := podns.Delete(*cfg, name)
@@ -116,10 +122,13 @@ func newPodListCmd(cfg *podns.Config) *cobra.Command {
 		Use:   "list",
 		Short: "List pods",
 		Args:  checkArgs(cobra.NoArgs),
-		RunE: func(cmd *cobra.Command, _ []string) error {
+		PreRunE: func(*cobra.Command, []string) error {
 			if output != "table" && output != "json" {
 				return usagef("--output must be table or json, got %q", output)
 			}
+			return nil
+		},
+		RunE: func(cmd *cobra.Command, _ []string) error {
 			pods, err := podns.List(*cfg)
 			if err != nil {
 				return err
@@ -157,13 +166,16 @@ func newPodExecCmd(cfg *podns.Config) *cobra.Command {
 		Example: `  nsflow pod exec web -- ping -c 3 127.0.0.1
   nsflow pod exec web -- iperf3 --server`,
 		Args: checkArgs(cobra.MinimumNArgs(2)),
-		RunE: func(cmd *cobra.Command, args []string) error {
+		PreRunE: func(cmd *cobra.Command, args []string) error {
 			if cmd.ArgsLenAtDash() != 1 {
 				return usagef("usage: nsflow pod exec NAME -- CMD [ARGS...]")
 			}
 			if err := podns.ValidateName(args[0]); err != nil {
 				return usageError{err}
 			}
+			return nil
+		},
+		RunE: func(cmd *cobra.Command, args []string) error {
 			p, err := podns.Get(*cfg, args[0])
 			if err != nil {
 				return err

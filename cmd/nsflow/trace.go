@@ -8,9 +8,6 @@ import (
 	"io"
 	"log/slog"
 	"os"
-	"path"
-	"regexp"
-	"strings"
 	"sync"
 	"time"
 
@@ -19,34 +16,32 @@ import (
 
 	"github.com/nsflow/nsflow/collector"
 	"github.com/nsflow/nsflow/collector/attach"
-	"github.com/nsflow/nsflow/collector/cri"
-	"github.com/nsflow/nsflow/collector/discovery"
 	"github.com/nsflow/nsflow/collector/filter"
 	"github.com/nsflow/nsflow/collector/flow"
+	"github.com/nsflow/nsflow/collector/session"
 	"github.com/nsflow/nsflow/exporter/report"
 )
 
+// traceFlags are trace's command line; top registers a subset of them.
 type traceFlags struct {
-	netns       []string
-	exclude     []string
-	all         bool
-	duration    time.Duration
-	interval    time.Duration
-	output      string
-	top         int
-	sort        string
-	filter      string
-	events      bool
-	attachMode  string
-	flowEntries uint32
-	verbose     bool
-	criEndpoint string
+	sel      selectFlags
+	filter   filterFlags
+	attach   attachFlags
+	cri      criFlags
+	duration time.Duration
+	interval time.Duration
+	output   string
+	top      int
+	sort     string
+	events   bool
+	verbose  bool
 }
 
 func newTraceCmd() *cobra.Command {
 	var f traceFlags
+	var tc *traceConfig
 	cmd := &cobra.Command{
-		Use:   "trace (--netns NS... | --all) [FILTER]",
+		Use:   "trace [--netns NS... | --all] [FILTER]",
 		Short: "Count the traffic of namespaces for a while, then print it",
 		Long: `trace attaches to every interface (lo included) of the selected network
 namespaces, counts until --duration has passed or it is interrupted
@@ -54,64 +49,66 @@ namespaces, counts until --duration has passed or it is interrupted
 and detaches everything.
 
 Namespaces: --netns takes an ip netns name, a glob pattern of names
-('web-*': namespaces that appear during the trace are followed too),
-pid:PID, a path to a namespace file (/run/netns/NAME, /proc/PID/ns/net), or
-"host". --all observes every namespace on the node.
+('web-*', 'web-[ab]': path.Match syntax; namespaces that appear during the
+trace are followed too), pid:PID, a path to a namespace file
+(/run/netns/NAME, /proc/PID/ns/net), or "host". Without --netns (or with
+--all) every namespace on the node is observed.
 
 FILTER selects flows with a subset of the pcap-filter (tcpdump) language:
 tcp, udp, icmp, icmp6, sctp, ip, ip6, proto N, [src|dst] host ADDR,
 [src|dst] net CIDR, [src|dst] port N, [src|dst] portrange A-B, rx, tx,
 combined with and/&&, or/||, not/! and parentheses. The per-interface totals
 are never filtered.`,
-		Example: `  nsflow trace --netns web --netns db --duration 10s
+		Example: `  nsflow trace --duration 10s
+  nsflow trace --netns web --netns db --duration 10s
   nsflow trace --netns 'web-*' tcp port 8080
-  nsflow trace --all --interval 1s --top 5 'udp or icmp'
-  nsflow trace --all --exclude host --exclude 'cni-test-*'
+  nsflow trace --interval 1s --top 5 'udp or icmp'
+  nsflow trace --exclude host --exclude 'cni-test-*'
   nsflow trace --netns pid:4242 --output json
   nsflow trace --netns web --events --output jsonl 'not port 53'`,
-		RunE: func(cmd *cobra.Command, args []string) error {
-			if len(args) > 0 {
-				if f.filter != "" {
-					return usagef("give the filter either as arguments or with --filter, not both")
-				}
-				f.filter = strings.Join(args, " ")
-			}
-			return runTrace(cmd.Context(), f)
+		PreRunE: func(_ *cobra.Command, args []string) (err error) {
+			tc, err = f.validate(args)
+			return err
 		},
+		RunE: func(cmd *cobra.Command, _ []string) error { return runTrace(cmd.Context(), tc) },
 	}
 	fl := cmd.Flags()
-	fl.StringArrayVarP(&f.netns, "netns", "n", nil, "namespace to observe: NAME, glob pattern, pid:PID, /path or host (repeatable)")
-	fl.BoolVarP(&f.all, "all", "A", false, "observe every namespace on the node, including ones that appear during the trace")
-	fl.StringArrayVarP(&f.exclude, "exclude", "x", nil, "with --all or patterns: skip namespaces whose name matches this glob pattern (repeatable)")
+	f.sel.register(fl)
+	f.filter.register(fl)
+	f.attach.register(fl)
+	f.cri.register(fl, false)
 	fl.DurationVarP(&f.duration, "duration", "d", 0, "how long to trace (0: until Ctrl-C or SIGTERM)")
 	fl.DurationVarP(&f.interval, "interval", "i", 0, "also print the traffic of every interval of this length")
 	fl.StringVarP(&f.output, "output", "o", "table", "output format: table, json (one document at the end) or jsonl (one object per interval, event and the summary)")
 	fl.IntVar(&f.top, "top", -1, "flows to print, largest first (0: all; default 20 in tables, all in JSON)")
 	fl.StringVar(&f.sort, "sort", "bytes", "order flows by bytes or packets")
-	fl.StringVarP(&f.filter, "filter", "f", "", "flow filter (pcap-filter subset; also accepted as trailing arguments)")
 	fl.BoolVarP(&f.events, "events", "e", false, "print every new flow as it starts")
-	fl.StringVar(&f.attachMode, "attach-mode", string(attach.ModeAuto), "how to attach: auto, tcx or clsact")
-	fl.Uint32Var(&f.flowEntries, "flow-entries", 65536, "capacity of the flow map (flows beyond it are evicted, totals stay exact)")
 	fl.BoolVarP(&f.verbose, "verbose", "v", false, "log attach events to stderr")
-	fl.StringVar(&f.criEndpoint, "cri.endpoint", "auto", "container runtime CRI socket for pod names (auto, none or unix:///path)")
 	return cmd
 }
 
-// traceConfig is a validated trace command line.
+// traceConfig is a validated trace (or top) command line.
 type traceConfig struct {
-	targets   []collector.Target
-	patterns  []string
-	mode      attach.Mode
-	filter    *filter.Filter
-	sort      flow.SortKey
-	top       int
-	discovery *discovery.Config
+	sel         selection
+	mode        attach.Mode
+	flowEntries uint32
+	criEndpoint string
+	filter      *filter.Filter
+	sort        flow.SortKey
+	top         int
+	duration    time.Duration
+	interval    time.Duration
+	output      string
+	events      bool
+	verbose     bool
 }
 
-func (f *traceFlags) validate() (*traceConfig, error) {
-	tc := &traceConfig{}
-	if len(f.netns) == 0 && !f.all {
-		return nil, usagef("no namespace selected: give --netns NAME (see `ip netns list`), a pattern, pid:PID, a path, or --all")
+// validate checks the command line; args are the trailing filter words.
+func (f *traceFlags) validate(args []string) (*traceConfig, error) {
+	tc := &traceConfig{duration: f.duration, interval: f.interval, output: f.output, events: f.events, verbose: f.verbose}
+	var err error
+	if tc.filter, err = f.filter.validate(args); err != nil {
+		return nil, err
 	}
 	if f.duration < 0 || f.interval < 0 {
 		return nil, usagef("--duration and --interval must not be negative")
@@ -141,72 +138,38 @@ func (f *traceFlags) validate() (*traceConfig, error) {
 	default:
 		return nil, usagef("--sort must be bytes or packets, got %q", f.sort)
 	}
-	if f.flowEntries == 0 {
-		return nil, usagef("--flow-entries must be at least 1")
+	if tc.mode, err = f.attach.validate(); err != nil {
+		return nil, err
 	}
-	if f.criEndpoint != "" && f.criEndpoint != "auto" && f.criEndpoint != "none" && !strings.HasPrefix(f.criEndpoint, "unix://") {
-		return nil, usagef("--cri.endpoint must be auto, none or unix:///path, got %q", f.criEndpoint)
+	tc.flowEntries = f.attach.flowEntries
+	if err := f.cri.validate(); err != nil {
+		return nil, err
 	}
-	var err error
-	if tc.mode, err = attach.ParseMode(f.attachMode); err != nil {
-		return nil, usagef("--attach-mode: %v", err)
+	if tc.sel, err = f.sel.validate(); err != nil {
+		return nil, err
 	}
-	if tc.filter, err = filter.Parse(f.filter); err != nil {
-		return nil, usageError{err}
-	}
-	for _, sel := range f.netns {
-		if strings.ContainsAny(sel, "*?[") && !strings.HasPrefix(sel, "/") {
-			if _, err := path.Match(sel, ""); err != nil {
-				return nil, usagef("--netns %s: bad pattern: %v", sel, err)
-			}
-			tc.patterns = append(tc.patterns, sel)
-			continue
-		}
-		t, err := collector.ParseTarget(sel)
-		if err != nil {
-			return nil, usageError{fmt.Errorf("--netns %s: %w", sel, err)}
-		}
-		tc.targets = append(tc.targets, t)
-	}
-	for _, x := range f.exclude {
-		if _, err := path.Match(x, ""); err != nil {
-			return nil, usagef("--exclude %s: bad pattern: %v", x, err)
-		}
-	}
-	if len(f.exclude) > 0 && !f.all && len(tc.patterns) == 0 {
-		return nil, usagef("--exclude applies to --all and --netns patterns")
-	}
-	if f.all || len(tc.patterns) > 0 {
-		dc := &discovery.Config{Host: f.all, Proc: true}
-		if !f.all {
-			dc.Include = globsRegexp(tc.patterns)
-		}
-		if len(f.exclude) > 0 {
-			dc.Exclude = globsRegexp(f.exclude)
-		}
-		tc.discovery = dc
-	}
+	tc.criEndpoint = f.cri.endpoint
 	return tc, nil
 }
 
-// globsRegexp turns shell patterns on names into one anchored expression.
-func globsRegexp(globs []string) *regexp.Regexp {
-	var alts []string
-	for _, g := range globs {
-		var b strings.Builder
-		for _, r := range g {
-			switch r {
-			case '*':
-				b.WriteString(".*")
-			case '?':
-				b.WriteString(".")
-			default:
-				b.WriteString(regexp.QuoteMeta(string(r)))
-			}
-		}
-		alts = append(alts, b.String())
+// openSession attaches to the selection; with patterns or --all it returns
+// once discovery's first scan has attached everything present.
+func openSession(ctx context.Context, tc *traceConfig, log *slog.Logger) (*session.Session, error) {
+	criLog := slog.New(slog.DiscardHandler) // a trace stays quiet about an absent runtime
+	if tc.verbose {
+		criLog = log
 	}
-	return regexp.MustCompile("^(" + strings.Join(alts, "|") + ")$")
+	endpoint := (&criFlags{endpoint: tc.criEndpoint}).resolve()
+	return session.Open(ctx, session.Config{
+		Collector:   collector.Config{Mode: tc.mode, FlowEntries: tc.flowEntries, Logger: log, Events: tc.events},
+		Targets:     tc.sel.targets,
+		Discovery:   tc.sel.discovery,
+		WaitReady:   true,
+		CRIEndpoint: endpoint,
+		CRIInterval: 5 * time.Second,
+		CRILogger:   criLog,
+		Logger:      log,
+	})
 }
 
 // jsonlRecord wraps each JSON Lines object with its type.
@@ -216,22 +179,18 @@ type jsonlRecord struct {
 	*flow.Event
 }
 
-func runTrace(ctx context.Context, f traceFlags) (err error) {
-	tc, err := f.validate()
-	if err != nil {
-		return err
-	}
+func runTrace(ctx context.Context, tc *traceConfig) (err error) {
 	level := slog.LevelWarn
-	if f.verbose {
+	if tc.verbose {
 		level = slog.LevelDebug
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 
-	sess, err := openSession(ctx, tc, f, log)
+	sess, err := openSession(ctx, tc, log)
 	if err != nil {
 		return err
 	}
-	c := sess.c
+	c := sess.Collector()
 	// Everything attached is detached on every way out, signals included.
 	defer func() { err = errors.Join(err, sess.Close()) }()
 	ctx, cancel := context.WithCancel(ctx)
@@ -251,7 +210,7 @@ func runTrace(ctx context.Context, f traceFlags) (err error) {
 		return err
 	}
 
-	if f.events {
+	if tc.events {
 		rd, err := c.FlowEvents()
 		if err != nil {
 			return err
@@ -265,23 +224,23 @@ func runTrace(ctx context.Context, f traceFlags) (err error) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			streamEvents(rd, tc.filter, f.output, out, writeRecord)
+			streamEvents(rd, tc.filter, tc.output, out, writeRecord)
 		}()
 	}
 
 	wait := ctx
-	if f.duration > 0 {
+	if tc.duration > 0 {
 		var cancelWait context.CancelFunc
-		wait, cancelWait = context.WithTimeout(ctx, f.duration)
+		wait, cancelWait = context.WithTimeout(ctx, tc.duration)
 		defer cancelWait()
 	}
 	var tick <-chan time.Time
-	if f.interval > 0 {
-		t := time.NewTicker(f.interval)
+	if tc.interval > 0 {
+		t := time.NewTicker(tc.interval)
 		defer t.Stop()
 		tick = t.C
 	}
-	status := newStatus(f.interval == 0 && !f.events && f.output == "table")
+	status := newStatus(tc.interval == 0 && !tc.events && tc.output == "table")
 	defer status.clear()
 	statusTick := time.NewTicker(time.Second)
 	defer statusTick.Stop()
@@ -305,7 +264,7 @@ loop:
 			}
 			tr := report.NewTrace(report.Delta(prev, snap), prev.Time, opts)
 			prev = snap
-			if f.output == "jsonl" {
+			if tc.output == "jsonl" {
 				err = writeRecord("interval", tr, nil)
 			} else {
 				err = out.writeTable(tr)
@@ -327,13 +286,13 @@ loop:
 	if err := sess.Close(); err != nil {
 		return fmt.Errorf("detach: %w", err)
 	}
-	switch f.output {
+	switch tc.output {
 	case "json":
 		return tr.WriteJSON(out)
 	case "jsonl":
 		return writeRecord("summary", tr, nil)
 	}
-	if f.interval > 0 || f.events {
+	if tc.interval > 0 || tc.events {
 		fmt.Fprintln(out, "\n=== SUMMARY")
 	}
 	return out.writeTable(tr)
@@ -409,66 +368,4 @@ func (s *status) clear() {
 	if s.enabled {
 		fmt.Fprint(os.Stderr, "\r\033[K")
 	}
-}
-
-// session is a collector observing a selection of namespaces; with
-// patterns or --all, discovery keeps following them.
-type session struct {
-	c      *collector.Collector
-	cancel context.CancelFunc
-	wg     sync.WaitGroup
-	once   sync.Once
-	err    error
-}
-
-func openSession(ctx context.Context, tc *traceConfig, f traceFlags, log *slog.Logger) (*session, error) {
-	c, err := collector.New(collector.Config{Mode: tc.mode, FlowEntries: f.flowEntries, Logger: log, Events: f.events})
-	if err != nil {
-		return nil, err
-	}
-	ctx, cancel := context.WithCancel(ctx)
-	s := &session{c: c, cancel: cancel}
-	for _, t := range tc.targets {
-		if _, err := c.Add(t); err != nil {
-			return nil, errors.Join(err, s.Close())
-		}
-	}
-	endpoint := f.criEndpoint
-	if endpoint == "auto" || endpoint == "" {
-		endpoint = cri.Detect()
-	}
-	if endpoint != "" && endpoint != "none" {
-		elog := slog.New(slog.DiscardHandler) // a trace stays quiet about an absent runtime
-		if f.verbose {
-			elog = log
-		}
-		e := cri.New(c, cri.Config{Endpoint: endpoint, Interval: 5 * time.Second, Logger: elog})
-		c.OnAdd(e.Kick)
-		s.wg.Add(1)
-		go func() { defer s.wg.Done(); e.Run(ctx) }()
-	}
-	if tc.discovery != nil {
-		tc.discovery.Logger = log
-		d, err := discovery.New(c, *tc.discovery)
-		if err != nil {
-			return nil, errors.Join(err, s.Close())
-		}
-		s.wg.Add(1)
-		go func() { defer s.wg.Done(); d.Run(ctx) }()
-		select {
-		case <-d.Ready():
-		case <-ctx.Done():
-		}
-	}
-	return s, nil
-}
-
-// Close stops discovery and detaches everything; it may be called twice.
-func (s *session) Close() error {
-	s.once.Do(func() {
-		s.cancel()
-		s.wg.Wait()
-		s.err = s.c.Close()
-	})
-	return s.err
 }

@@ -184,7 +184,6 @@ func TestCLIBadInput(t *testing.T) {
 		want string
 		code int
 	}{
-		{[]string{"trace"}, "no namespace selected", 2},
 		{[]string{"trace", "--netns", "e2e-does-not-exist"}, "not found", 2},
 		{[]string{"trace", "--netns", "pid:abc"}, "pid:PID", 2},
 		{[]string{"trace", "--netns", "pid:999999999"}, "not found", 2},

@@ -271,7 +271,7 @@ func TestTraceEvents(t *testing.T) {
 // out.
 func TestTraceSelection(t *testing.T) {
 	testenv.RequireRoot(t)
-	newPods(t, "10.213.134.0/24", "e2e-sel-a", "e2e-sel-b")
+	newPods(t, "10.213.134.0/24", "e2e-sel-a", "e2e-sel-b", "e2e-sel-c")
 	names := func(args ...string) map[string]bool {
 		out, err := exec.Command(nsflowBin, append([]string{"trace", "--duration", "300ms", "--output", "json", "--cri.endpoint", "none"}, args...)...).Output()
 		if err != nil {
@@ -295,5 +295,16 @@ func TestTraceSelection(t *testing.T) {
 	}
 	if got := names("--netns", "e2e-sel-?", "--exclude", "*-a"); got["e2e-sel-a"] || !got["e2e-sel-b"] {
 		t.Errorf("pattern minus *-a: %v", got)
+	}
+	// Brackets mean what path.Match says: a class of characters.
+	if got := names("--netns", "e2e-sel-[ab]"); !got["e2e-sel-a"] || !got["e2e-sel-b"] || got["e2e-sel-c"] || got["host"] {
+		t.Errorf("pattern e2e-sel-[ab]: %v", got)
+	}
+	if got := names("--netns", "e2e-sel-*", "--exclude", "e2e-sel-[^c]"); got["e2e-sel-a"] || got["e2e-sel-b"] || !got["e2e-sel-c"] {
+		t.Errorf("pattern e2e-sel-* minus e2e-sel-[^c]: %v", got)
+	}
+	// No selection at all is every namespace, as --all.
+	if got := names("--exclude", "pid:*"); !got["e2e-sel-a"] || !got["e2e-sel-c"] || !got["host"] {
+		t.Errorf("no selection: %v", got)
 	}
 }

@@ -1,0 +1,181 @@
+// Package session runs a collector with everything that keeps it current:
+// the namespaces it was asked for, discovery that follows namespaces as they
+// come and go, the container runtime that names their pods, and pruning of
+// what is gone. serve, trace, top all open one; Close stops every goroutine
+// the session started, waits for them, and then closes the collector.
+package session
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/nsflow/nsflow/collector"
+	"github.com/nsflow/nsflow/collector/cri"
+	"github.com/nsflow/nsflow/collector/discovery"
+)
+
+// Config configures a Session.
+type Config struct {
+	// Collector configures the BPF programs and maps.
+	Collector collector.Config
+	// Targets are observed from the start; an error for one fails Open.
+	Targets []collector.Target
+	// Discovery, when set, finds namespaces as they come and go.
+	Discovery *discovery.Config
+	// WaitReady makes Open return only once discovery's first scan has
+	// attached everything it found (or ctx is done).
+	WaitReady bool
+	// CRIEndpoint, when set, labels namespaces with their pods (unix:///path).
+	CRIEndpoint string
+	// CRIInterval is the runtime's resync period; 0 means cri's default.
+	CRIInterval time.Duration
+	// CRILogger receives the runtime's log lines; nil means Logger.
+	CRILogger *slog.Logger
+	// Prune forgets namespaces and interfaces Grace after they are gone;
+	// without it they are kept until Close (a trace reports them).
+	Prune bool
+	Grace time.Duration
+	// Logger receives lifecycle lines; nil discards them.
+	Logger *slog.Logger
+}
+
+// Session is a running collector and its helpers.
+type Session struct {
+	c      *collector.Collector
+	d      *discovery.Discovery // nil without discovery
+	log    *slog.Logger
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+	errc   chan error // discovery's end, once
+	ready  chan struct{}
+	// running is set while discovery runs.
+	running atomic.Bool
+
+	once sync.Once
+	err  error
+}
+
+// Open loads the collector and starts everything cfg asks for. On error,
+// nothing is left attached or running.
+func Open(ctx context.Context, cfg Config) (*Session, error) {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Collector.Logger == nil {
+		cfg.Collector.Logger = cfg.Logger
+	}
+	c, err := collector.New(cfg.Collector)
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	s := &Session{c: c, log: cfg.Logger, cancel: cancel, errc: make(chan error, 1), ready: make(chan struct{})}
+	for _, t := range cfg.Targets {
+		if _, err := c.Add(t); err != nil {
+			return nil, errors.Join(err, s.Close())
+		}
+	}
+	if cfg.CRIEndpoint != "" {
+		l := cfg.CRILogger
+		if l == nil {
+			l = cfg.Logger
+		}
+		e := cri.New(c, cri.Config{Endpoint: cfg.CRIEndpoint, Interval: cfg.CRIInterval, Logger: l})
+		c.OnAdd(e.Kick)
+		s.goroutine(func() { e.Run(ctx) })
+	}
+	if cfg.Prune {
+		s.goroutine(func() { s.prune(ctx, cfg.Grace) })
+	}
+	if cfg.Discovery == nil {
+		close(s.ready)
+		return s, nil
+	}
+	dc := *cfg.Discovery
+	if dc.Logger == nil {
+		dc.Logger = cfg.Logger
+	}
+	if s.d, err = discovery.New(c, dc); err != nil {
+		return nil, errors.Join(err, s.Close())
+	}
+	s.running.Store(true)
+	s.goroutine(func() {
+		err := s.d.Run(ctx)
+		s.running.Store(false)
+		s.errc <- err
+	})
+	s.goroutine(func() {
+		select {
+		case <-s.d.Ready():
+			// With pins, links of a previous process that nothing
+			// claimed in the first full scan are released now.
+			if cfg.Collector.PinPath != "" {
+				c.DropStalePins()
+			}
+			close(s.ready)
+		case <-ctx.Done():
+		}
+	})
+	if cfg.WaitReady {
+		select {
+		case <-s.ready:
+		case <-ctx.Done():
+		}
+	}
+	return s, nil
+}
+
+func (s *Session) goroutine(fn func()) {
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		fn()
+	}()
+}
+
+// Collector is the session's collector.
+func (s *Session) Collector() *collector.Collector { return s.c }
+
+// Ready is closed once everything present at start is observed: at once
+// without discovery, after its first full scan with it.
+func (s *Session) Ready() <-chan struct{} { return s.ready }
+
+// Done delivers discovery's end (nil when stopped by Close or the context,
+// an error when it failed); it never delivers without discovery.
+func (s *Session) Done() <-chan error { return s.errc }
+
+// Discovering reports whether discovery runs (false without discovery).
+func (s *Session) Discovering() bool { return s.running.Load() }
+
+// prune forgets removed namespaces once their grace period has passed.
+func (s *Session) prune(ctx context.Context, grace time.Duration) {
+	every := min(max(grace/4, 100*time.Millisecond), 10*time.Second)
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			if err := s.c.Prune(time.Now().Add(-grace)); err != nil {
+				s.log.Warn("prune", "err", err)
+			}
+		}
+	}
+}
+
+// Close stops discovery, the runtime client and pruning, waits for them,
+// and closes the collector (which detaches everything, or leaves it pinned).
+// It may be called more than once.
+func (s *Session) Close() error {
+	s.once.Do(func() {
+		s.cancel()
+		s.wg.Wait()
+		s.err = s.c.Close()
+	})
+	return s.err
+}
