@@ -15,7 +15,7 @@ export BPF_CLANG
 export BPF2GO_CC := $(BPF_CLANG)
 # Debian packages the build, the tests and the demo need (clang-14 and llvm-14
 # only for `make generate`: exactly the pinned compiler, not Debian's default clang).
-DEB_PKGS  := clang-14 llvm-14 libbpf-dev linux-libc-dev bpftool iproute2 iputils-ping iperf3 tcpdump prometheus procps tmux libcap2-bin util-linux systemd docker.io iptables containerd runc containernetworking-plugins
+DEB_PKGS  := clang-14 llvm-14 libbpf-dev linux-libc-dev bpftool iproute2 iputils-ping iperf3 ethtool tcpdump prometheus procps tmux libcap2-bin util-linux systemd docker.io iptables containerd runc containernetworking-plugins
 TEST_TIMEOUT ?= 25m
 
 .PHONY: bench-deps all build bpf-clang generate check-generate deps lint test test-unit bench fuzz soak image demo clean

@@ -101,6 +101,15 @@ func Load(opts Options) (*Objects, error) {
 			return nil, fmt.Errorf("set %s: %w", NsflowVarEventsEnabled, err)
 		}
 	}
+	// GRO's sk_buffs carry a NAPI ID; below it, the field holds a sender
+	// CPU + 1 (rx_segments in nsflow.c).
+	ncpu, err := ebpf.PossibleCPU()
+	if err != nil {
+		return nil, err
+	}
+	if err := spec.Variables[NsflowVarNapiIdMin].Set(uint32(ncpu + 1)); err != nil {
+		return nil, fmt.Errorf("set %s: %w", NsflowVarNapiIdMin, err)
+	}
 	var copts *ebpf.CollectionOptions
 	if opts.PinPath != "" {
 		for _, name := range PinnedMaps {

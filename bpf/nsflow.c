@@ -16,8 +16,8 @@
  *   load, never a load of the parser.
  * - the parser, loaded once and shared by every hook, nsflow_ingress/egress:
  *   the stubs tail-call it (through account_progs) when it is needed: with
- *   per-flow accounting, and for GSO sk_buffs at egress whose segments must
- *   be counted. It learns the slot from the stub (handoff) and its flows'
+ *   per-flow accounting, and for GSO sk_buffs, which may stand for several
+ *   packets on the wire (tx_segments, rx_segments). It learns the slot from the stub (handoff) and its flows'
  *   namespace from the packet itself (skb->dev->nd_net.net->ns.inum).
  *
  * The programs never change a verdict: they always return TC_NEXT (TCX_NEXT
@@ -32,6 +32,7 @@
 #include <linux/pkt_cls.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
+#include <bpf/bpf_core_read.h>
 
 #include "kernel.h"
 
@@ -128,6 +129,10 @@ struct flow_event {
 /* Set by the loader before load (CollectionSpec.Variables). */
 volatile const __u8 flows_enabled = 1;
 volatile const __u8 events_enabled = 0;
+/* The lowest NAPI ID (MIN_NAPI_ID is NR_CPUS + 1): the loader sets it to
+ * the number of possible CPUs + 1, above any sender_cpu that shares the
+ * field at ingress, and at or below every real NAPI ID. */
+volatile const __u32 napi_id_min = 0xffffffff;
 
 /* Exact totals, one slot per observation point, assigned by user space. */
 struct {
@@ -262,8 +267,11 @@ static __always_inline void count_flow(struct flow_key *key, __u32 packets, __u6
 
 /* What the parser learns beyond the flow key. */
 struct l4_info {
-	__u64 hdr_len; /* bytes of headers before the transport payload */
+	__u64 hdr_len;  /* bytes of headers before the transport payload */
+	__u16 l3_proto; /* ethertype of the network header (after a VLAN tag), network order */
+	__u16 l3_len;   /* bytes of the network header, IPv6 extension headers included */
 	__u8 tcp_flags;
+	__u8 ip_df;     /* IPv4: the Don't Fragment bit is set */
 };
 
 /*
@@ -322,6 +330,8 @@ static __always_inline int parse_ipv4(void *data, void *data_end, __u64 off, str
 		return -1;
 	key->family = 4;
 	key->proto = ip->protocol;
+	l4i->l3_len = ip->ihl * 4;
+	l4i->ip_df = !!(ip->frag_off & bpf_htons(0x4000));
 	__builtin_memcpy(key->saddr, &ip->saddr, 4);
 	__builtin_memcpy(key->daddr, &ip->daddr, 4);
 	/* Non-first fragments carry no transport header: ports stay 0. */
@@ -334,6 +344,7 @@ static __always_inline int parse_ipv6(void *data, void *data_end, __u64 off, str
 				      struct l4_info *l4i)
 {
 	struct ipv6hdr *ip6 = data + off;
+	__u64 start = off;
 	__u8 next;
 
 	if ((void *)(ip6 + 1) > data_end)
@@ -394,27 +405,147 @@ static __always_inline int parse_ipv6(void *data, void *data_end, __u64 off, str
 	/* off is bounded by the unrolled walk (each step adds at most 2048). */
 	if (off > 0xffff)
 		return -1;
+	l4i->l3_len = off - start;
 	return parse_l4(data, data_end, off, key, l4i);
 }
 
-/*
- * segments returns how many packets the device will put on the wire for this
- * sk_buff. At egress a GSO sk_buff longer than the device's GSO limit is
- * segmented in software after the TC hook (net/core/dev.c,
- * gso_features_check), and the device counts every segment; below the limit
- * the device takes it whole and counts one. Mirroring that keeps nsflow's
- * counts equal to the kernel's own interface counters.
- */
-static __always_inline __u32 segments(struct __sk_buff *ctx, struct net_device *dev, __u8 dir)
-{
-	__u32 segs = ctx->gso_segs;
-	__u32 max;
+/* The kernel's netdev_features_t bits (NETIF_F_*_BIT) and SKB_GSO_* types
+ * that decide whether a device takes a GSO sk_buff whole. These bits have
+ * kept their positions since the features were introduced (the ones added
+ * later went above NETIF_F_GSO_FRAGLIST). */
+#define F_IP_CSUM (1ULL << 1)
+#define F_HW_CSUM (1ULL << 3)
+#define F_IPV6_CSUM (1ULL << 4)
+#define F_FRAGLIST (1ULL << 6)
+#define F_TSO_MANGLEID (1ULL << 19)
+#define F_TSO6 (1ULL << 20)
+#define F_GSO_UDP_L4 (1ULL << 33)
+#define F_CSUM_MASK (F_IP_CSUM | F_HW_CSUM | F_IPV6_CSUM)
+#define F_GSO_SHIFT 16
+/* NETIF_F_GSO_MASK: TSO (16) to the last GSO bit (35 in 6.18; clearing
+ * a later, unrelated bit too changes none of the decisions below). */
+#define F_GSO_MASK (((1ULL << 36) - 1) & ~((1ULL << F_GSO_SHIFT) - 1))
 
-	if (dir != DIR_TX || segs <= 1)
+#define GSO_TCPV4 (1U << 0)
+#define GSO_DODGY (1U << 1)
+#define __GSO_TCP_FIXEDID (1U << 3)
+#define GSO_TCPV6 (1U << 4)
+#define GSO_PARTIAL (1U << 12)
+#define GSO_UDP_L4 (1U << 17)
+/* 6.18.y, 6.19+: FIXEDID moved to bits 30/31, both mapping to bit 3. */
+#define GSO_TCP_FIXEDID_OUTER_INNER (3U << 30)
+
+#define CSUM_NONE 0
+#define CSUM_UNNECESSARY 1
+#define CSUM_PARTIAL 3
+
+/* can_checksum_protocol (include/linux/netdevice.h), without FCoE. */
+static __always_inline int can_checksum(__u64 f, __u16 proto)
+{
+	if (f & F_HW_CSUM)
 		return 1;
+	if (proto == bpf_htons(ETH_P_IP))
+		return !!(f & F_IP_CSUM);
+	if (proto == bpf_htons(ETH_P_IPV6))
+		return !!(f & F_IPV6_CSUM);
+	return 0;
+}
+
+/* netdev_intersect_features: HW_CSUM on one side stands for IP+IPV6_CSUM. */
+static __always_inline __u64 intersect_features(__u64 f1, __u64 f2)
+{
+	if ((f1 ^ f2) & F_HW_CSUM) {
+		if (f1 & F_HW_CSUM)
+			f1 |= F_IP_CSUM | F_IPV6_CSUM;
+		else
+			f2 |= F_IP_CSUM | F_IPV6_CSUM;
+	}
+	return f1 & f2;
+}
+
+/*
+ * tx_segments returns how many packets the device puts on the wire for a
+ * GSO sk_buff at egress, and so how many its counters count: gso_segs when
+ * the kernel segments it in software after the TC hook, 1 when the device
+ * takes it whole (TSO, or a virtual device passing it on). The decision is
+ * validate_xmit_skb's (net/core/dev.c), replayed on the device's features
+ * as they are when the packet passes: netif_skb_features (gso_features_check,
+ * the encapsulation and VLAN masks, harmonize_features' checksum check)
+ * then netif_needs_gso (net_gso_ok on the GSO type, frag_list, ip_summed).
+ * Reading the features live needs no refresh on `ethtool -K`, and costs
+ * only GSO sk_buffs, never the stub's fast path. Not replayed: a driver's
+ * own ndo_features_check (many NICs restrict tunnel offloads there), MPLS,
+ * several stacked VLAN tags, and the inner headers of encapsulated packets
+ * (the TSO_MANGLEID and IPv6 extension header checks read the outer ones).
+ */
+static __always_inline __u32 tx_segments(struct __sk_buff *ctx, struct sk_buff *skb, struct net_device *dev,
+					 const struct l4_info *l4i)
+{
+	struct skb_shared_info *si = (void *)(BPF_CORE_READ(skb, head) + BPF_CORE_READ(skb, end));
+	__u32 segs = ctx->gso_segs;
+	__u32 gso_type = 0, max;
+	void *frag_list = 0;
+	__u64 f = dev->features, gso;
+	__u8 ip_summed = BPF_CORE_READ_BITFIELD(skb, ip_summed);
+	__u8 encap = BPF_CORE_READ_BITFIELD(skb, encapsulation);
+
+	bpf_core_read(&gso_type, sizeof(gso_type), &si->gso_type);
+	bpf_core_read(&frag_list, sizeof(frag_list), &si->frag_list);
+
+	/* gso_features_check */
 	max = ctx->protocol == bpf_htons(ETH_P_IPV6) ? dev->gso_max_size : dev->gso_ipv4_max_size;
-	/* Both checks of gso_features_check: too many segments, or too long. */
-	return (segs > dev->gso_max_segs || ctx->len >= max) ? segs : 1;
+	if (segs > dev->gso_max_segs || ctx->len >= max || !gso_type) {
+		f &= ~F_GSO_MASK;
+	} else {
+		if (!(gso_type & GSO_PARTIAL))
+			f &= ~dev->gso_partial_features;
+		if ((gso_type & GSO_TCPV4) && !encap && !l4i->ip_df)
+			f &= bpf_core_field_exists(dev->mangleid_features) ? ~dev->mangleid_features
+									   : ~F_TSO_MANGLEID;
+		/* NETIF_F_IPV6_CSUM (and TSO that depends on it) cannot handle
+		 * IPv6 extension headers. */
+		if ((f & F_IPV6_CSUM) && !encap &&
+		    ((gso_type & GSO_TCPV6) || ((gso_type & GSO_UDP_L4) && l4i->l3_proto == bpf_htons(ETH_P_IPV6))) &&
+		    l4i->l3_len != sizeof(struct ipv6hdr))
+			f &= ~(F_IPV6_CSUM | F_TSO6 | F_GSO_UDP_L4);
+	}
+	if (encap)
+		f &= dev->hw_enc_features;
+	if (ctx->vlan_present || ctx->protocol == bpf_htons(ETH_P_8021Q_) || ctx->protocol == bpf_htons(ETH_P_8021AD_))
+		/* The VLAN TX offload bits the kernel adds back change no GSO
+		 * or checksum bit: left out. */
+		f = intersect_features(f, dev->vlan_features);
+	/* harmonize_features */
+	if (ip_summed != CSUM_NONE && !can_checksum(f, l4i->l3_proto))
+		f &= ~(F_CSUM_MASK | F_GSO_MASK);
+
+	/* netif_needs_gso: skb_gso_ok, or a checksum the device must finish. */
+	if (gso_type & GSO_TCP_FIXEDID_OUTER_INNER)
+		gso_type |= __GSO_TCP_FIXEDID;
+	gso = ((__u64)gso_type << F_GSO_SHIFT) & F_GSO_MASK;
+	if ((f & gso) == gso && (!frag_list || (f & F_FRAGLIST)) &&
+	    (ip_summed == CSUM_PARTIAL || ip_summed == CSUM_UNNECESSARY))
+		return 1; /* the device takes it whole */
+	/* Software GSO: gso_segs segments; an untrusted source's (DODGY) count
+	 * is recomputed, as qdisc_pkt_len_init does. */
+	if ((gso_type & GSO_DODGY) && ctx->gso_size && l4i->hdr_len < ctx->len)
+		segs = (ctx->len - l4i->hdr_len + ctx->gso_size - 1) / ctx->gso_size;
+	return segs;
+}
+
+/*
+ * rx_segments returns how many packets the device counted for a GSO sk_buff
+ * at ingress. GRO (in a NAPI poll: a NIC's, or a veth's whose peer cannot
+ * do TSO) merges received frames into one sk_buff before the TC hook, after
+ * the device counted each frame: gso_segs of them. A GSO packet that a
+ * virtual device passed on whole (veth without NAPI, the default) was
+ * counted once. NAPI marks what it received with its NAPI ID (busy-poll
+ * kernels: CONFIG_NET_RX_BUSY_POLL); without one the sk_buff did not come
+ * through a NAPI poll, and GRO did not build it.
+ */
+static __always_inline __u32 rx_segments(struct __sk_buff *ctx)
+{
+	return ctx->napi_id >= napi_id_min ? ctx->gso_segs : 1;
 }
 
 /* Parses the frame into key (PARSE_FLOW: complete). */
@@ -444,6 +575,7 @@ static __always_inline enum parse_result parse(struct __sk_buff *ctx, struct net
 			off += 4;
 		}
 	}
+	l4i->l3_proto = proto;
 	if (proto == bpf_htons(ETH_P_IP))
 		return parse_ipv4(data, data_end, off, key, l4i) ? PARSE_TRUNCATED : PARSE_FLOW;
 	if (proto == bpf_htons(ETH_P_IPV6))
@@ -502,11 +634,12 @@ static __always_inline int account(struct __sk_buff *ctx, __u8 dir)
 	struct l4_info l4i = {};
 	enum parse_result res = PARSE_NOT_YET;
 
-	packets = segments(ctx, dev, dir);
-	if (packets > 1) {
-		/* Each segment repeats the headers. */
+	packets = 1;
+	if (ctx->gso_segs > 1) {
 		res = parse(ctx, dev, &fkey, &l4i);
-		if (res == PARSE_FLOW && l4i.hdr_len < bytes)
+		packets = dir == DIR_TX ? tx_segments(ctx, skb, dev, &l4i) : rx_segments(ctx);
+		/* Each segment repeats the headers (qdisc_pkt_len_init). */
+		if (packets > 1 && res == PARSE_FLOW && l4i.hdr_len < bytes)
 			bytes += (packets - 1) * l4i.hdr_len;
 	}
 	count_handed(handed, packets, bytes);
@@ -538,8 +671,9 @@ int nsflow_egress(struct __sk_buff *ctx)
 
 /*
  * The stub: counts the packet into its slot, or hands the slot to the parser
- * when per-flow accounting is on or the packet is a GSO sk_buff at egress
- * (whose segments the parser counts). If the tail call fails (no parser in
+ * when per-flow accounting is on or the packet is a GSO sk_buff (whose
+ * segments the parser counts: one more load and compare than counting, the
+ * cost of the non-GSO fast path). If the tail call fails (no parser in
  * account_progs), it counts the packet itself: totals never miss one.
  */
 static __always_inline int stub(struct __sk_buff *ctx, __u32 dir)
@@ -548,7 +682,7 @@ static __always_inline int stub(struct __sk_buff *ctx, __u32 dir)
 
 	/* A 64-bit move of the template immediate, patched before load. */
 	asm volatile("%0 = %1" : "=r"(slot) : "i"(SLOT_TEMPLATE));
-	if (flows_enabled || (dir == DIR_TX && ctx->gso_segs > 1)) {
+	if (flows_enabled || ctx->gso_segs > 1) {
 		__u32 zero = 0;
 		__u32 *h = bpf_map_lookup_elem(&handoff, &zero);
 

@@ -110,6 +110,7 @@ const (
 	NsflowProgNsflowStubIngress = "nsflow_stub_ingress"
 	NsflowVarEventsEnabled      = "events_enabled"
 	NsflowVarFlowsEnabled       = "flows_enabled"
+	NsflowVarNapiIdMin          = "napi_id_min"
 	NsflowVarUnusedConsts       = "unused_consts"
 	NsflowVarUnusedDirection    = "unused_direction"
 	NsflowVarUnusedFlowEvent    = "unused_flow_event"
@@ -184,6 +185,7 @@ type NsflowMapSpecs struct {
 type NsflowVariableSpecs struct {
 	EventsEnabled     *ebpf.VariableSpec `ebpf:"events_enabled"`
 	FlowsEnabled      *ebpf.VariableSpec `ebpf:"flows_enabled"`
+	NapiIdMin         *ebpf.VariableSpec `ebpf:"napi_id_min"`
 	UnusedConsts      *ebpf.VariableSpec `ebpf:"unused_consts"`
 	UnusedDirection   *ebpf.VariableSpec `ebpf:"unused_direction"`
 	UnusedFlowEvent   *ebpf.VariableSpec `ebpf:"unused_flow_event"`
@@ -238,6 +240,7 @@ func (m *NsflowMaps) Close() error {
 type NsflowVariables struct {
 	EventsEnabled     *ebpf.Variable `ebpf:"events_enabled"`
 	FlowsEnabled      *ebpf.Variable `ebpf:"flows_enabled"`
+	NapiIdMin         *ebpf.Variable `ebpf:"napi_id_min"`
 	UnusedConsts      *ebpf.Variable `ebpf:"unused_consts"`
 	UnusedDirection   *ebpf.Variable `ebpf:"unused_direction"`
 	UnusedFlowEvent   *ebpf.Variable `ebpf:"unused_flow_event"`

@@ -30,10 +30,25 @@ struct net_device {
 	unsigned int gso_max_size;      /* GSO limit for IPv6 and others */
 	unsigned int gso_ipv4_max_size; /* GSO limit for IPv4 (6.3+) */
 	unsigned short gso_max_segs;    /* u16 in the kernel */
+	/* netdev_features_t: what netif_skb_features starts from. */
+	__u64 features;
+	__u64 vlan_features;
+	__u64 hw_enc_features;
+	__u64 gso_partial_features;
+	__u64 mangleid_features; /* 6.18.y and 6.19+; absent before */
 } __attribute__((preserve_access_index));
 
 struct sk_buff {
 	struct net_device *dev;
+	unsigned char *head;
+	unsigned int end; /* sk_buff_data_t: an offset from head on 64-bit */
+	__u8 ip_summed : 2;
+	__u8 encapsulation : 1;
+} __attribute__((preserve_access_index));
+
+struct skb_shared_info {
+	struct sk_buff *frag_list;
+	unsigned int gso_type;
 } __attribute__((preserve_access_index));
 
 /* Kernel 6.3+: turns the __sk_buff context into the kernel's sk_buff. */
