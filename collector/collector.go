@@ -286,6 +286,12 @@ func (c *Collector) resyncLocked(ns *namespace) (int, error) {
 	for _, l := range links {
 		present[l.Attrs().Index] = true
 		if err := c.attachLocked(ns, l.Attrs().Index, l.Attrs().Name); err != nil {
+			if vanished(ns.nl, l.Attrs().Index) {
+				// Deleted between the listing and the attach (pods come
+				// and go): its RTM_DELLINK marks it gone; not an error.
+				c.log.Debug("interface vanished while attaching", "netns", ns.name, "interface", l.Attrs().Name, "err", err)
+				continue
+			}
 			errs = append(errs, err)
 		}
 	}
@@ -296,6 +302,13 @@ func (c *Collector) resyncLocked(ns *namespace) (int, error) {
 		}
 	}
 	return len(links), errors.Join(errs...)
+}
+
+// vanished reports whether the interface of that index no longer exists.
+func vanished(nl *netlink.Handle, index int) bool {
+	_, err := nl.LinkByIndex(index)
+	var nf netlink.LinkNotFoundError
+	return errors.As(err, &nf)
 }
 
 // follow applies the link events of one namespace until it is removed. If
