@@ -149,10 +149,11 @@ func (e *Exporter) Collect(ch chan<- prometheus.Metric) {
 		}
 		var pod, podNS string
 		if ns.Pod != nil {
-			pod, podNS = ns.Pod.Name, ns.Pod.Namespace
+			pod, podNS = flow.SafeName(ns.Pod.Name), flow.SafeName(ns.Pod.Namespace)
 		}
 		for _, i := range ns.Interfaces {
-			p := point{ns.Name, i.Name, pod, podNS}
+			// Label values are valid UTF-8 whatever a tenant names things.
+			p := point{flow.SafeName(ns.Name), flow.SafeName(i.Name), pod, podNS}
 			k, ok := index[p]
 			if !ok {
 				k = len(points)
@@ -254,7 +255,7 @@ func (e *Exporter) collectFlows(flows []flow.Flow, total int, counter func(*prom
 	}
 	for i := range sums {
 		f := &sums[i]
-		labels := []string{f.Netns, f.Interface, string(f.Direction), f.Protocol.String(), f.Src.String(), f.Dst.String(),
+		labels := []string{flow.SafeName(f.Netns), flow.SafeName(f.Interface), string(f.Direction), f.Protocol.String(), f.Src.String(), f.Dst.String(),
 			strconv.Itoa(int(f.SrcPort)), strconv.Itoa(int(f.DstPort))}
 		counter(e.flowPackets, f.Packets, labels...)
 		counter(e.flowBytes, f.Bytes, labels...)

@@ -59,20 +59,20 @@ func newListCmd() *cobra.Command {
 					}
 					label := strconv.Itoa(p)
 					if i < len(ns.Commands) && ns.Commands[i] != "" {
-						label += "(" + ns.Commands[i] + ")"
+						label += "(" + flow.SafeName(ns.Commands[i]) + ")"
 					}
 					pids = append(pids, label)
 				}
 				pod := "-"
 				if ns.Pod != nil {
-					pod = ns.Pod.Namespace + "/" + ns.Pod.Name
+					pod = flow.SafeName(ns.Pod.Namespace + "/" + ns.Pod.Name)
 				}
 				if ns.Error != "" {
-					fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t(error: %s)\t\t\t\t\n", ns.Name, pod, ns.Inode, strings.Join(pids, ","), ns.Error)
+					fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t(error: %s)\t\t\t\t\n", flow.SafeName(ns.Name), pod, ns.Inode, strings.Join(pids, ","), flow.SafeName(ns.Error))
 				}
 				for _, i := range ns.Interfaces {
-					fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%d\t%s\t%v\t%s\n", ns.Name, pod, ns.Inode, strings.Join(pids, ","),
-						i.Name, i.Index, i.Type, i.Up, i.Attach)
+					fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%d\t%s\t%v\t%s\n", flow.SafeName(ns.Name), pod, ns.Inode, strings.Join(pids, ","),
+						flow.SafeName(i.Name), i.Index, flow.SafeName(i.Type), i.Up, i.Attach)
 				}
 			}
 			return tw.Flush()

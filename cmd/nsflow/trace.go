@@ -314,7 +314,7 @@ func streamEvents(rd *collector.EventReader, flt *filter.Filter, output string, 
 			writeRecord("flow_start", nil, &ev)
 			continue
 		}
-		fmt.Fprintf(out, "%s  NEW  %s %s %s  %s  %s > %s\n", ev.Time.Format("15:04:05.000000"), ev.Netns, ev.Interface,
+		fmt.Fprintf(out, "%s  NEW  %s %s %s  %s  %s > %s\n", ev.Time.Format("15:04:05.000000"), flow.SafeName(ev.Netns), flow.SafeName(ev.Interface),
 			ev.Direction, ev.Protocol, report.Endpoint(ev.Src, ev.SrcPort, ev.Protocol.String()),
 			report.Endpoint(ev.Dst, ev.DstPort, ev.Protocol.String()))
 	}

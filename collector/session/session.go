@@ -79,20 +79,37 @@ func Open(ctx context.Context, cfg Config) (*Session, error) {
 			return nil, errors.Join(err, s.Close())
 		}
 	}
+	var enricher *cri.Enricher
 	if cfg.CRIEndpoint != "" {
 		l := cfg.CRILogger
 		if l == nil {
 			l = cfg.Logger
 		}
-		e := cri.New(c, cri.Config{Endpoint: cfg.CRIEndpoint, Interval: cfg.CRIInterval, Logger: l})
-		c.OnAdd(e.Kick)
-		s.goroutine(func() { e.Run(ctx) })
+		enricher = cri.New(c, cri.Config{Endpoint: cfg.CRIEndpoint, Interval: cfg.CRIInterval, Logger: l})
+		c.OnAdd(enricher.Kick)
+	}
+	// startCRI names the pods; with WaitReady, once before Open returns
+	// (bounded: a runtime that does not answer leaves them unnamed until
+	// it does), so that a short trace shows them.
+	startCRI := func() {
+		if enricher == nil {
+			return
+		}
+		if cfg.WaitReady {
+			sctx, cancel := context.WithTimeout(ctx, initialSyncTimeout)
+			if err := enricher.Sync(sctx); err != nil {
+				s.log.Debug("first pod sync", "err", err)
+			}
+			cancel()
+		}
+		s.goroutine(func() { enricher.Run(ctx) })
 	}
 	if cfg.Prune {
 		s.goroutine(func() { s.prune(ctx, cfg.Grace) })
 	}
 	if cfg.Discovery == nil {
 		close(s.ready)
+		startCRI()
 		return s, nil
 	}
 	dc := *cfg.Discovery
@@ -126,8 +143,13 @@ func Open(ctx context.Context, cfg Config) (*Session, error) {
 		case <-ctx.Done():
 		}
 	}
+	startCRI()
 	return s, nil
 }
+
+// initialSyncTimeout bounds the first pod sync of a session that waits
+// until it is ready.
+const initialSyncTimeout = 3 * time.Second
 
 func (s *Session) goroutine(fn func()) {
 	s.wg.Add(1)

@@ -221,7 +221,7 @@ func (t *Trace) WriteTable(w io.Writer) error {
 	fmt.Fprintf(tw, "NETNS\tINODE\tINTERFACE\tRX PACKETS\tRX BYTES\tRX RATE\tTX PACKETS\tTX BYTES\tTX RATE\t\n")
 	for _, ns := range t.Namespaces {
 		for _, i := range ns.Interfaces {
-			fmt.Fprintf(tw, "%s\t%d\t%s\t%d\t%s\t%s\t%d\t%s\t%s\t\n", ns.Label(), ns.Inode, i.Name,
+			fmt.Fprintf(tw, "%s\t%d\t%s\t%d\t%s\t%s\t%d\t%s\t%s\t\n", ns.Label(), ns.Inode, flow.SafeName(i.Name),
 				i.RXPackets, Bytes(i.RXBytes), Bits(i.RXBitRate), i.TXPackets, Bytes(i.TXBytes), Bits(i.TXBitRate))
 		}
 	}
@@ -244,7 +244,7 @@ func (t *Trace) WriteTable(w io.Writer) error {
 		if f.Protocol == "icmp" || f.Protocol == "icmpv6" {
 			flags = fmt.Sprintf("type %d code %d", f.SrcPort, f.DstPort)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\n", f.Netns, f.Interface, f.Direction,
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\n", flow.SafeName(f.Netns), flow.SafeName(f.Interface), f.Direction,
 			f.Protocol, Endpoint(f.Src, f.SrcPort, f.Protocol), Endpoint(f.Dst, f.DstPort, f.Protocol),
 			f.Packets, Bytes(f.Bytes), Bits(f.BitRate), flags)
 	}
@@ -297,10 +297,11 @@ func Bits(bps float64) string {
 	return fmt.Sprintf("%.1f %s", bps, units[i])
 }
 
-// Label is the namespace's name, with its pod (namespace/name) when known.
+// Label is the namespace's name, with its pod (namespace/name) when known,
+// safe to print on a terminal (flow.SafeName).
 func (n Namespace) Label() string {
 	if n.Pod != nil {
-		return fmt.Sprintf("%s (pod %s/%s)", n.Name, n.Pod.Namespace, n.Pod.Name)
+		return fmt.Sprintf("%s (pod %s/%s)", flow.SafeName(n.Name), flow.SafeName(n.Pod.Namespace), flow.SafeName(n.Pod.Name))
 	}
-	return n.Name
+	return flow.SafeName(n.Name)
 }

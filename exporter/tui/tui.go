@@ -192,13 +192,13 @@ func (m *Model) View() string {
 	}
 	lines := 0
 	for _, ns := range m.cur.Namespaces {
-		name := ns.Name
+		name := flow.SafeName(ns.Name)
 		if ns.Pod != nil {
-			name = ns.Pod.Namespace + "/" + ns.Pod.Name
+			name = flow.SafeName(ns.Pod.Namespace + "/" + ns.Pod.Name)
 		}
 		for _, i := range ns.Interfaces {
 			d := deltaIf[[2]uint64{ns.Inode, uint64(i.Index)}]
-			fmt.Fprintf(&b, "%-24s %-12s %12s %12s %10.0f %10.0f %12s %12s\n", trunc(name, 24), trunc(i.Name, 12),
+			fmt.Fprintf(&b, "%-24s %-12s %12s %12s %10.0f %10.0f %12s %12s\n", trunc(name, 24), trunc(flow.SafeName(i.Name), 12),
 				report.Bits(rate(d.RX.Bytes, 8)), report.Bits(rate(d.TX.Bytes, 8)), rate(d.RX.Packets, 1), rate(d.TX.Packets, 1),
 				report.Bytes(i.RX.Bytes), report.Bytes(i.TX.Bytes))
 			lines++
@@ -238,7 +238,7 @@ func (m *Model) View() string {
 			break
 		}
 		p := r.f.Protocol.String()
-		fmt.Fprintf(&b, "%-16s %-8s %-3s %-6s %-40s %-40s %12s %9.0f %10s\n", trunc(r.f.Netns, 16), trunc(r.f.Interface, 8),
+		fmt.Fprintf(&b, "%-16s %-8s %-3s %-6s %-40s %-40s %12s %9.0f %10s\n", trunc(flow.SafeName(r.f.Netns), 16), trunc(flow.SafeName(r.f.Interface), 8),
 			r.f.Direction, p, report.Endpoint(r.f.Src, r.f.SrcPort, p), report.Endpoint(r.f.Dst, r.f.DstPort, p),
 			report.Bits(r.bps), r.pps, report.Bytes(r.total))
 	}
