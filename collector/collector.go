@@ -277,7 +277,7 @@ func (c *Collector) Add(t Target) (uint64, error) {
 // resyncLocked attaches to every interface of ns not yet attached and
 // releases those that are gone. It returns the number of interfaces.
 func (c *Collector) resyncLocked(ns *namespace) (int, error) {
-	links, err := ns.nl.LinkList()
+	links, err := linkwatch.List(ns.nl)
 	if err != nil {
 		return 0, fmt.Errorf("list interfaces in netns %s: %w", ns.name, err)
 	}

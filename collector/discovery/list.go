@@ -10,6 +10,7 @@ import (
 
 	"github.com/nsflow/nsflow/collector/attach"
 	"github.com/nsflow/nsflow/collector/flow"
+	"github.com/nsflow/nsflow/collector/linkwatch"
 )
 
 // ListedNamespace is a namespace found on the node, as `nsflow list` shows it.
@@ -83,7 +84,7 @@ func listInterfaces(ln *ListedNamespace) error {
 		return err
 	}
 	defer nl.Close()
-	links, err := nl.LinkList()
+	links, err := linkwatch.List(nl)
 	if err != nil {
 		return err
 	}

@@ -103,3 +103,19 @@ func (w *Watch) Run(fn func(netlink.LinkUpdate)) error {
 		}
 	}
 }
+
+// List lists the links of the namespace nl works in. A dump that the kernel
+// reports as interrupted (links changed while it was read: pods come and go)
+// is read again, a few times, rather than failing or returning a list
+// that may miss an interface.
+func List(nl *netlink.Handle) ([]netlink.Link, error) {
+	var links []netlink.Link
+	var err error
+	for range 10 {
+		links, err = nl.LinkList()
+		if !errors.Is(err, netlink.ErrDumpInterrupted) {
+			return links, err
+		}
+	}
+	return links, err
+}
