@@ -17,6 +17,11 @@ export BPF2GO_CC := $(BPF_CLANG)
 # only for `make generate`: exactly the pinned compiler, not Debian's default clang).
 DEB_PKGS  := clang-14 llvm-14 libbpf-dev linux-libc-dev bpftool iproute2 iputils-ping iperf3 ethtool tcpdump prometheus procps tmux libcap2-bin util-linux systemd docker.io iptables containerd runc containernetworking-plugins
 TEST_TIMEOUT ?= 25m
+# Packages are tested one at a time: the end-to-end tests observe every
+# namespace of the node (serve's defaults, trace --all), so another
+# package's namespaces appearing and vanishing meanwhile would make them
+# measure something else than they mean to.
+TEST_FLAGS   ?= -count=1 -p 1 -timeout $(TEST_TIMEOUT)
 
 .PHONY: bench-deps all build bpf-clang generate check-generate deps lint test test-unit bench fuzz soak image demo clean
 
@@ -80,12 +85,12 @@ lint:
 
 ## test: everything CI runs (as root): deps, fresh generated code, lint, all tests
 test: deps check-generate lint
-	$(GO) test -count=1 -timeout $(TEST_TIMEOUT) $(PKGS)
+	$(GO) test $(TEST_FLAGS) $(PKGS)
 	cd deploy && $(GO) test -count=1 -timeout 10m ./...
 
 ## test-unit: the tests without the dependency and generate checks
 test-unit:
-	$(GO) test -count=1 -timeout $(TEST_TIMEOUT) $(PKGS)
+	$(GO) test $(TEST_FLAGS) $(PKGS)
 
 ## bench: the benchmarks (figures go to docs/BENCHMARKS.md)
 ## bench-deps: the tools the benchmarks compare nsflow with
