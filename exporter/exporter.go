@@ -6,10 +6,13 @@ package exporter
 
 import (
 	"net/netip"
+	"slices"
 	"strconv"
+	"strings"
 	"sync"
 
 	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 
 	"github.com/nsflow/nsflow/collector"
 	"github.com/nsflow/nsflow/collector/attach"
@@ -59,6 +62,10 @@ type Exporter struct {
 	mu           sync.Mutex
 	droppedTotal uint64 // flow series left out by the cap, over all scrapes
 	errorsTotal  uint64
+	// labels keeps the label pairs of the per-interface series from one
+	// scrape to the next (replaced, never modified: concurrent scrapes
+	// may read it), so that a scrape builds them for new interfaces only.
+	labels map[pointKey][]*dto.LabelPair
 }
 
 // New returns an exporter for c.
@@ -135,7 +142,7 @@ func (e *Exporter) Collect(ch chan<- prometheus.Metric) {
 	// and re-created under its name (or a namespace under its name) while
 	// the old one awaits its grace period, so that no two series share a
 	// label set, which would fail the whole scrape.
-	type point struct{ netns, iface, pod, podNS string }
+	type point = pointKey
 	type sum struct{ rx, tx flow.Counters }
 	index := map[point]int{}
 	var points []point
@@ -153,7 +160,7 @@ func (e *Exporter) Collect(ch chan<- prometheus.Metric) {
 		}
 		for _, i := range ns.Interfaces {
 			// Label values are valid UTF-8 whatever a tenant names things.
-			p := point{flow.SafeName(ns.Name), flow.SafeName(i.Name), pod, podNS}
+			p := point{netns: flow.SafeName(ns.Name), iface: flow.SafeName(i.Name), pod: pod, podNS: podNS}
 			k, ok := index[p]
 			if !ok {
 				k = len(points)
@@ -168,13 +175,63 @@ func (e *Exporter) Collect(ch chan<- prometheus.Metric) {
 			s.tx.Bytes += i.TX.Bytes
 		}
 	}
-	for k, p := range points {
-		s := sums[k]
-		counter(e.packets, s.rx.Packets, p.netns, p.iface, string(flow.RX), p.pod, p.podNS)
-		counter(e.packets, s.tx.Packets, p.netns, p.iface, string(flow.TX), p.pod, p.podNS)
-		counter(e.bytes, s.rx.Bytes, p.netns, p.iface, string(flow.RX), p.pod, p.podNS)
-		counter(e.bytes, s.tx.Bytes, p.netns, p.iface, string(flow.TX), p.pod, p.podNS)
+	// Emitted in the order the registry sorts them into (by label values
+	// in the order of the label names: direction, interface, namespace,
+	// netns, pod), so that its sort finds them sorted: with 1,000 pods it
+	// took a sixth of a scrape's CPU time.
+	order := make([]int, len(points))
+	for k := range order {
+		order[k] = k
 	}
+	slices.SortFunc(order, func(a, b int) int {
+		pa, pb := &points[a], &points[b]
+		if c := strings.Compare(pa.iface, pb.iface); c != 0 {
+			return c
+		}
+		if c := strings.Compare(pa.podNS, pb.podNS); c != 0 {
+			return c
+		}
+		if c := strings.Compare(pa.netns, pb.netns); c != 0 {
+			return c
+		}
+		return strings.Compare(pa.pod, pb.pod)
+	})
+	e.mu.Lock()
+	oldLabels := e.labels
+	e.mu.Unlock()
+	labels := make(map[pointKey][]*dto.LabelPair, len(points))
+	pairs := func(p pointKey, dir flow.Direction) []*dto.LabelPair {
+		p.dir = dir
+		if l, ok := labels[p]; ok {
+			return l
+		}
+		l, ok := oldLabels[p]
+		if !ok {
+			l = pointLabels(p)
+		}
+		labels[p] = l
+		return l
+	}
+	for _, m := range []struct {
+		d       *prometheus.Desc
+		dir     flow.Direction
+		packets bool
+	}{{e.packets, flow.RX, true}, {e.packets, flow.TX, true}, {e.bytes, flow.RX, false}, {e.bytes, flow.TX, false}} {
+		for _, k := range order {
+			c := sums[k].rx
+			if m.dir == flow.TX {
+				c = sums[k].tx
+			}
+			v := c.Bytes
+			if m.packets {
+				v = c.Packets
+			}
+			ch <- &counterMetric{desc: m.d, labels: pairs(points[k], m.dir), value: float64(v)}
+		}
+	}
+	e.mu.Lock()
+	e.labels = labels
+	e.mu.Unlock()
 	gauge(e.namespaces, float64(observed), "observed")
 	gauge(e.namespaces, float64(gone), "gone")
 
@@ -261,4 +318,36 @@ func (e *Exporter) collectFlows(flows []flow.Flow, total int, counter func(*prom
 		counter(e.flowBytes, f.Bytes, labels...)
 	}
 	return total - len(kept)
+}
+
+// pointKey identifies a per-interface series.
+type pointKey struct {
+	netns, iface, pod, podNS string
+	dir                      flow.Direction
+}
+
+// pointLabels returns the label pairs of a per-interface series (its
+// values made safe already), sorted by name as the registry wants them.
+func pointLabels(p pointKey) []*dto.LabelPair {
+	pair := func(name, value string) *dto.LabelPair {
+		return &dto.LabelPair{Name: &name, Value: &value}
+	}
+	return []*dto.LabelPair{pair("direction", string(p.dir)), pair("interface", p.iface),
+		pair("namespace", p.podNS), pair("netns", p.netns), pair("pod", p.pod)}
+}
+
+// counterMetric is a counter whose label pairs are shared between scrapes
+// (what prometheus.MustNewConstMetric builds anew for every series of
+// every scrape).
+type counterMetric struct {
+	desc   *prometheus.Desc
+	labels []*dto.LabelPair
+	value  float64
+}
+
+func (m *counterMetric) Desc() *prometheus.Desc { return m.desc }
+func (m *counterMetric) Write(out *dto.Metric) error {
+	out.Label = m.labels
+	out.Counter = &dto.Counter{Value: &m.value}
+	return nil
 }

@@ -1,0 +1,229 @@
+package exporter
+
+import (
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"net/netip"
+	"runtime"
+	"runtime/metrics"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/nsflow/nsflow/collector"
+	"github.com/nsflow/nsflow/collector/attach"
+	"github.com/nsflow/nsflow/collector/flow"
+)
+
+// synthSource is a synthetic collector of 1,000 pods: each a namespace with
+// lo and eth0 and a host-side veth, 10 flows at each pod's eth0 (10,000),
+// pod labels. Like the collector, it returns fresh copies on every read
+// (Snapshot copies every flow, SnapshotTop only the n largest), so that
+// allocations compare; the BPF map reads themselves are not included
+// (BenchmarkSnapshot in the collector measures those).
+type synthSource struct {
+	snap *flow.Snapshot
+}
+
+func newSynthSource(pods int) *synthSource {
+	snap := &flow.Snapshot{Time: time.Now()}
+	host := flow.NamespaceStats{Name: "host", Inode: 4026531840, Interfaces: []flow.InterfaceStats{
+		{Name: "lo", Index: 1, State: flow.StateAttached}, {Name: "eth0", Index: 2, State: flow.StateAttached}}}
+	for i := 0; i < pods; i++ {
+		host.Interfaces = append(host.Interfaces, flow.InterfaceStats{Name: fmt.Sprintf("veth%08x", i), Index: 10 + i, State: flow.StateAttached,
+			RX: flow.Counters{Packets: uint64(i) * 100, Bytes: uint64(i) * 150000}, TX: flow.Counters{Packets: uint64(i) * 90, Bytes: uint64(i) * 9000}})
+	}
+	snap.Namespaces = append(snap.Namespaces, host)
+	for i := 0; i < pods; i++ {
+		ns := flow.NamespaceStats{Name: fmt.Sprintf("cni-%08x-%04d", i*2654435761, i), Inode: uint64(4026532000 + i),
+			Pod: &flow.PodInfo{Name: fmt.Sprintf("app-%d-7d4f9c", i), Namespace: fmt.Sprintf("team-%d", i%20)}}
+		for j, name := range []string{"lo", "eth0"} {
+			ns.Interfaces = append(ns.Interfaces, flow.InterfaceStats{Name: name, Index: j + 1, State: flow.StateAttached,
+				RX: flow.Counters{Packets: 12345 + uint64(i), Bytes: 1234567 + uint64(i)}, TX: flow.Counters{Packets: 23456, Bytes: 2345678}})
+		}
+		snap.Namespaces = append(snap.Namespaces, ns)
+		src := netip.AddrFrom4([4]byte{10, 244, byte(i >> 8), byte(i)})
+		for k := 0; k < 10; k++ {
+			snap.Flows = append(snap.Flows, flow.Flow{Key: flow.Key{Netns: ns.Name, NetnsInode: ns.Inode, Interface: "eth0", Ifindex: 2,
+				Direction: flow.Direction([]string{"rx", "tx"}[k%2]), Protocol: 6, Src: src, Dst: netip.AddrFrom4([4]byte{10, 96, 0, byte(k)}),
+				SrcPort: uint16(30000 + k), DstPort: 443}, Packets: uint64(i*10 + k + 1), Bytes: uint64((i*10+k+1)*1000 + k)})
+		}
+	}
+	snap.Stats = flow.Stats{FlowEntries: uint64(len(snap.Flows)), FlowCapacity: 65536}
+	return &synthSource{snap}
+}
+
+func (s *synthSource) copyNamespaces() *flow.Snapshot {
+	out := &flow.Snapshot{Time: time.Now(), Stats: s.snap.Stats, Namespaces: make([]flow.NamespaceStats, len(s.snap.Namespaces))}
+	for i, ns := range s.snap.Namespaces {
+		ns.Interfaces = append([]flow.InterfaceStats(nil), ns.Interfaces...)
+		out.Namespaces[i] = ns
+	}
+	return out
+}
+
+func (s *synthSource) Snapshot() (*flow.Snapshot, error) {
+	out := s.copyNamespaces()
+	out.Flows = append([]flow.Flow(nil), s.snap.Flows...)
+	return out, nil
+}
+
+func (s *synthSource) SnapshotTop(n int) (*flow.Snapshot, error) {
+	out := s.copyNamespaces()
+	top := flow.NewTop(n)
+	for i := range s.snap.Flows {
+		f := s.snap.Flows[i] // the collector decodes each flow into a local
+		top.Offer(&f)
+	}
+	out.Flows = top.Flows()
+	return out, nil
+}
+
+func (s *synthSource) Totals() (*flow.Snapshot, error) { return s.copyNamespaces(), nil }
+func (s *synthSource) Mode() attach.Mode               { return attach.ModeTCX }
+func (s *synthSource) AttachErrors() map[string]uint64 {
+	m := map[string]uint64{}
+	for _, r := range flow.AttachErrorReasons {
+		m[r] = 0
+	}
+	return m
+}
+func (s *synthSource) Interfaces() []collector.NamespaceInfo {
+	out := make([]collector.NamespaceInfo, 0, len(s.snap.Namespaces))
+	for _, ns := range s.snap.Namespaces {
+		ni := collector.NamespaceInfo{Name: ns.Name, Inode: ns.Inode, Gone: ns.Gone}
+		for _, i := range ns.Interfaces {
+			ni.Interfaces = append(ni.Interfaces, collector.InterfaceInfo{Name: i.Name, Index: i.Index, State: i.State})
+		}
+		out = append(out, ni)
+	}
+	return out
+}
+
+// plainSource hides SnapshotTop: the exporter then reads every flow, as
+// before flow.Top.
+type plainSource struct{ *synthSource }
+
+// BenchmarkScrapeLoad scrapes /metrics over loopback HTTP (gzip, as
+// Prometheus asks) from 1, 10 and 100 concurrent clients, at 1,000 pods with
+// --flows (10,000 flows, --flows.max-series 1000) and the Go, process and
+// build-info collectors registered as serve does. handler=nsflow is
+// NewHandler (coalesced gathers and encodings; no --web.max-requests cap
+// here, so every request is served and measured); handler=promhttp is what
+// serve used before: promhttp.HandlerFor, one gather and one encoding per
+// request, over a source without SnapshotTop. One op is one scrape;
+// p50/p99 are the clients' request latencies, peak-heap-MiB the largest
+// heap in use sampled every millisecond, gathers/op the share of scrapes
+// that read the source.
+func BenchmarkScrapeLoad(b *testing.B) {
+	src := newSynthSource(1000)
+	for _, handler := range []string{"nsflow", "promhttp"} {
+		for _, clients := range []int{1, 10, 100} {
+			b.Run(fmt.Sprintf("handler=%s/clients=%d", handler, clients), func(b *testing.B) {
+				reg := prometheus.NewRegistry()
+				reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+				var h http.Handler
+				var gathers func() uint64
+				cfg := Config{Flows: true, MaxFlowSeries: 1000}
+				if handler == "nsflow" {
+					reg.MustRegister(New(src, cfg))
+					nh := NewHandler(reg, WebFlags{MaxRequests: 0, ScrapeTimeout: 10 * time.Second}, nil)
+					h, gathers = nh, func() uint64 { return nh.Stats().Gathers }
+				} else {
+					var n atomic.Uint64
+					reg.MustRegister(New(plainSource{src}, cfg))
+					ph := promhttp.HandlerFor(reg, promhttp.HandlerOpts{})
+					h = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { n.Add(1); ph.ServeHTTP(w, r) })
+					gathers = n.Load
+				}
+				benchScrapes(b, h, clients, gathers)
+			})
+		}
+	}
+}
+
+func benchScrapes(b *testing.B, h http.Handler, clients int, gathers func() uint64) {
+	srv := httptest.NewServer(h)
+	defer srv.Close()
+	tr := &http.Transport{MaxIdleConnsPerHost: clients, MaxConnsPerHost: clients}
+	defer tr.CloseIdleConnections()
+	client := &http.Client{Transport: tr}
+	get := func() (int, error) {
+		resp, err := client.Get(srv.URL + "/metrics")
+		if err != nil {
+			return 0, err
+		}
+		defer resp.Body.Close()
+		_, err = io.Copy(io.Discard, resp.Body)
+		return resp.StatusCode, err
+	}
+	if code, err := get(); code != 200 || err != nil { // warm: connection, pools
+		b.Fatalf("scrape: %d %v", code, err)
+	}
+
+	stop := make(chan struct{})
+	var peak uint64
+	var sampler sync.WaitGroup
+	sampler.Add(1)
+	go func() {
+		defer sampler.Done()
+		s := []metrics.Sample{{Name: "/memory/classes/heap/objects:bytes"}, {Name: "/memory/classes/heap/unused:bytes"}}
+		t := time.NewTicker(time.Millisecond)
+		defer t.Stop()
+		for {
+			metrics.Read(s)
+			peak = max(peak, s[0].Value.Uint64()+s[1].Value.Uint64())
+			select {
+			case <-stop:
+				return
+			case <-t.C:
+			}
+		}
+	}()
+	runtime.GC()
+	g0 := gathers()
+	lat := make([]time.Duration, b.N)
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	var failed atomic.Value
+	b.ReportAllocs()
+	b.ResetTimer()
+	for c := 0; c < clients; c++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := int(next.Add(1)) - 1
+				if i >= b.N {
+					return
+				}
+				t0 := time.Now()
+				code, err := get()
+				lat[i] = time.Since(t0)
+				if code != 200 || err != nil {
+					failed.Store(fmt.Sprintf("scrape: %d %v", code, err))
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	b.StopTimer()
+	close(stop)
+	sampler.Wait()
+	if f := failed.Load(); f != nil {
+		b.Fatal(f)
+	}
+	sort.Slice(lat, func(a, c int) bool { return lat[a] < lat[c] })
+	b.ReportMetric(float64(lat[len(lat)/2].Microseconds())/1000, "p50-ms")
+	b.ReportMetric(float64(lat[(len(lat)-1)*99/100].Microseconds())/1000, "p99-ms")
+	b.ReportMetric(float64(peak)/(1<<20), "peak-heap-MiB")
+	b.ReportMetric(float64(gathers()-g0)/float64(b.N), "gathers/op")
+}
