@@ -34,6 +34,7 @@ func BenchmarkProgram(b *testing.B) {
 	flowsOn := load(b, Options{})
 	flowsOff := load(b, Options{NoFlows: true})
 	stubOn, stubOff := prog(b, flowsOn, TX), prog(b, flowsOff, TX)
+	stubOffRX := prog(b, flowsOff, RX)
 	for _, v := range []struct {
 		name  string
 		prog  *ebpf.Program
@@ -41,6 +42,7 @@ func BenchmarkProgram(b *testing.B) {
 	}{
 		{"empty/udp4", emptyProgram(b), udp},
 		{"flows_off/udp4", stubOff, udp},
+		{"flows_off_ingress/udp4", stubOffRX, udp},
 		{"flows_on/udp4", stubOn, udp},
 		{"flows_on/tcp6", stubOn, tcp6},
 	} {
