@@ -143,7 +143,7 @@ func Load(opts Options) (*Objects, error) {
 		}
 		return nil, fmt.Errorf("load nsflow programs: %w", err)
 	}
-	if err := o.init(spec); err != nil {
+	if err := o.init(spec, opts.PinPath, opts.OnReplace); err != nil {
 		o.Close()
 		return nil, err
 	}
@@ -153,7 +153,7 @@ func Load(opts Options) (*Objects, error) {
 // init readies the stub templates, puts the parsers where the stubs
 // tail-call them (replacing those of a previous process in a pinned
 // account_progs) and reads which slots are taken.
-func (o *Objects) init(spec *ebpf.CollectionSpec) error {
+func (o *Objects) init(spec *ebpf.CollectionSpec, pinPath string, onReplace func(string, error)) error {
 	maps := map[string]*ebpf.Map{
 		NsflowMapTotals: o.Totals, NsflowMapStats: o.Stats, NsflowMapAccountProgs: o.AccountProgs,
 		NsflowMapHandoff: o.Handoff, ".rodata": o.Rodata,
@@ -188,7 +188,11 @@ func (o *Objects) init(spec *ebpf.CollectionSpec) error {
 	if err := o.AccountProgs.Put(uint32(TX), o.NsflowEgress); err != nil {
 		return fmt.Errorf("set the egress parser: %w", err)
 	}
-	return o.slots.init(o.Totals, o.Points)
+	cookies, err := loadCookies(o.Totals.MaxEntries(), pinPath, onReplace)
+	if err != nil {
+		return err
+	}
+	return o.slots.init(o.Totals, o.Points, cookies)
 }
 
 func isSlotTemplate(ins *asm.Instruction) bool {
@@ -200,11 +204,16 @@ func isSlotTemplate(ins *asm.Instruction) bool {
 // that key (its Dir included) names, assigned if it has none yet, and
 // tail-calls the parser for flows and GSO segments. Loading it takes
 // microseconds: it is a dozen instructions. The caller owns the program.
-func (o *Objects) Stub(key NsflowObsKey) (*ebpf.Program, error) {
+func (o *Objects) Stub(key NsflowObsKey) (*ebpf.Program, error) { return o.StubIn(key, 0) }
+
+// StubIn is Stub for the namespace of that cookie (SO_NETNS_COOKIE): a
+// slot recorded for key under another cookie (an earlier namespace with the
+// same inode) is zeroed and handed over, never adopted.
+func (o *Objects) StubIn(key NsflowObsKey, cookie uint64) (*ebpf.Program, error) {
 	if key.Dir > uint8(TX) {
 		return nil, fmt.Errorf("stub for direction %d", key.Dir)
 	}
-	slot, err := o.slots.assign(key)
+	slot, err := o.slots.assign(key, cookie)
 	if err != nil {
 		return nil, err
 	}
@@ -224,5 +233,5 @@ func (o *Objects) Stub(key NsflowObsKey) (*ebpf.Program, error) {
 // Close releases the objects (pinned maps stay pinned).
 func (o *Objects) Close() error {
 	// Close is a no-op on the nil objects of a failed Load.
-	return errors.Join(o.NsflowIngress.Close(), o.NsflowEgress.Close(), o.Rodata.Close(), o.NsflowMaps.Close())
+	return errors.Join(o.NsflowIngress.Close(), o.NsflowEgress.Close(), o.Rodata.Close(), o.NsflowMaps.Close(), o.slots.cookies.Close())
 }

@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"math/bits"
+	"os"
+	"path/filepath"
 	"sync"
 
 	"github.com/cilium/ebpf"
@@ -12,29 +14,77 @@ import (
 // ErrTotalsFull is returned when every slot of the totals map is taken.
 var ErrTotalsFull = errors.New("totals map full: no free slot for another observation point")
 
-// slots assigns the slots of the totals array to observation points. The
-// assignment lives in the points map too, so that a process adopting pinned
-// maps knows what each slot counts. Free slots are handed out lowest first,
-// so that the taken ones stay packed at the start of the array and a read
-// of the totals stops at high.
-type slots struct {
-	totals, points *ebpf.Map
-	ncpu           int
+// CookiesMap is the name of the map that records, per slot of totals, the
+// cookie of the network namespace the slot counts (0: unknown). The BPF
+// programs never read it: it is user-space state, pinned with the others,
+// so that a process adopting pinned maps can tell a namespace from a later
+// one that got the same inode (the kernel reuses nsfs inodes; it never
+// reuses a namespace cookie within a boot).
+const CookiesMap = "cookies"
 
-	mu     sync.Mutex
-	bySlot map[uint32]NsflowObsKey
-	byKey  map[NsflowObsKey]uint32
-	used   []uint64 // bitmap of taken slots
-	high   uint32   // 1 + the highest taken slot
+// cookiesSpec is the cookies map for maxPoints slots: slot → cookie.
+func cookiesSpec(maxPoints uint32) *ebpf.MapSpec {
+	return &ebpf.MapSpec{Name: CookiesMap, Type: ebpf.Array, KeySize: 4, ValueSize: 8, MaxEntries: maxPoints}
 }
 
-func (s *slots) init(totals, points *ebpf.Map) error {
+// loadCookies creates the cookies map, or with a pin path reuses the pinned
+// one when it is compatible (replacing it, with onReplace told, when not).
+func loadCookies(maxPoints uint32, pinPath string, onReplace func(string, error)) (*ebpf.Map, error) {
+	spec := cookiesSpec(maxPoints)
+	if pinPath == "" {
+		return ebpf.NewMap(spec)
+	}
+	path := filepath.Join(pinPath, CookiesMap)
+	m, err := ebpf.LoadPinnedMap(path, nil)
+	if err == nil {
+		if err = spec.Compatible(m); err == nil {
+			return m, nil
+		}
+		m.Close()
+	}
+	if !errors.Is(err, os.ErrNotExist) {
+		if onReplace != nil {
+			onReplace(CookiesMap, err)
+		}
+		if err := os.Remove(path); err != nil {
+			return nil, fmt.Errorf("replace pinned map %s: %w", path, err)
+		}
+	}
+	if m, err = ebpf.NewMap(spec); err != nil {
+		return nil, fmt.Errorf("create %s map: %w", CookiesMap, err)
+	}
+	if err := m.Pin(path); err != nil {
+		m.Close()
+		return nil, fmt.Errorf("pin %s map: %w", CookiesMap, err)
+	}
+	return m, nil
+}
+
+// slots assigns the slots of the totals array to observation points. The
+// assignment lives in the points map too (and the namespace's cookie in the
+// cookies map), so that a process adopting pinned maps knows what each slot
+// counts. Free slots are handed out lowest first, so that the taken ones
+// stay packed at the start of the array and a read of the totals stops at
+// high.
+type slots struct {
+	totals, points, cookies *ebpf.Map
+	ncpu                    int
+
+	mu       sync.Mutex
+	bySlot   map[uint32]NsflowObsKey
+	byKey    map[NsflowObsKey]uint32
+	cookieOf map[uint32]uint64 // by slot; absent: 0, unknown
+	used     []uint64          // bitmap of taken slots
+	high     uint32            // 1 + the highest taken slot
+}
+
+func (s *slots) init(totals, points, cookies *ebpf.Map) error {
 	ncpu, err := ebpf.PossibleCPU()
 	if err != nil {
 		return err
 	}
-	*s = slots{totals: totals, points: points, ncpu: ncpu,
-		bySlot: map[uint32]NsflowObsKey{}, byKey: map[NsflowObsKey]uint32{},
+	*s = slots{totals: totals, points: points, cookies: cookies, ncpu: ncpu,
+		bySlot: map[uint32]NsflowObsKey{}, byKey: map[NsflowObsKey]uint32{}, cookieOf: map[uint32]uint64{},
 		used: make([]uint64, (totals.MaxEntries()+63)/64)}
 	// A pinned points map names the slots a previous process assigned.
 	var cursor ebpf.MapBatchCursor
@@ -48,12 +98,22 @@ func (s *slots) init(totals, points *ebpf.Map) error {
 			}
 		}
 		if errors.Is(err, ebpf.ErrKeyNotExist) {
-			return nil
+			break
 		}
 		if err != nil {
 			return fmt.Errorf("read points: %w", err)
 		}
 	}
+	for slot := range s.bySlot {
+		var c uint64
+		if err := cookies.Lookup(slot, &c); err != nil {
+			return fmt.Errorf("read cookie of slot %d: %w", slot, err)
+		}
+		if c != 0 {
+			s.cookieOf[slot] = c
+		}
+	}
+	return nil
 }
 
 func (s *slots) take(slot uint32, key NsflowObsKey) {
@@ -64,14 +124,26 @@ func (s *slots) take(slot uint32, key NsflowObsKey) {
 }
 
 // assign returns key's slot, taking the lowest free one (its counters
-// zeroed) when key has none.
-func (s *slots) assign(key NsflowObsKey) (uint32, error) {
+// zeroed) when key has none. A slot that counted key for a namespace of
+// another cookie (an earlier namespace that had the same inode: it is gone,
+// since the kernel gave its inode to another) is zeroed and handed to the
+// new one: its counts never carry over.
+func (s *slots) assign(key NsflowObsKey, cookie uint64) (uint32, error) {
 	if key.Netns == 0 {
 		return 0, errors.New("observation point without a namespace")
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if slot, ok := s.byKey[key]; ok {
+		if s.cookieOf[slot] == cookie {
+			return slot, nil
+		}
+		if err := s.totals.Update(slot, make([]NsflowCounters, s.ncpu), ebpf.UpdateAny); err != nil {
+			return 0, fmt.Errorf("zero totals slot %d: %w", slot, err)
+		}
+		if err := s.setCookie(slot, cookie); err != nil {
+			return 0, err
+		}
 		return slot, nil
 	}
 	slot, ok := uint32(0), false
@@ -89,6 +161,10 @@ func (s *slots) assign(key NsflowObsKey) (uint32, error) {
 	if err := s.totals.Update(slot, make([]NsflowCounters, s.ncpu), ebpf.UpdateAny); err != nil {
 		return 0, fmt.Errorf("zero totals slot %d: %w", slot, err)
 	}
+	// The cookie first: a points entry is never without its namespace's.
+	if err := s.setCookie(slot, cookie); err != nil {
+		return 0, err
+	}
 	if err := s.points.Update(slot, key, ebpf.UpdateAny); err != nil {
 		return 0, fmt.Errorf("record point of slot %d: %w", slot, err)
 	}
@@ -96,16 +172,34 @@ func (s *slots) assign(key NsflowObsKey) (uint32, error) {
 	return slot, nil
 }
 
+func (s *slots) setCookie(slot uint32, cookie uint64) error {
+	if err := s.cookies.Update(slot, cookie, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("record cookie of slot %d: %w", slot, err)
+	}
+	if cookie == 0 {
+		delete(s.cookieOf, slot)
+	} else {
+		s.cookieOf[slot] = cookie
+	}
+	return nil
+}
+
 // release frees the slots of the matching points: their points entries are
 // cleared and their counters zeroed. Only call it once no stub counts into
 // them any more (their hooks are detached).
 func (s *slots) release(match func(NsflowObsKey) bool) (int, error) {
+	return s.releaseWhere(func(_ uint32, key NsflowObsKey) bool { return match(key) })
+}
+
+// releaseWhere is release with a match that also sees the slot; it runs
+// with s.mu held.
+func (s *slots) releaseWhere(match func(slot uint32, key NsflowObsKey) bool) (int, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var errs []error
 	n := 0
 	for slot, key := range s.bySlot {
-		if !match(key) {
+		if !match(slot, key) {
 			continue
 		}
 		if err := s.points.Update(slot, NsflowObsKey{}, ebpf.UpdateAny); err != nil {
@@ -114,6 +208,9 @@ func (s *slots) release(match func(NsflowObsKey) bool) (int, error) {
 		}
 		if err := s.totals.Update(slot, make([]NsflowCounters, s.ncpu), ebpf.UpdateAny); err != nil {
 			errs = append(errs, fmt.Errorf("zero totals slot %d: %w", slot, err))
+		}
+		if err := s.setCookie(slot, 0); err != nil {
+			errs = append(errs, err)
 		}
 		delete(s.bySlot, slot)
 		delete(s.byKey, key)
@@ -131,6 +228,30 @@ func (s *slots) release(match func(NsflowObsKey) bool) (int, error) {
 // detached. It returns how many it freed.
 func (o *Objects) ReleasePoints(match func(NsflowObsKey) bool) (int, error) {
 	return o.slots.release(match)
+}
+
+// ReleaseOtherNamespaces frees the slots of the observation points of
+// inode netns that belong to a namespace other than the one of that cookie:
+// an earlier namespace whose inode the kernel gave to the namespace of the
+// cookie (so it is gone, and so are its hooks). It returns how many.
+func (o *Objects) ReleaseOtherNamespaces(netns uint32, cookie uint64) (int, error) {
+	s := &o.slots
+	return s.releaseWhere(func(slot uint32, key NsflowObsKey) bool {
+		return key.Netns == netns && s.cookieOf[slot] != cookie
+	})
+}
+
+// PointCookies returns the namespace cookie recorded for every observation
+// point that has a slot (0: unknown, e.g. points assigned by Stub).
+func (o *Objects) PointCookies() map[NsflowObsKey]uint64 {
+	s := &o.slots
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make(map[NsflowObsKey]uint64, len(s.byKey))
+	for k, slot := range s.byKey {
+		out[k] = s.cookieOf[slot]
+	}
+	return out
 }
 
 // Slots returns every observation point that has a slot, with its slot.

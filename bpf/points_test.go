@@ -213,3 +213,69 @@ func TestStubAndParserAlone(t *testing.T) {
 		t.Errorf("parser alone: stats %v, want %v", st.stats, want)
 	}
 }
+
+// The pinned cookies map records each slot's namespace: a later Load that
+// asks for a point under the same cookie gets the slot with its counts; under
+// another cookie (a namespace that got the inode of a gone one) it gets the
+// slot zeroed; ReleaseOtherNamespaces frees a reused inode's other points.
+func TestSlotsCookies(t *testing.T) {
+	testenv.RequireRoot(t)
+	dir := privateBPFFS(t)
+	udp := build(t, eth(layers.EthernetTypeIPv4), ipv4(layers.IPProtocolUDP), udpDgram(), payload(8))
+	n := uint64(len(udp))
+	a := NsflowObsKey{Netns: 3001, Ifindex: 1, Dir: uint8(RX)}
+	b := NsflowObsKey{Netns: 3002, Ifindex: 1, Dir: uint8(RX)}
+	b2 := NsflowObsKey{Netns: 3002, Ifindex: 2, Dir: uint8(RX)}
+	const cookieA, cookieB, cookieB2 = 11, 22, 33
+
+	first, err := Load(Options{PinPath: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k, c := range map[NsflowObsKey]uint64{a: cookieA, b: cookieB, b2: cookieB} {
+		p, err := first.StubIn(k, c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		run(t, p, udp)
+		p.Close()
+	}
+	first.Close()
+
+	second, err := Load(Options{PinPath: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer second.Close()
+	if got := second.PointCookies(); got[a] != cookieA || got[b] != cookieB || got[b2] != cookieB {
+		t.Fatalf("cookies after reload %v", got)
+	}
+	// a's namespace is the same one: its counts continue.
+	pa, err := second.StubIn(a, cookieA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pa.Close()
+	// b's inode now names another namespace: nothing of the old one stays.
+	if n, err := second.ReleaseOtherNamespaces(b.Netns, cookieB2); n != 2 || err != nil {
+		t.Errorf("release the old namespace of inode %d: %d, %v; want 2", b.Netns, n, err)
+	}
+	pb, err := second.StubIn(b, cookieB2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pb.Close()
+	want := map[NsflowObsKey]NsflowCounters{a: {Packets: 1, Bytes: n}, b: {}}
+	if got := totalsOf(t, second); !equalMaps(got, want) {
+		t.Errorf("totals %v, want %v (a continued, b from zero)", got, want)
+	}
+	// Without the release, a point asked under another cookie is zeroed too.
+	pa, err = second.StubIn(a, cookieA+1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pa.Close()
+	if got := totalsOf(t, second)[a]; got != (NsflowCounters{}) || second.PointCookies()[a] != cookieA+1 {
+		t.Errorf("a under a new cookie: %+v, cookie %d; want zero, %d", got, second.PointCookies()[a], cookieA+1)
+	}
+}
