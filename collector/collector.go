@@ -63,20 +63,42 @@ type Collector struct {
 	attachErrors map[string]uint64
 	pins         *attach.Pins // nil without PinPath
 	lastFlows    int          // flows in the last snapshot: the next one's capacity
-	pods         map[uint64]flow.PodInfo
-	onAdd        func()
+	// adds counts the namespaces Add registered: each one's seq (pod
+	// identities are only taken by namespaces registered before the
+	// runtime was asked, PodGeneration).
+	adds  uint64
+	onAdd func()
 	// orphans are observation points a previous process left counted
 	// (pinned) that no observed interface claimed, since when: Prune
 	// forgets them like the points of a removed interface.
 	orphans map[bpf.NsflowObsKey]time.Time
 }
 
-// SetPods replaces the pod of every namespace (by inode); namespaces absent
-// from the map have none.
-func (c *Collector) SetPods(pods map[uint64]flow.PodInfo) {
+// PodGeneration returns a number that grows whenever Add registers a
+// namespace: take it before asking the container runtime, and pass it to
+// SetPods.
+func (c *Collector) PodGeneration() uint64 {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.pods = pods
+	return c.adds
+}
+
+// SetPods names observed namespaces (by inode) with the pods the runtime
+// reported. A namespace keeps its pod until it is forgotten (Prune), also
+// when the runtime no longer lists it (a stopping pod's last increments
+// stay labelled) or is down; one registered again under its inode (the
+// kernel reused it, or it was removed and added back) starts without one.
+// gen is PodGeneration before the runtime was asked: a namespace registered
+// since takes nothing from pods (its inode may have been another's when the
+// runtime's path was resolved), nor does one already gone.
+func (c *Collector) SetPods(pods map[uint64]flow.PodInfo, gen uint64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for ino, ns := range c.namespaces {
+		if p, ok := pods[ino]; ok && ns.gone.IsZero() && ns.seq <= gen {
+			ns.pod = &p
+		}
+	}
 }
 
 // OnAdd registers a function called (in its own goroutine) whenever a
@@ -98,6 +120,8 @@ type namespace struct {
 	stop   chan struct{}
 	done   chan struct{}
 	gone   time.Time
+	seq    uint64        // registration order (Collector.adds)
+	pod    *flow.PodInfo // last known; nil until the runtime names it
 }
 
 type iface struct {
@@ -253,8 +277,9 @@ func (c *Collector) Add(t Target) (uint64, error) {
 		h.Close()
 		return 0, fmt.Errorf("netlink in netns %s: %w", t.Name, err)
 	}
+	c.adds++
 	ns := &namespace{
-		name: t.Name, path: t.Path, inode: ino, handle: h, nl: nl,
+		name: t.Name, path: t.Path, inode: ino, handle: h, nl: nl, seq: c.adds,
 		ifaces: map[int]*iface{}, stop: make(chan struct{}), done: make(chan struct{}),
 	}
 	// Subscribe before listing, so that no interface added in between is missed.

@@ -46,7 +46,8 @@ func (c *Collector) snapshot(limit int) (*flow.Snapshot, error) {
 	ifaces := map[ifaceKey]*flow.InterfaceStats{}
 	for ino, ns := range c.namespaces {
 		nst := &flow.NamespaceStats{Name: ns.name, Inode: ino, Gone: !ns.gone.IsZero()}
-		if p, ok := c.pods[ino]; ok {
+		if ns.pod != nil {
+			p := *ns.pod
 			nst.Pod = &p
 		}
 		names[ino] = nst

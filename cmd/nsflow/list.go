@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"os"
 	"strconv"
 	"strings"
@@ -39,10 +40,11 @@ func newListCmd() *cobra.Command {
 		},
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			pods := podsOnce(cmd.Context(), criF.resolve())
-			nss, err := discovery.List(cfg, pods)
+			nss, skipped, err := discovery.ListSkipped(cfg, pods)
 			if err != nil {
 				return err
 			}
+			reportSkipped(cmd.ErrOrStderr(), skipped)
 			if output == "json" {
 				enc := json.NewEncoder(cmd.OutOrStdout())
 				enc.SetIndent("", "  ")
@@ -85,10 +87,28 @@ func newListCmd() *cobra.Command {
 	return cmd
 }
 
+// reportSkipped tells, on stderr, which namespaces the list cannot show:
+// the references it could not read (names escaped: a tenant picks them).
+func reportSkipped(w io.Writer, skipped []discovery.Skipped) {
+	if len(skipped) == 0 {
+		return
+	}
+	fmt.Fprintf(w, "nsflow: %d namespace reference(s) could not be read, their namespaces are not listed (a process of another user needs CAP_SYS_PTRACE; otherwise an LSM denies it):\n", len(skipped))
+	for _, s := range skipped {
+		if s.Pid != 0 {
+			fmt.Fprintf(w, "  %s: pid %d uid %d (%s): %s: %s\n", s.Reason, s.Pid, s.Uid, flow.SafeName(s.Comm), flow.SafeName(s.Path), flow.SafeName(s.Err))
+		} else {
+			fmt.Fprintf(w, "  %s: %s: %s\n", s.Reason, flow.SafeName(s.Path), flow.SafeName(s.Err))
+		}
+	}
+}
+
 // podMap captures what an enricher finds.
 type podMap map[uint64]flow.PodInfo
 
-func (m *podMap) SetPods(p map[uint64]flow.PodInfo) { *m = p }
+func (m *podMap) SetPods(p map[uint64]flow.PodInfo, _ uint64) { *m = p }
+
+func (m *podMap) PodGeneration() uint64 { return 0 }
 
 // podsOnce asks the container runtime once for the pods of the namespaces
 // (nil when there is no runtime or it does not answer).

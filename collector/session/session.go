@@ -47,6 +47,7 @@ type Config struct {
 type Session struct {
 	c      *collector.Collector
 	d      *discovery.Discovery // nil without discovery
+	pods   *cri.Enricher        // nil without a container runtime
 	log    *slog.Logger
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
@@ -87,6 +88,7 @@ func Open(ctx context.Context, cfg Config) (*Session, error) {
 		}
 		enricher = cri.New(c, cri.Config{Endpoint: cfg.CRIEndpoint, Interval: cfg.CRIInterval, Logger: l})
 		c.OnAdd(enricher.Kick)
+		s.pods = enricher
 	}
 	// startCRI names the pods; with WaitReady, once before Open returns
 	// (bounded: a runtime that does not answer leaves them unnamed until
@@ -169,6 +171,16 @@ func (s *Session) Ready() <-chan struct{} { return s.ready }
 // Done delivers discovery's end (nil when stopped by Close or the context,
 // an error when it failed); it never delivers without discovery.
 func (s *Session) Done() <-chan error { return s.errc }
+
+// UnresolvedSandboxes returns how many of the runtime's ready pod
+// sandboxes have a network namespace nsflow cannot find (their pods are
+// unnamed); 0 without a runtime.
+func (s *Session) UnresolvedSandboxes() int {
+	if s.pods == nil {
+		return 0
+	}
+	return s.pods.Unresolved()
+}
 
 // Discovering reports whether discovery runs (false without discovery).
 func (s *Session) Discovering() bool { return s.running.Load() }
