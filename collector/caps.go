@@ -7,7 +7,8 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// RequiredCapabilities are the capabilities nsflow uses, and why:
+// RequiredCapabilities are the capabilities nsflow cannot start without,
+// and why:
 //
 //	CAP_BPF       create maps, load programs, create BPF links
 //	CAP_PERFMON   programs that read kernel memory (skb->dev->nd_net, CO-RE)
@@ -16,7 +17,9 @@ import (
 //	              (--pin), the proc connector
 //
 // CAP_SYS_ADMIN, which nsflow cannot do without, also grants what CAP_BPF
-// and CAP_PERFMON grant: the least set is CAP_SYS_ADMIN and CAP_NET_ADMIN.
+// and CAP_PERFMON grant: the least set to start is CAP_SYS_ADMIN and
+// CAP_NET_ADMIN. To see every namespace of the node, nsflow also needs
+// CAP_SYS_PTRACE (see ObserveCapability).
 var RequiredCapabilities = map[string]int{
 	"CAP_BPF":       unix.CAP_BPF,
 	"CAP_PERFMON":   unix.CAP_PERFMON,
@@ -48,6 +51,30 @@ func MissingCapabilities() ([]string, error) {
 	return missing, nil
 }
 
+// ObserveCapability is what nsflow needs, besides RequiredCapabilities, to
+// observe the namespace of every process: the kernel lets a process open
+// /proc/PID/ns/net only if it may ptrace-read PID (proc_ns_get_link:
+// ptrace_may_access(PTRACE_MODE_READ_FSCREDS)), which for a process of
+// another uid, or a non-dumpable one, takes CAP_SYS_PTRACE in that
+// process's user namespace (or an ancestor: the node's). Without it nsflow
+// starts, but those namespaces, unless bind-mounted in a NetnsDirs
+// directory, are skipped: counted in nsflow_namespaces_skipped_total
+// {reason="permission"} and logged. It grants nothing nsflow could not
+// already do with CAP_SYS_ADMIN, whose BPF tracing programs read and write
+// any process's memory (bpf_probe_read_user, bpf_probe_write_user).
+const ObserveCapability = "CAP_SYS_PTRACE"
+
+// HasCapability reports whether the process has capability c in its
+// effective set.
+func HasCapability(c int) (bool, error) {
+	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+	var data [2]unix.CapUserData
+	if err := unix.Capget(&hdr, &data[0]); err != nil {
+		return false, fmt.Errorf("read capabilities: %w", err)
+	}
+	return data[c/32].Effective&(1<<(uint(c)%32)) != 0, nil
+}
+
 // CheckCapabilities fails with a message naming every missing capability.
 func CheckCapabilities() error {
 	missing, err := MissingCapabilities()
@@ -55,7 +82,7 @@ func CheckCapabilities() error {
 		return err
 	}
 	if len(missing) > 0 {
-		return fmt.Errorf("missing capabilities: %s (nsflow needs CAP_SYS_ADMIN, which also covers CAP_BPF and CAP_PERFMON, and CAP_NET_ADMIN; run it as root or grant them, e.g. AmbientCapabilities in a systemd unit or securityContext.capabilities.add in Kubernetes)",
+		return fmt.Errorf("missing capabilities: %s (nsflow needs CAP_SYS_ADMIN, which also covers CAP_BPF and CAP_PERFMON, and CAP_NET_ADMIN, and CAP_SYS_PTRACE to observe the namespaces of other users' processes; run it as root or grant them, e.g. AmbientCapabilities in a systemd unit or securityContext.capabilities.add in Kubernetes)",
 			strings.Join(missing, ", "))
 	}
 	return nil

@@ -19,8 +19,10 @@ var ErrNamespaceNotFound = errors.New("network namespace not found")
 var ErrBadSelector = errors.New("bad namespace selector")
 
 // NetnsDirs are the directories where `ip netns` and CNI plugins bind-mount
-// named namespaces, in lookup order.
-var NetnsDirs = []string{"/run/netns", "/var/run/netns"}
+// named namespaces, and Docker those of its containers (named after the
+// sandbox: the first 12 hex digits of its id, as `docker inspect
+// -f '{{.NetworkSettings.SandboxKey}}'` shows), in lookup order.
+var NetnsDirs = []string{"/run/netns", "/var/run/netns", "/run/docker/netns", "/var/run/docker/netns"}
 
 // HostName is the name under which the host's own namespace is reported.
 const HostName = "host"
@@ -34,7 +36,8 @@ type Target struct {
 
 // ParseTarget resolves a namespace selector:
 //
-//	NAME        an `ip netns` name (/run/netns/NAME)
+//	NAME        an `ip netns` name (/run/netns/NAME), or a Docker sandbox's
+//	            (/run/docker/netns/NAME); the first of NetnsDirs that has it
 //	pid:PID     the namespace of a process
 //	/PATH       any file that refers to a namespace (bind mount, /proc/PID/ns/net)
 //	host        the namespace nsflow runs in (the node's, for a DaemonSet
@@ -70,7 +73,7 @@ func ParseTarget(sel string) (Target, error) {
 			return Target{Name: sel, Path: p}, checkNetns(p)
 		}
 	}
-	return Target{}, fmt.Errorf("%w: no %q in %s (see `ip netns list`)", ErrNamespaceNotFound, sel, strings.Join(NetnsDirs, " or "))
+	return Target{}, fmt.Errorf("%w: no %q in %s (see `ip netns list`)", ErrNamespaceNotFound, sel, strings.Join(NetnsDirs, ", "))
 }
 
 // checkNetns verifies that path refers to a network namespace.

@@ -32,8 +32,9 @@ type Config struct {
 	// (hostNetwork pods) are not observed either: they are not a namespace
 	// of their own.
 	Host bool
-	// NetnsDirs are watched for `ip netns` / CNI bind mounts; nil means
-	// collector.NetnsDirs.
+	// NetnsDirs are watched for `ip netns` / CNI / Docker bind mounts; nil
+	// means collector.NetnsDirs. A directory that does not exist yet (Docker
+	// not started) is watched from the first rescan after it appears.
 	NetnsDirs []string
 	// Proc observes the namespaces of processes found under ProcDir.
 	Proc bool
@@ -76,6 +77,11 @@ type Discovery struct {
 	known map[uint64]string // inode → name it is observed under
 	pids  map[int]uint64    // processes that keep a process-found namespace alive
 	scans uint64
+	skips skips
+
+	// Only Run uses these.
+	watched     map[dirID]bool
+	watchWarned map[string]bool
 }
 
 // New prepares discovery for o (a *collector.Collector); Run starts it.
@@ -84,10 +90,16 @@ func New(o Observer, cfg Config) (*Discovery, error) {
 	if err != nil {
 		return nil, err
 	}
+	if sc.cfg.Proc {
+		if ok, err := collector.HasCapability(unix.CAP_SYS_PTRACE); err == nil && !ok {
+			sc.cfg.Logger.Warn("without " + collector.ObserveCapability + ", the namespaces of other users' processes cannot be read: each is logged and counted in nsflow_namespaces_skipped_total{reason=\"permission\"}, not observed (unless bind-mounted in a netns directory)")
+		}
+	}
 	return &Discovery{
 		o: o, sc: sc, cfg: sc.cfg, log: sc.cfg.Logger,
 		kick: make(chan struct{}, 1), ready: make(chan struct{}),
 		known: map[uint64]string{}, pids: map[int]uint64{},
+		skips: newSkips(),
 	}, nil
 }
 
@@ -111,11 +123,8 @@ func (d *Discovery) Run(ctx context.Context) error {
 		return fmt.Errorf("inotify: %w", err)
 	}
 	defer w.Close()
-	for _, dir := range d.cfg.NetnsDirs {
-		if err := w.Add(dir); err != nil && !errors.Is(err, os.ErrNotExist) {
-			d.log.Warn("watch netns directory", "dir", dir, "err", err)
-		}
-	}
+	d.watched, d.watchWarned = map[dirID]bool{}, map[string]bool{}
+	d.watchDirs(w)
 
 	var procEvents chan netlink.ProcEvent
 	if d.cfg.Proc {
@@ -141,6 +150,11 @@ func (d *Discovery) Run(ctx context.Context) error {
 	d.reconcile()
 	close(d.ready)
 
+	rewatch := func() {
+		if d.watchDirs(w) {
+			d.trigger() // what the new directory held before the watch
+		}
+	}
 	ticker := time.NewTicker(d.cfg.Resync)
 	defer ticker.Stop()
 	for {
@@ -167,10 +181,48 @@ func (d *Discovery) Run(ctx context.Context) error {
 			d.procEvent(ev)
 		case <-d.kick:
 			d.reconcile()
+			rewatch()
 		case <-ticker.C:
 			d.reconcile()
+			rewatch()
 		}
 	}
+}
+
+// dirID identifies a directory: /run/netns and /var/run/netns are usually
+// one.
+type dirID struct{ dev, ino uint64 }
+
+// watchDirs watches the netns directories not watched yet, and reports
+// whether it added one: at start, and after each rescan, so that a
+// directory created later (Docker's, when Docker starts after nsflow) or
+// re-created is watched too. A directory that cannot be watched for another
+// reason than not existing is logged once. Only Run calls it.
+func (d *Discovery) watchDirs(w *fsnotify.Watcher) (added bool) {
+	now := map[dirID]bool{}
+	for _, dir := range d.cfg.NetnsDirs {
+		var st unix.Stat_t
+		if err := unix.Stat(dir, &st); err != nil {
+			continue
+		}
+		id := dirID{st.Dev, st.Ino}
+		if now[id] {
+			continue // the same directory under another path
+		}
+		if !d.watched[id] {
+			if err := w.Add(dir); err != nil {
+				if !d.watchWarned[dir] {
+					d.watchWarned[dir] = true
+					d.log.Warn("watch netns directory: found by rescans only", "dir", dir, "err", err)
+				}
+				continue
+			}
+			added = true
+		}
+		now[id] = true
+	}
+	d.watched = now
+	return added
 }
 
 // trigger asks for a rescan; triggers while one is pending coalesce.
@@ -186,8 +238,19 @@ func (d *Discovery) procEvent(ev netlink.ProcEvent) {
 	case *netlink.ExecProcEvent:
 		// A process that unshared its network namespace (or was cloned
 		// into one) and exec'd: a new namespace if its inode is unknown.
-		ino, err := nsInode(filepath.Join(d.cfg.ProcDir, strconv.Itoa(int(m.ProcessTgid)), "ns/net"))
-		if err != nil || ino == d.sc.hostIno {
+		pid := int(m.ProcessTgid)
+		ino, err := d.sc.nsInode(filepath.Join(d.cfg.ProcDir, strconv.Itoa(pid), "ns/net"))
+		if err != nil {
+			// Counted now, not at the next rescan: a short-lived
+			// process would be missed.
+			if sk, ok := procSkip(d.cfg.ProcDir, pid, err); ok {
+				d.mu.Lock()
+				d.skips.record(sk, d.scans, d.log)
+				d.mu.Unlock()
+			}
+			return
+		}
+		if ino == d.sc.hostIno {
 			return
 		}
 		d.mu.Lock()
@@ -253,7 +316,7 @@ func Scan(cfg Config) ([]Found, error) {
 	if err != nil {
 		return nil, err
 	}
-	m := sc.scan()
+	m, _ := sc.scan()
 	out := make([]Found, 0, len(m))
 	for _, f := range m {
 		out = append(out, *f)
@@ -262,9 +325,29 @@ func Scan(cfg Config) ([]Found, error) {
 	return out, nil
 }
 
-// scan lists every namespace the configuration selects, keyed by inode.
-func (s *scanner) scan() map[uint64]*Found {
+// ScanSkipped is Scan, and also returns the namespace references it could
+// not read (see SkipPermission), sorted by path.
+func ScanSkipped(cfg Config) ([]Found, []Skipped, error) {
+	sc, err := newScanner(cfg)
+	if err != nil {
+		return nil, nil, err
+	}
+	m, skipped := sc.scan()
+	out := make([]Found, 0, len(m))
+	for _, f := range m {
+		out = append(out, *f)
+	}
+	sort.Slice(out, func(a, b int) bool { return out[a].Target.Name < out[b].Target.Name })
+	sort.Slice(skipped, func(a, b int) bool { return skipped[a].Path < skipped[b].Path })
+	return out, skipped, nil
+}
+
+// scan lists every namespace the configuration selects, keyed by inode,
+// and the references to namespaces it could not read. Those cannot be
+// selected by name (their namespace is unknown): they are all reported.
+func (s *scanner) scan() (map[uint64]*Found, []Skipped) {
 	out := map[uint64]*Found{}
+	var skipped []Skipped
 	if s.cfg.Host {
 		out[s.hostIno] = &Found{Target: collector.Target{Name: collector.HostName, Path: "/proc/self/ns/net"}, Inode: s.hostIno}
 	}
@@ -276,8 +359,16 @@ func (s *scanner) scan() map[uint64]*Found {
 		for _, e := range ents {
 			p := filepath.Join(dir, e.Name())
 			ino, err := s.nsInode(p)
-			if err != nil || ino == s.hostIno {
-				continue // not (yet) a mounted namespace
+			if err != nil {
+				// Not (yet) a mounted namespace, or removed since the
+				// listing; or one nsflow may not read.
+				if r := refReason(err); r != "" {
+					skipped = append(skipped, Skipped{Key: p, Path: p, Reason: r, Err: err.Error()})
+				}
+				continue
+			}
+			if ino == s.hostIno {
+				continue
 			}
 			if _, ok := out[ino]; !ok {
 				out[ino] = &Found{Target: collector.Target{Name: e.Name(), Path: p}, Inode: ino}
@@ -292,8 +383,15 @@ func (s *scanner) scan() map[uint64]*Found {
 				continue
 			}
 			ino, err := s.nsInode(filepath.Join(s.cfg.ProcDir, e.Name(), "ns/net"))
-			if err != nil || ino == s.hostIno {
-				continue // gone, kernel thread, or not ours to read
+			if err != nil {
+				// Gone (not a skip), or not ours to read.
+				if sk, ok := procSkip(s.cfg.ProcDir, pid, err); ok {
+					skipped = append(skipped, sk)
+				}
+				continue
+			}
+			if ino == s.hostIno {
+				continue
 			}
 			f, ok := out[ino]
 			if !ok {
@@ -315,7 +413,7 @@ func (s *scanner) scan() map[uint64]*Found {
 			delete(out, ino)
 		}
 	}
-	return out
+	return out, skipped
 }
 
 func (s *scanner) selected(name string) bool {
@@ -327,9 +425,13 @@ func (s *scanner) selected(name string) bool {
 
 // reconcile makes the observer observe exactly what a scan finds.
 func (d *Discovery) reconcile() {
-	now := d.sc.scan()
+	now, skipped := d.sc.scan()
 	d.mu.Lock()
 	d.scans++
+	scan := d.scans
+	for _, sk := range skipped {
+		d.skips.record(sk, scan, d.log)
+	}
 	d.pids = map[int]uint64{}
 	for ino, f := range now {
 		if strings.HasPrefix(f.Target.Name, "pid:") {
@@ -366,8 +468,15 @@ func (d *Discovery) reconcile() {
 		ino, err := d.o.Add(f.Target)
 		if ino == 0 {
 			// The namespace vanished between the scan and the attach, or
-			// cannot be opened: the next event or rescan settles it.
-			d.log.Debug("namespace not observed", "netns", f.Target.Name, "err", err)
+			// cannot be opened: counted once, and the next event or
+			// rescan settles it.
+			if err == nil {
+				err = errors.New("not observed")
+			}
+			d.mu.Lock()
+			d.skips.record(Skipped{Key: "inode:" + strconv.FormatUint(f.Inode, 10), Path: f.Target.Path, Inode: f.Inode,
+				Reason: addReason(err), Err: err.Error()}, scan, d.log)
+			d.mu.Unlock()
 			continue
 		}
 		if err != nil {
@@ -377,7 +486,13 @@ func (d *Discovery) reconcile() {
 		d.known[ino] = f.Target.Name
 		d.mu.Unlock()
 	}
+	d.mu.Lock()
+	d.skips.prune(scan)
+	d.mu.Unlock()
 }
+
+// errNotNamespace: a path that refers to no namespace.
+var errNotNamespace = errors.New("not a namespace")
 
 // nsfsMagic is the filesystem magic of namespace files (NSFS_MAGIC).
 const nsfsMagic = 0x6e736673
@@ -391,7 +506,7 @@ func nsInode(path string) (uint64, error) {
 		return 0, err
 	}
 	if fs.Type != nsfsMagic {
-		return 0, fmt.Errorf("%s: not a namespace", path)
+		return 0, fmt.Errorf("%s: %w", path, errNotNamespace)
 	}
 	var st unix.Stat_t
 	if err := unix.Stat(path, &st); err != nil {

@@ -40,9 +40,17 @@ type ListedIface struct {
 // reports the interfaces of each and the nsflow programs on them; pods
 // (by namespace inode, may be nil) name their pods.
 func List(cfg Config, pods map[uint64]flow.PodInfo) ([]ListedNamespace, error) {
-	found, err := Scan(cfg)
+	out, _, err := ListSkipped(cfg, pods)
+	return out, err
+}
+
+// ListSkipped is List, and also returns the references to namespaces it
+// could not read (a process of another user without CAP_SYS_PTRACE): what
+// List does not show.
+func ListSkipped(cfg Config, pods map[uint64]flow.PodInfo) ([]ListedNamespace, []Skipped, error) {
+	found, skipped, err := ScanSkipped(cfg)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	procDir := cfg.ProcDir
 	if procDir == "" {
@@ -70,7 +78,7 @@ func List(cfg Config, pods map[uint64]flow.PodInfo) ([]ListedNamespace, error) {
 		}
 		out = append(out, ln)
 	}
-	return out, nil
+	return out, skipped, nil
 }
 
 func listInterfaces(ln *ListedNamespace) error {

@@ -43,7 +43,10 @@ func TestScanNamesProcessNamespaceByLowestPid(t *testing.T) {
 		}
 		return strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64)
 	}
-	got := sc.scan()
+	got, skipped := sc.scan()
+	if len(skipped) != 0 {
+		t.Errorf("skipped: %+v", skipped)
+	}
 	want := map[uint64]Found{
 		1001: {Inode: 1001, Pids: []int{9, 10, 100, 1000}},
 		1002: {Inode: 1002, Pids: []int{8, 70}},
