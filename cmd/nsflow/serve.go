@@ -174,6 +174,7 @@ func runServe(ctx context.Context, f serveFlags, sc serveConfig) (err error) {
 	reg.MustRegister(
 		exporter.New(c, exporter.Config{Flows: f.flows, MaxFlowSeries: f.maxFlowSeries}),
 		exporter.NewPodIdentity(sess),
+		exporter.NewSkipped(sess),
 		versioncollector.NewCollector("nsflow"),
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),

@@ -182,6 +182,20 @@ func (s *Session) UnresolvedSandboxes() int {
 	return s.pods.Unresolved()
 }
 
+// NamespacesSkipped returns how many namespaces (or references to one)
+// discovery could not observe, by reason (discovery.SkipReasons, every one
+// present; all 0 without discovery).
+func (s *Session) NamespacesSkipped() map[string]uint64 {
+	if s.d == nil {
+		out := map[string]uint64{}
+		for _, r := range discovery.SkipReasons {
+			out[r] = 0
+		}
+		return out
+	}
+	return s.d.Skipped()
+}
+
 // Discovering reports whether discovery runs (false without discovery).
 func (s *Session) Discovering() bool { return s.running.Load() }
 
