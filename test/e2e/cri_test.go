@@ -283,6 +283,9 @@ func TestCRIPodIdentity(t *testing.T) {
 		return s[series("nsflow_packets_total", "lo")] == kernel.Stats64.Tx.Packets
 	})
 	t.Logf("pod shop/web-7d4f (netns %s): lo tx %v packets, equal to the kernel's", nsName, kernel.Stats64.Tx.Packets)
+	if s, _ := srv.scrape(t); s["nsflow_cri_unresolved_sandboxes"] != 0 {
+		t.Errorf("nsflow_cri_unresolved_sandboxes %v, want 0", s["nsflow_cri_unresolved_sandboxes"])
+	}
 
 	// trace names the pod too.
 	out, err = exec.Command(nsflowBin, "trace", "--netns", nsName, "--cri.endpoint", "unix://"+ctd.sock,
@@ -329,6 +332,23 @@ func TestCRIPodIdentity(t *testing.T) {
 		_, ok := s[series("nsflow_packets_total", "lo")]
 		return ok
 	})
+
+	// The pod stops: its sandbox is no longer ready and containerd removes
+	// its namespace; the namespace's last counts keep their pod labels
+	// while it awaits its grace period, over several syncs.
+	if _, err := rt.StopPodSandbox(ctx, &runtimeapi.StopPodSandboxRequest{PodSandboxId: sb.PodSandboxId}); err != nil {
+		t.Fatalf("StopPodSandbox: %v", err)
+	}
+	waitUntil(t, 20*time.Second, "the stopped pod's namespace gone", func() bool {
+		s, _ := srv.scrape(t)
+		return s[`nsflow_namespaces{state="gone"}`] == 1
+	})
+	for deadline := time.Now().Add(3500 * time.Millisecond); time.Now().Before(deadline); time.Sleep(250 * time.Millisecond) {
+		s, _ := srv.scrape(t)
+		if v, ok := s[series("nsflow_packets_total", "lo")]; !ok || v != kernel.Stats64.Tx.Packets {
+			t.Fatalf("after the pod stopped: its lo series %v (present %v), want %v with its pod labels", v, ok, kernel.Stats64.Tx.Packets)
+		}
+	}
 }
 
 func inodeOfPath(t *testing.T, path string) uint64 {
