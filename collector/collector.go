@@ -62,6 +62,7 @@ type Collector struct {
 	flowsDeleted uint64
 	attachErrors map[string]uint64
 	pins         *attach.Pins // nil without PinPath
+	owner        *attach.Owner
 	lastFlows    int          // flows in the last snapshot: the next one's capacity
 	// adds counts the namespaces Add registered: each one's seq (pod
 	// identities are only taken by namespaces registered before the
@@ -113,6 +114,7 @@ type namespace struct {
 	name   string
 	path   string
 	inode  uint64
+	cookie uint64 // SO_NETNS_COOKIE: names its pinned state
 	handle netns.NsHandle
 	nl     *netlink.Handle
 	ifaces map[int]*iface
@@ -150,9 +152,14 @@ func New(cfg Config) (*Collector, error) {
 	}
 	opts := bpf.Options{FlowEntries: cfg.FlowEntries, NoFlows: cfg.NoFlows, Events: cfg.Events}
 	var pins *attach.Pins
+	var owner *attach.Owner
 	if cfg.PinPath != "" {
-		dir, err := attach.PreparePins(cfg.PinPath, cfg.Logger)
+		dir, lock, err := attach.PreparePins(cfg.PinPath, cfg.Logger)
 		if err != nil {
+			return nil, err
+		}
+		if owner, err = attach.NewOwner(dir, lock, cfg.Logger); err != nil {
+			lock.Close()
 			return nil, err
 		}
 		opts.PinPath = dir
@@ -160,12 +167,19 @@ func New(cfg Config) (*Collector, error) {
 			cfg.Logger.Warn("pinned map incompatible with this version: replacing it (its counts restart)", "map", name, "reason", why)
 		}
 		if pins, err = attach.LoadPins(filepath.Join(dir, "links"), cfg.Logger); err != nil {
+			owner.Close()
+			return nil, err
+		}
+	} else {
+		var err error
+		if owner, err = attach.NewOwner("", nil, cfg.Logger); err != nil {
 			return nil, err
 		}
 	}
 	objs, err := bpf.Load(opts)
 	if err != nil {
 		pins.ReleasePending()
+		owner.Close()
 		return nil, fmt.Errorf("%w (nsflow needs Linux 6.3+ with BTF)", err)
 	}
 	c := &Collector{
@@ -173,6 +187,7 @@ func New(cfg Config) (*Collector, error) {
 		log:          cfg.Logger,
 		cfg:          cfg,
 		pins:         pins,
+		owner:        owner,
 		namespaces:   map[uint64]*namespace{},
 		attachErrors: map[string]uint64{},
 		orphans:      map[bpf.NsflowObsKey]time.Time{},
@@ -184,7 +199,7 @@ func New(cfg Config) (*Collector, error) {
 func (c *Collector) setMode(m attach.Mode) {
 	c.mode = m
 	if m == attach.ModeClsact {
-		c.att = attach.NewClsact(c.pins != nil)
+		c.att = attach.NewClsact(c.owner)
 	} else {
 		c.att = attach.NewTCX(c.pins)
 	}
@@ -250,6 +265,11 @@ func (c *Collector) Add(t Target) (uint64, error) {
 		h.Close()
 		return 0, fmt.Errorf("stat netns %s: %w", t.Name, err)
 	}
+	cookie, err := netnsCookie(h)
+	if err != nil {
+		h.Close()
+		return 0, fmt.Errorf("netns %s: %w", t.Name, err)
+	}
 
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -272,6 +292,7 @@ func (c *Collector) Add(t Target) (uint64, error) {
 			c.log.Warn("forget reused namespace inode", "inode", ino, "err", err)
 		}
 	}
+	c.releaseOtherNamespacesLocked(ino, cookie)
 	nl, err := netlink.NewHandleAt(h)
 	if err != nil {
 		h.Close()
@@ -279,7 +300,7 @@ func (c *Collector) Add(t Target) (uint64, error) {
 	}
 	c.adds++
 	ns := &namespace{
-		name: t.Name, path: t.Path, inode: ino, handle: h, nl: nl, seq: c.adds,
+		name: t.Name, path: t.Path, inode: ino, cookie: cookie, handle: h, nl: nl, seq: c.adds,
 		ifaces: map[int]*iface{}, stop: make(chan struct{}), done: make(chan struct{}),
 	}
 	// Subscribe before listing, so that no interface added in between is missed.
@@ -441,14 +462,14 @@ func (c *Collector) attachLocked(ns *namespace, index int, name string) error {
 		i.name = name
 		return nil
 	}
-	progs, ids, err := c.stubsLocked(ns.inode, index)
+	progs, ids, err := c.stubsLocked(ns.inode, ns.cookie, index)
 	var att attach.Attachment
 	if err == nil {
-		att, err = c.att.Attach(ns.handle, ns.nl, ns.inode, index, progs)
+		att, err = c.att.Attach(ns.handle, ns.nl, ns.cookie, index, progs)
 		if err != nil && c.mode == attach.ModeAuto && errors.Is(err, ebpf.ErrNotSupported) {
 			c.log.Info("kernel without TCX: falling back to clsact + cls_bpf")
 			c.setMode(attach.ModeClsact)
-			att, err = c.att.Attach(ns.handle, ns.nl, ns.inode, index, progs)
+			att, err = c.att.Attach(ns.handle, ns.nl, ns.cookie, index, progs)
 		}
 		// Attached, the kernel holds the stubs; this process needs no fd.
 		progs.Ingress.Close()
@@ -467,13 +488,14 @@ func (c *Collector) attachLocked(ns *namespace, index int, name string) error {
 }
 
 // stubsLocked loads the stubs for the two hooks of one interface, each
-// counting into its own observation point's slot of totals.
-func (c *Collector) stubsLocked(inode uint64, index int) (attach.Programs, []ebpf.ProgramID, error) {
+// counting into its own observation point's slot of totals (a pinned one
+// only when recorded for the same namespace: cookie).
+func (c *Collector) stubsLocked(inode, cookie uint64, index int) (attach.Programs, []ebpf.ProgramID, error) {
 	var progs [2]*ebpf.Program
 	var ids []ebpf.ProgramID
 	for _, dir := range []bpf.Direction{bpf.RX, bpf.TX} {
 		key := bpf.NsflowObsKey{Netns: uint32(inode), Ifindex: uint32(index), Dir: uint8(dir)}
-		p, err := c.objs.Stub(key)
+		p, err := c.objs.StubIn(key, cookie)
 		if err != nil {
 			if progs[bpf.RX] != nil {
 				progs[bpf.RX].Close()
@@ -641,7 +663,9 @@ func (c *Collector) Close() error {
 		c.remove(ino, c.pins != nil)
 	}
 	c.pins.ReleasePending()
-	return c.objs.Close()
+	err := c.objs.Close()
+	// Last: a pinned owner's lock on the pin path, a live one's liveness.
+	return errors.Join(err, c.owner.Close())
 }
 
 // Interfaces describes the observed namespaces, their interfaces and the

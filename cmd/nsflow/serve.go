@@ -139,6 +139,7 @@ func (f *serveFlags) validate() (serveConfig, error) {
 		CRIInterval: f.cri.interval,
 		Prune:       true,
 		Grace:       f.grace,
+		SweepStale:  true,
 	}
 	if f.pin {
 		sc.session.Collector.PinPath = f.pinPath

@@ -41,12 +41,13 @@ func ParseMode(s string) (Mode, error) {
 	return "", fmt.Errorf("unknown attach mode %q (want auto, tcx or clsact)", s)
 }
 
-// clsact filter identity: nsflow's filters are found and removed by these.
-const (
-	clsactPriority = 1      // first on the hook: counts what later filters drop
-	clsactHandle   = 0x6e73 // "ns"
-	clsactName     = "nsflow"
-)
+// clsactPriority is the priority of nsflow's cls_bpf filters: first on the
+// hook, it counts what later filters drop. Every nsflow process's filters
+// share it, each with a handle and a name of its own (owner.go): the
+// programs return TC_ACT_UNSPEC, which with direct-action makes cls_bpf
+// run the next filter of the priority, then the next priority, so that all
+// of them see every packet.
+const clsactPriority = 1
 
 // Attachment is the pair of hooks (ingress, egress) nsflow holds on one
 // interface. Close detaches both; it is safe on an interface that is gone.
@@ -64,10 +65,11 @@ type Attachment interface {
 type Programs struct{ Ingress, Egress *ebpf.Program }
 
 // Attacher attaches the two programs to one interface of a namespace: ns
-// is the namespace, nl a netlink handle in it, inode its inode (it names
-// the pins), ifindex the interface's index in it.
+// is the namespace, nl a netlink handle in it, cookie its cookie
+// (SO_NETNS_COOKIE: never reused within a boot, it names the pins),
+// ifindex the interface's index in it.
 type Attacher interface {
-	Attach(ns netns.NsHandle, nl *netlink.Handle, inode uint64, ifindex int, progs Programs) (Attachment, error)
+	Attach(ns netns.NsHandle, nl *netlink.Handle, cookie uint64, ifindex int, progs Programs) (Attachment, error)
 }
 
 // NewTCX returns an Attacher that attaches TCX links at the head of each
@@ -77,9 +79,11 @@ type Attacher interface {
 func NewTCX(pins *Pins) Attacher { return &tcxAttacher{pins: pins} }
 
 // NewClsact returns an Attacher that adds cls_bpf filters to a clsact
-// qdisc (created if absent); keep leaves the filters in the kernel on
-// Release, for the next process (--pin).
-func NewClsact(keep bool) Attacher { return &clsactAttacher{keep: keep} }
+// qdisc (created if absent), named after owner: a pinned owner's stay in
+// the kernel on Release, for the next process (--pin), and are adopted
+// from the previous one. Filters of dead nsflow processes on the
+// interfaces it attaches to are removed.
+func NewClsact(owner *Owner) Attacher { return &clsactAttacher{owner: owner} }
 
 type tcxAttacher struct {
 	pins *Pins // nil without --pin
@@ -94,7 +98,7 @@ type tcxAttachment struct {
 // (NSFLOW_FAULT_NO_TCX=1), to test the clsact fallback on kernels that have it.
 var faultNoTCX = os.Getenv("NSFLOW_FAULT_NO_TCX") == "1"
 
-func (a *tcxAttacher) Attach(ns netns.NsHandle, _ *netlink.Handle, inode uint64, ifindex int, progs Programs) (Attachment, error) {
+func (a *tcxAttacher) Attach(ns netns.NsHandle, _ *netlink.Handle, cookie uint64, ifindex int, progs Programs) (Attachment, error) {
 	if faultNoTCX {
 		return nil, fmt.Errorf("tcx (fault injected by NSFLOW_FAULT_NO_TCX): %w", ebpf.ErrNotSupported)
 	}
@@ -107,7 +111,7 @@ func (a *tcxAttacher) Attach(ns netns.NsHandle, _ *netlink.Handle, inode uint64,
 	// ifindex is relative to the calling thread's namespace: attach from inside.
 	err := nsenter.Do(ns, func() error {
 		for _, h := range hooks {
-			key := linkKey(inode, ifindex, h.name)
+			key := linkKey(cookie, ifindex, h.name)
 			// A link a previous nsflow process left pinned: swap the new
 			// program in atomically, so that no packet goes uncounted.
 			if l := a.pins.adopt(key, h.prog); l != nil {
@@ -164,7 +168,7 @@ func (a *tcxAttachment) Release() error {
 }
 
 type clsactAttacher struct {
-	keep bool // --pin: filters stay on exit, for the next process
+	owner *Owner
 }
 
 type clsactAttachment struct {
@@ -187,7 +191,7 @@ func clsactQdisc(ifindex int) *netlink.GenericQdisc {
 }
 
 func (a *clsactAttacher) Attach(_ netns.NsHandle, nl *netlink.Handle, _ uint64, ifindex int, progs Programs) (Attachment, error) {
-	att := &clsactAttachment{nl: nl, ifindex: ifindex, keep: a.keep}
+	att := &clsactAttachment{nl: nl, ifindex: ifindex, keep: a.owner.pinned}
 	// Another tool's clsact qdisc is shared, never replaced or removed.
 	switch err := nl.QdiscAdd(clsactQdisc(ifindex)); {
 	case err == nil:
@@ -196,32 +200,80 @@ func (a *clsactAttacher) Attach(_ netns.NsHandle, nl *netlink.Handle, _ uint64, 
 	default:
 		return nil, fmt.Errorf("add clsact qdisc: %w", err)
 	}
+	link := &netlink.Dummy{LinkAttrs: netlink.LinkAttrs{Index: ifindex}}
 	for _, h := range []struct {
 		prog   *ebpf.Program
 		parent uint32
 		name   string
 	}{{progs.Ingress, netlink.HANDLE_MIN_INGRESS, "ingress"}, {progs.Egress, netlink.HANDLE_MIN_EGRESS, "egress"}} {
-		f := &netlink.BpfFilter{
-			FilterAttrs: netlink.FilterAttrs{
-				LinkIndex: ifindex,
-				Parent:    h.parent,
-				Handle:    clsactHandle,
-				Priority:  clsactPriority,
-				Protocol:  unix.ETH_P_ALL,
-			},
-			Fd:           h.prog.FD(),
-			Name:         clsactName,
-			DirectAction: true,
-		}
-		// Replace: a filter a previous nsflow process left (--pin) gets the
-		// new program atomically; otherwise the filter is created.
-		if err := nl.FilterReplace(f); err != nil {
+		f, err := a.attach(nl, link, h.parent, h.prog)
+		if err != nil {
 			_ = att.Close()
 			return nil, fmt.Errorf("add cls_bpf filter %s: %w", h.name, err)
 		}
 		att.filters = append(att.filters, f)
 	}
 	return att, nil
+}
+
+// attach puts prog on one hook as the owner's filter: in place of the one
+// a previous process of a pinned owner left (replaced atomically: no packet
+// goes uncounted), or as a new filter with a handle nobody uses. Filters of
+// dead nsflow processes on the hook are removed on the way.
+func (a *clsactAttacher) attach(nl *netlink.Handle, link netlink.Link, parent uint32, prog *ebpf.Program) (*netlink.BpfFilter, error) {
+	existing, err := nl.FilterList(link, parent)
+	if err != nil {
+		return nil, fmt.Errorf("list filters: %w", err)
+	}
+	var adopt *netlink.BpfFilter
+	for _, f := range existing {
+		bf, ok := f.(*netlink.BpfFilter)
+		if !ok || !IsNsflowFilter(bf.Name) {
+			continue
+		}
+		switch {
+		case bf.Name == a.owner.name && a.owner.pinned && adopt == nil && bf.Priority == clsactPriority:
+			adopt = bf
+		case bf.Name == a.owner.name || a.owner.stale(bf.Name):
+			// A duplicate of its own, or a dead process's: nobody else
+			// will ever remove it.
+			if err := nl.FilterDel(bf); err != nil && !gone(err) {
+				return nil, fmt.Errorf("remove stale filter %s: %w", bf.Name, err)
+			}
+			a.owner.log.Info("removed a clsact filter of a dead nsflow process", "filter", bf.Name, "ifindex", link.Attrs().Index)
+		}
+	}
+	f := &netlink.BpfFilter{
+		FilterAttrs: netlink.FilterAttrs{
+			LinkIndex: link.Attrs().Index,
+			Parent:    parent,
+			Priority:  clsactPriority,
+			Protocol:  unix.ETH_P_ALL,
+		},
+		Fd:           prog.FD(),
+		Name:         a.owner.name,
+		DirectAction: true,
+	}
+	if adopt != nil {
+		f.Handle = adopt.Handle
+		if err := nl.FilterReplace(f); err != nil {
+			return nil, err
+		}
+		a.owner.log.Debug("adopted pinned filter", "filter", f.Name, "ifindex", f.LinkIndex, "handle", f.Handle)
+		return f, nil
+	}
+	// Create, never replace: a handle another process took meanwhile
+	// (EEXIST) is someone else's filter; pick another.
+	for try := 0; ; try++ {
+		f.Handle = randomHandle()
+		err := nl.FilterAdd(f)
+		if err == nil {
+			return f, nil
+		}
+		if !errors.Is(err, unix.EEXIST) || try == maxHandleChoice {
+			return nil, err
+		}
+	}
 }
 
 func (a *clsactAttachment) Close() error {

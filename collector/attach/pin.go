@@ -3,6 +3,7 @@ package attach
 import (
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -16,8 +17,10 @@ import (
 
 // PinLayout names the layout of the pinned state (maps and links). A
 // version whose map keys or values change bumps it; pinned state of another
-// layout is removed at start, with a log line, never misread.
-const PinLayout = "v2"
+// layout is removed at start, with a log line, never misread. v3: points
+// carry their namespace's cookie (the cookies map), links are named after
+// it, clsact filters after their owner.
+const PinLayout = "v3"
 
 // DefaultPinPath is where --pin keeps nsflow's state on the bpffs.
 const DefaultPinPath = "/sys/fs/bpf/nsflow"
@@ -47,14 +50,43 @@ func ensureBPFFS(pinPath string, log *slog.Logger) error {
 
 var layoutRE = regexp.MustCompile(`^v[0-9]+$`)
 
+// ErrPinsInUse is returned by PreparePins when another process uses the
+// pin path.
+var ErrPinsInUse = errors.New("another nsflow process uses this pin path")
+
 // PreparePins makes pinPath/PinLayout (mode 0700), mounting a bpffs at
 // /sys/fs/bpf if needed and removing the pinned state of other layouts, and
 // returns the layout directory: the maps are pinned there, the links in its
-// "links" subdirectory.
-func PreparePins(pinPath string, log *slog.Logger) (string, error) {
+// "links" subdirectory. It locks pinPath first (flock) and returns the lock,
+// to close when the process no longer uses the pins: two processes sharing
+// pinned maps would hand each other's slots out.
+func PreparePins(pinPath string, log *slog.Logger) (string, io.Closer, error) {
 	if err := ensureBPFFS(pinPath, log); err != nil {
-		return "", err
+		return "", nil, err
 	}
+	if err := os.MkdirAll(pinPath, 0o700); err != nil {
+		return "", nil, fmt.Errorf("create pin directory: %w", err)
+	}
+	lock, err := os.Open(pinPath)
+	if err != nil {
+		return "", nil, fmt.Errorf("open pin directory: %w", err)
+	}
+	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		lock.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return "", nil, fmt.Errorf("%s: %w", pinPath, ErrPinsInUse)
+		}
+		return "", nil, fmt.Errorf("lock pin directory %s: %w", pinPath, err)
+	}
+	dir, err := prepareLayout(pinPath, log)
+	if err != nil {
+		lock.Close()
+		return "", nil, err
+	}
+	return dir, lock, nil
+}
+
+func prepareLayout(pinPath string, log *slog.Logger) (string, error) {
 	ents, _ := os.ReadDir(pinPath)
 	for _, e := range ents {
 		if e.IsDir() && layoutRE.MatchString(e.Name()) && e.Name() != PinLayout {
@@ -72,7 +104,7 @@ func PreparePins(pinPath string, log *slog.Logger) (string, error) {
 	return dir, nil
 }
 
-// Pins are the TCX links pinned by nsflow, by key (netns inode, ifindex,
+// Pins are the TCX links pinned by nsflow, by key (netns cookie, ifindex,
 // hook); those found at start wait to be adopted by NewTCX's attacher. A nil
 // *Pins (no --pin) has no links.
 type Pins struct {
@@ -83,8 +115,8 @@ type Pins struct {
 	pending map[string]link.Link
 }
 
-func linkKey(inode uint64, ifindex int, hook string) string {
-	return fmt.Sprintf("%d_%d_%s", inode, ifindex, hook)
+func linkKey(cookie uint64, ifindex int, hook string) string {
+	return fmt.Sprintf("%x_%d_%s", cookie, ifindex, hook)
 }
 
 func (p *Pins) path(key string) string { return filepath.Join(p.dir, key) }

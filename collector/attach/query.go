@@ -69,7 +69,7 @@ func clsactHooks(nl *netlink.Handle, l netlink.Link) int {
 			continue
 		}
 		for _, f := range fs {
-			if bf, ok := f.(*netlink.BpfFilter); ok && bf.Handle == clsactHandle && bf.Priority == clsactPriority {
+			if bf, ok := f.(*netlink.BpfFilter); ok && IsNsflowFilter(bf.Name) {
 				n++
 				break
 			}

@@ -39,6 +39,11 @@ type Config struct {
 	// without it they are kept until Close (a trace reports them).
 	Prune bool
 	Grace time.Duration
+	// SweepStale removes, once discovery's first scan is done, the clsact
+	// filters nobody will adopt or remove from the namespaces discovery
+	// does not select (collector.SweepStaleFilters): those of dead nsflow
+	// processes and, with a pin path, those of the previous process.
+	SweepStale bool
 	// Logger receives lifecycle lines; nil discards them.
 	Logger *slog.Logger
 }
@@ -135,6 +140,9 @@ func Open(ctx context.Context, cfg Config) (*Session, error) {
 			if cfg.Collector.PinPath != "" {
 				c.DropStalePins()
 			}
+			if cfg.SweepStale {
+				s.sweep(dc)
+			}
 			close(s.ready)
 		case <-ctx.Done():
 		}
@@ -147,6 +155,25 @@ func Open(ctx context.Context, cfg Config) (*Session, error) {
 	}
 	startCRI()
 	return s, nil
+}
+
+// sweep removes stale clsact filters from the namespaces discovery found
+// but does not select.
+func (s *Session) sweep(dc discovery.Config) {
+	all := dc
+	all.Host, all.Include, all.Exclude = true, nil, nil
+	found, err := discovery.Scan(all)
+	if err != nil {
+		s.log.Warn("scan namespaces for stale clsact filters", "err", err)
+		return
+	}
+	targets := make([]collector.Target, len(found))
+	for i, f := range found {
+		targets[i] = f.Target
+	}
+	if n := s.c.SweepStaleFilters(targets); n > 0 {
+		s.log.Info("removed clsact filters nobody adopts", "filters", n)
+	}
 }
 
 // initialSyncTimeout bounds the first pod sync of a session that waits
