@@ -276,17 +276,15 @@ func (e *Enricher) resolve(st *runtimeapi.PodSandboxStatusResponse, ready bool, 
 	if !si.own || si.closed {
 		return 0, errNoNamespace
 	}
-	var tried []string
-	var errs []error
+	var tried []string // "path: why not"
 	try := func(p string) (uint64, bool) {
-		tried = append(tried, p)
 		var s unix.Stat_t
 		if err := unix.Stat(p, &s); err != nil {
-			errs = append(errs, err)
+			tried = append(tried, fmt.Sprintf("%s: %v", p, err))
 			return 0, false
 		}
 		if s.Dev != nsfs {
-			errs = append(errs, fmt.Errorf("%s: not a namespace", p))
+			tried = append(tried, p+": not a namespace")
 			return 0, false
 		}
 		return s.Ino, true
@@ -309,7 +307,7 @@ func (e *Enricher) resolve(st *runtimeapi.PodSandboxStatusResponse, ready bool, 
 	if len(tried) == 0 {
 		return 0, errors.New("neither a path nor a process reported")
 	}
-	return 0, fmt.Errorf("tried %s: %w", strings.Join(tried, ", "), errors.Join(errs...))
+	return 0, errors.New(strings.Join(tried, "; "))
 }
 
 // rewrite returns path under every rewrite whose prefix it has.

@@ -135,7 +135,9 @@ func inodeOf(t *testing.T, path string) uint64 {
 	return st.Ino
 }
 
-func pod(id, name, ns string) flow.PodInfo { return flow.PodInfo{Name: name, Namespace: ns, UID: "uid-" + id} }
+func pod(id, name, ns string) flow.PodInfo {
+	return flow.PodInfo{Name: name, Namespace: ns, UID: "uid-" + id}
+}
 
 // sameMap reports whether got holds exactly want.
 func sameMap(got, want map[uint64]flow.PodInfo) bool {
@@ -383,6 +385,7 @@ func TestUnresolvedLoggedOnceAndCounted(t *testing.T) {
 	if !strings.Contains(logs.String(), "not a namespace") {
 		t.Errorf("the leftover file is not reported as not a namespace:\n%s", logs.String())
 	}
+	t.Logf("log:\n%s", logs.String())
 	if strings.Contains(logs.String(), "sandbox=ok") {
 		t.Errorf("a resolved sandbox was logged:\n%s", logs.String())
 	}
