@@ -283,8 +283,9 @@ func TestCRIPodIdentity(t *testing.T) {
 		return s[series("nsflow_packets_total", "lo")] == kernel.Stats64.Tx.Packets
 	})
 	t.Logf("pod shop/web-7d4f (netns %s): lo tx %v packets, equal to the kernel's", nsName, kernel.Stats64.Tx.Packets)
-	if s, _ := srv.scrape(t); s["nsflow_cri_unresolved_sandboxes"] != 0 {
-		t.Errorf("nsflow_cri_unresolved_sandboxes %v, want 0", s["nsflow_cri_unresolved_sandboxes"])
+	s0, _ := srv.scrape(t)
+	if v, ok := s0["nsflow_cri_unresolved_sandboxes{}"]; !ok || v != 0 {
+		t.Errorf("nsflow_cri_unresolved_sandboxes %v (present %v), want 0", v, ok)
 	}
 
 	// trace names the pod too.
