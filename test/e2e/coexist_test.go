@@ -1,0 +1,253 @@
+package e2e
+
+import (
+	"encoding/json"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+
+	"github.com/nsflow/nsflow/collector/flow"
+	"github.com/nsflow/nsflow/exporter/report"
+	"github.com/nsflow/nsflow/test/podns"
+	"github.com/nsflow/nsflow/test/testenv"
+)
+
+// Instances coexist: a serve and two traces on the same pods at once, in
+// both attach modes, each count exactly what the kernel counted over its own
+// window (the first trace starts before the serve, the serve's start and the
+// second trace's attach leave its programs alone); each removes only its
+// own programs, and after the traces exit the serve still counts every
+// packet.
+func TestCoexist(t *testing.T) {
+	testenv.RequireRoot(t)
+	pods := newPods(t, "10.213.140.0/24", "co-a", "co-b")
+	staticNeighbours(t, pods...) // no ARP: nothing crosses eth0 unless the test sends it
+	for _, mode := range []string{"tcx", "clsact"} {
+		t.Run(mode, func(t *testing.T) { testCoexist(t, mode, pods[0], pods[1]) })
+	}
+}
+
+func testCoexist(t *testing.T, mode string, a, b *podns.Pod) {
+	byIno := map[uint64]*podns.Pod{inodeOf(t, a): a, inodeOf(t, b): b}
+	paths := map[uint64]string{}
+	for ino, p := range byIno {
+		paths[ino] = p.NetnsPath
+	}
+	port := 9800
+	traffic := func() {
+		t.Helper()
+		port += 2
+		udpExchange(t, a, b, netip.AddrPortFrom(b.IPv4, uint16(port)), 10, 100)
+		udpExchange(t, a, a, netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(port+1)), 10, 64)
+	}
+	// quiet runs fn (a trace starting or stopping) between two reads of
+	// the kernel's counters, and returns them: equal, no packet crossed
+	// the pods meanwhile, so they are the counts at the trace's edge.
+	quiet := func(what string, fn func()) counts {
+		t.Helper()
+		before := kernelCounts(t, paths)
+		fn()
+		after := kernelCounts(t, paths)
+		if !equalCounts(before, after) {
+			t.Fatalf("packets crossed the pods while %s: %v then %v", what, before, after)
+		}
+		return after
+	}
+	traceArgs := []string{"--netns", a.Name, "--netns", b.Name, "--output", "json", "--attach-mode", mode}
+	var t1, t2 *tracer
+	var out1, out2 []byte
+
+	settle(t, paths)
+	k1s := quiet("trace 1 started", func() { t1 = startTrace(t, 2, traceArgs...) })
+	traffic()
+	srv := startServe(t, "http", "--attach-mode", mode, "--netns.host=false", "--netns.proc=false",
+		"--netns.include", "^co-[ab]$")
+	waitUntil(t, 10*time.Second, "the pods in /metrics", func() bool {
+		s, _ := srv.scrape(t)
+		_, okA := s[pointSeries("nsflow_packets_total", a.Name, "eth0", "tx")]
+		_, okB := s[pointSeries("nsflow_packets_total", b.Name, "eth0", "rx")]
+		return okA && okB
+	})
+	k0, s0, _ := quiescentScrape(t, srv, byIno)
+	traffic()
+	k2s := quiet("trace 2 started", func() { t2 = startTrace(t, 2, traceArgs...) })
+	traffic()
+
+	// Three instances on every hook of both pods, each with its own programs.
+	switch mode {
+	case "tcx":
+		for _, p := range []*podns.Pod{a, b} {
+			if n := tcxPrograms(t, p); n != 12 {
+				t.Errorf("%s: %d tcx programs with serve and two traces, want 12 (2 interfaces x 2 hooks x 3)", p.Name, n)
+			}
+		}
+	case "clsact":
+		for _, p := range []*podns.Pod{a, b} {
+			if got := nsflowFilters(t, p.NetnsPath); len(got) != 3 || !allEqual(got, 4) {
+				t.Errorf("%s: nsflow filters %v, want 3 owners with 4 filters each (2 interfaces x 2 hooks)", p.Name, got)
+			}
+		}
+	}
+
+	k1e := quiet("trace 1 stopped", func() { out1 = t1.stop(t) })
+	traffic()
+	k2e := quiet("trace 2 stopped", func() { out2 = t2.stop(t) })
+	traffic()
+
+	checkTrace(t, "trace 1 (started before the serve, stopped while trace 2 ran)", out1, mode, byIno, delta(k1s, k1e))
+	checkTrace(t, "trace 2 (started after the serve)", out2, mode, byIno, delta(k2s, k2e))
+
+	// The serve counted every packet, through both traces' exits.
+	k1, s1, _ := quiescentScrape(t, srv, byIno)
+	kd, sd := delta(k0, k1), delta(s0, s1)
+	for p, want := range kd {
+		if sd[p] != want {
+			t.Errorf("serve %s: %+v, kernel %+v", p, sd[p], want)
+		}
+	}
+	lo := point{inodeOf(t, a), "lo", flow.TX}
+	if kd[lo].Packets < 40 {
+		t.Errorf("a lo tx: the kernel counted %d packets, want at least the 40 datagrams sent", kd[lo].Packets)
+	}
+	t.Logf("%s: serve counted a eth0 tx %+v, lo tx %+v through both traces, equal to the kernel", mode,
+		sd[point{inodeOf(t, a), "eth0", flow.TX}], sd[lo])
+
+	// Only the serve's programs are left.
+	switch mode {
+	case "tcx":
+		for _, p := range []*podns.Pod{a, b} {
+			if n := tcxPrograms(t, p); n != 4 {
+				t.Errorf("%s: %d tcx programs after the traces exited, want the serve's 4", p.Name, n)
+			}
+		}
+	case "clsact":
+		for _, p := range []*podns.Pod{a, b} {
+			if got := nsflowFilters(t, p.NetnsPath); len(got) != 1 || !allEqual(got, 4) {
+				t.Errorf("%s: nsflow filters %v after the traces exited, want the serve's 4", p.Name, got)
+			}
+		}
+	}
+	srv.stop(t)
+	for _, p := range []*podns.Pod{a, b} {
+		if n := tcxPrograms(t, p); n != 0 {
+			t.Errorf("%s: %d tcx programs left after everything exited", p.Name, n)
+		}
+		if got := nsflowFilters(t, p.NetnsPath); len(got) != 0 {
+			t.Errorf("%s: nsflow filters %v left after everything exited", p.Name, got)
+		}
+	}
+}
+
+// settle waits (up to 20 s) until no packet has crossed the namespaces for
+// a second: a new pod's IPv6 announces itself (DAD, MLD reports) for a
+// few seconds after it is created.
+func settle(t *testing.T, paths map[uint64]string) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	last, since := kernelCounts(t, paths), time.Now()
+	for time.Since(since) < time.Second {
+		if time.Now().After(deadline) {
+			t.Fatal("the namespaces never went quiet for a second")
+		}
+		time.Sleep(50 * time.Millisecond)
+		if now := kernelCounts(t, paths); !equalCounts(last, now) {
+			last, since = now, time.Now()
+		}
+	}
+}
+
+// checkTrace compares a trace's JSON result with the kernel's counters
+// over the trace's window, for every interface of the pods.
+func checkTrace(t *testing.T, what string, out []byte, mode string, pods map[uint64]*podns.Pod, want counts) {
+	t.Helper()
+	var tr report.Trace
+	if err := json.Unmarshal(out, &tr); err != nil {
+		t.Fatalf("%s: output is not JSON: %v\n%s", what, err, out)
+	}
+	if tr.AttachMode != mode {
+		t.Errorf("%s: attach mode %q, want %q", what, tr.AttachMode, mode)
+	}
+	got := counts{}
+	for _, ns := range tr.Namespaces {
+		if pods[ns.Inode] == nil {
+			continue
+		}
+		for _, i := range ns.Interfaces {
+			got[point{ns.Inode, i.Name, flow.RX}] = flow.Counters{Packets: i.RXPackets, Bytes: i.RXBytes}
+			got[point{ns.Inode, i.Name, flow.TX}] = flow.Counters{Packets: i.TXPackets, Bytes: i.TXBytes}
+		}
+	}
+	for p, w := range want {
+		if got[p] != w {
+			t.Errorf("%s %s: %+v, kernel %+v", what, p, got[p], w)
+		}
+	}
+	var total uint64
+	for _, c := range want {
+		total += c.Packets
+	}
+	if total == 0 {
+		t.Errorf("%s: no traffic in its window: the test sent none?", what)
+	}
+}
+
+// nsflowFilters counts the cls_bpf filters of nsflow (any process's) on
+// every interface of the namespace at path, by filter name.
+func nsflowFilters(t *testing.T, path string) map[string]int {
+	t.Helper()
+	out := map[string]int{}
+	for name, n := range bpfFilters(t, path) {
+		if name == "nsflow" || strings.HasPrefix(name, "nsflow/") {
+			out[name] = n
+		}
+	}
+	return out
+}
+
+// bpfFilters counts the cls_bpf filters on every clsact hook of every
+// interface of the namespace at path, by name.
+func bpfFilters(t *testing.T, path string) map[string]int {
+	t.Helper()
+	h, err := netns.GetFromPath(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	nl, err := netlink.NewHandleAt(h)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nl.Close()
+	links, err := nl.LinkList()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]int{}
+	for _, l := range links {
+		for _, parent := range []uint32{netlink.HANDLE_MIN_INGRESS, netlink.HANDLE_MIN_EGRESS} {
+			fs, err := nl.FilterList(l, parent)
+			if err != nil {
+				continue // no clsact qdisc
+			}
+			for _, f := range fs {
+				if bf, ok := f.(*netlink.BpfFilter); ok {
+					out[bf.Name]++
+				}
+			}
+		}
+	}
+	return out
+}
+
+func allEqual(m map[string]int, n int) bool {
+	for _, v := range m {
+		if v != n {
+			return false
+		}
+	}
+	return true
+}
