@@ -545,7 +545,7 @@ static __always_inline __u32 tx_segments(struct __sk_buff *ctx, struct sk_buff *
  */
 static __always_inline __u32 rx_segments(struct __sk_buff *ctx)
 {
-	return ctx->napi_id >= napi_id_min ? ctx->gso_segs : 1;
+	return ctx->napi_id >= napi_id_min ? ctx->gso_segs : 1; /* 0: counted as 1 */
 }
 
 /* Parses the frame into key (PARSE_FLOW: complete). */
@@ -635,9 +635,11 @@ static __always_inline int account(struct __sk_buff *ctx, __u8 dir)
 	enum parse_result res = PARSE_NOT_YET;
 
 	packets = 1;
-	if (ctx->gso_segs > 1) {
+	if (ctx->gso_size) {
 		res = parse(ctx, dev, &fkey, &l4i);
 		packets = dir == DIR_TX ? tx_segments(ctx, skb, dev, &l4i) : rx_segments(ctx);
+		if (!packets)
+			packets = 1;
 		/* Each segment repeats the headers (qdisc_pkt_len_init). */
 		if (packets > 1 && res == PARSE_FLOW && l4i.hdr_len < bytes)
 			bytes += (packets - 1) * l4i.hdr_len;
@@ -682,7 +684,9 @@ static __always_inline int stub(struct __sk_buff *ctx, __u32 dir)
 
 	/* A 64-bit move of the template immediate, patched before load. */
 	asm volatile("%0 = %1" : "=r"(slot) : "i"(SLOT_TEMPLATE));
-	if (flows_enabled || ctx->gso_segs > 1) {
+	/* gso_size, not gso_segs: an untrusted source's (DODGY) GSO packet
+	 * may carry gso_segs 0 until it is segmented. */
+	if (flows_enabled || ctx->gso_size) {
 		__u32 zero = 0;
 		__u32 *h = bpf_map_lookup_elem(&handoff, &zero);
 
