@@ -119,8 +119,18 @@ func TestManifests(t *testing.T) {
 		add = append(add, string(c))
 	}
 	slices.Sort(add)
-	if strings.Join(add, ",") != "NET_ADMIN,SYS_ADMIN" || len(sc.Capabilities.Drop) != 1 || sc.Capabilities.Drop[0] != "ALL" {
-		t.Errorf("capabilities: drop %v add %v, want drop ALL add NET_ADMIN, SYS_ADMIN", sc.Capabilities.Drop, add)
+	if strings.Join(add, ",") != "NET_ADMIN,SYS_ADMIN,SYS_PTRACE" || len(sc.Capabilities.Drop) != 1 || sc.Capabilities.Drop[0] != "ALL" {
+		t.Errorf("capabilities: drop %v add %v, want drop ALL add NET_ADMIN, SYS_ADMIN, SYS_PTRACE", sc.Capabilities.Drop, add)
+	}
+	// The same set as the systemd unit's (test/e2e TestCapsObserveOtherUser
+	// runs nsflow under exactly that set).
+	var unit []string
+	for _, c := range unitCapabilities(t) {
+		unit = append(unit, strings.TrimPrefix(c, "CAP_"))
+	}
+	slices.Sort(unit)
+	if !slices.Equal(unit, add) {
+		t.Errorf("the DaemonSet adds %v, the systemd unit grants %v", add, unit)
 	}
 	if c.LivenessProbe == nil || c.LivenessProbe.HTTPGet.Path != "/-/healthy" || c.ReadinessProbe == nil || c.ReadinessProbe.HTTPGet.Path != "/-/ready" {
 		t.Error("probes must use /-/healthy and /-/ready")
@@ -132,8 +142,10 @@ func TestManifests(t *testing.T) {
 	for _, m := range c.VolumeMounts {
 		mounts[m.MountPath] = m
 	}
-	if m, ok := mounts["/run/netns"]; !ok || m.MountPropagation == nil || *m.MountPropagation != corev1.MountPropagationHostToContainer {
-		t.Error("/run/netns must be mounted with HostToContainer propagation, to see namespaces created later")
+	for _, p := range []string{"/run/netns", "/run/docker/netns"} {
+		if m, ok := mounts[p]; !ok || m.MountPropagation == nil || *m.MountPropagation != corev1.MountPropagationHostToContainer || !m.ReadOnly {
+			t.Errorf("%s must be mounted read-only with HostToContainer propagation, to see namespaces created later", p)
+		}
 	}
 	for _, p := range []string{"/sys/fs/bpf", "/sys/kernel/btf"} {
 		if _, ok := mounts[p]; !ok {

@@ -287,11 +287,62 @@ func TestRunsWithUnitCapabilities(t *testing.T) {
 				fewer = append(fewer, c)
 			}
 		}
+		if missing == "CAP_SYS_PTRACE" {
+			// Not needed to start: nsflow runs, says what it cannot read
+			// without it, and counts it (test/e2e TestCapsObserveOtherUser
+			// shows what it then misses).
+			withoutPtrace(t, bin, fewer)
+			continue
+		}
 		cmd := withCaps(bin, fewer, "serve", "--web.listen-address", "127.0.0.1:"+strconv.Itoa(freePort(t)))
 		out, err := cmd.CombinedOutput()
 		var ee *exec.ExitError
 		if !errors.As(err, &ee) || !strings.Contains(string(out), missing) {
 			t.Errorf("without %s: %v, message %q does not name it", missing, err, out)
 		}
+	}
+}
+
+// withoutPtrace runs serve with caps (the unit's without CAP_SYS_PTRACE):
+// it starts, warns naming CAP_SYS_PTRACE, and counts the processes whose
+// namespace it may not read (this test's own shell, root with every
+// capability, is one) in nsflow_namespaces_skipped_total.
+func withoutPtrace(t *testing.T, bin string, caps []string) {
+	t.Helper()
+	port := freePort(t)
+	logf, err := os.Create(filepath.Join(t.TempDir(), "serve.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer logf.Close()
+	srv := withCaps(bin, caps, "serve", "--web.listen-address", "127.0.0.1:"+strconv.Itoa(port), "--netns.host=false")
+	srv.Stdout, srv.Stderr = logf, logf
+	if err := srv.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { srv.Process.Signal(syscall.SIGTERM); srv.Wait() }()
+	re := regexp.MustCompile(`(?m)^nsflow_namespaces_skipped_total\{reason="permission"\} ([0-9]+)$`)
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		var n int
+		if resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/metrics", port)); err == nil {
+			b := new(strings.Builder)
+			_, _ = bufio.NewReader(resp.Body).WriteTo(b)
+			resp.Body.Close()
+			if m := re.FindStringSubmatch(b.String()); m != nil {
+				n, _ = strconv.Atoi(m[1])
+			}
+		}
+		if n > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			log, _ := os.ReadFile(logf.Name())
+			t.Fatalf("without CAP_SYS_PTRACE: no namespace counted as skipped for permission:\n%s", log)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if log, _ := os.ReadFile(logf.Name()); !strings.Contains(string(log), "without CAP_SYS_PTRACE") {
+		t.Errorf("without CAP_SYS_PTRACE: the log does not name it:\n%s", log)
 	}
 }
