@@ -1,0 +1,200 @@
+package e2e
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/nsflow/nsflow/collector/flow"
+	"github.com/nsflow/nsflow/test/podns"
+	"github.com/nsflow/nsflow/test/testenv"
+)
+
+// Pinned state is keyed by namespace cookie, not inode: namespaces counted
+// by a serve --pin go while no serve runs, and a new namespace that gets
+// one of their inodes starts at zero when the next serve observes it,
+// equal to its own kernel counters; the gone namespace's counts are not
+// exported under its inode either. With clsact, the filters a previous
+// process left on a namespace the next serve does not observe (its own
+// pinned ones, a SIGKILLed trace's) are gone once that serve is ready; a
+// live trace's and another tool's stay.
+func TestPinInodeReuse(t *testing.T) {
+	testenv.RequireRoot(t)
+	pods := newPods(t, "10.213.141.0/24", "pr-a", "pr-b")
+	for _, mode := range []string{"tcx", "clsact"} {
+		t.Run(mode, func(t *testing.T) { testPinInodeReuse(t, mode, pods[0], pods[1]) })
+	}
+}
+
+func testPinInodeReuse(t *testing.T, mode string, a, b *podns.Pod) {
+	pin := fmt.Sprintf("/sys/fs/bpf/nsflow-e2e-pr-%s-%d", mode, os.Getpid())
+	t.Cleanup(func() { os.RemoveAll(pin) })
+	args := []string{"--pin", "--pin.path", pin, "--attach-mode", mode, "--netns.host=false", "--netns.proc=false"}
+	prefix := "pr-" + mode + "-"
+	nsPath := func(name string) string { return filepath.Join("/run/netns", name) }
+	pingLo := func(name string, n int) {
+		t.Helper()
+		out, err := exec.Command("ip", "netns", "exec", name, "ping", "-c", fmt.Sprint(n), "-i", "0.02", "-W", "1", "127.0.0.1").CombinedOutput()
+		if err != nil {
+			t.Fatalf("ping in %s: %v\n%s", name, err, out)
+		}
+	}
+
+	// A pool of namespaces, each with traffic counted by a pinned serve.
+	// They are made once the serve runs: the kernel hands out the lowest
+	// free inode number, so that few numbers below theirs are freed
+	// before they go, and a new namespace soon gets one of theirs.
+	include := "^" + prefix + "p"
+	if mode == "clsact" {
+		include += "|^pr-[ab]$"
+	}
+	srv := startServe(t, "http", append(args, "--netns.include", include)...)
+	const poolSize = 4
+	pool := map[uint64]string{}
+	for i := 0; i < poolSize; i++ {
+		name := fmt.Sprintf("%sp%d", prefix, i)
+		newRawNetns(t, nsPath(name))
+		pool[nsInode(t, nsPath(name))] = name
+	}
+	waitUntil(t, 10*time.Second, "the pool in /metrics", func() bool {
+		s, _ := srv.scrape(t)
+		for _, name := range pool {
+			if _, ok := s[pointSeries("nsflow_packets_total", name, "lo", "tx")]; !ok {
+				return false
+			}
+		}
+		return true
+	})
+	for _, name := range pool {
+		pingLo(name, 10)
+	}
+
+	var foreign *netlink.BpfFilter
+	var live *tracer
+	if mode == "clsact" {
+		// A trace killed on a (no Close: its filters stay, their owner dead),
+		// a trace alive on b, and another tool's filter on a's lo.
+		dead := startTrace(t, 1, "--netns", a.Name, "--attach-mode", "clsact")
+		dead.cmd.Process.Kill()
+		dead.cmd.Wait()
+		live = startTrace(t, 1, "--netns", b.Name, "--attach-mode", "clsact", "--output", "json")
+		foreign = addForeignFilter(t, a)
+		if got := nsflowFilters(t, a.NetnsPath); len(got) != 2 || !allEqual(got, 4) {
+			t.Fatalf("pod a: nsflow filters %v, want the serve's and the dead trace's, 4 each", got)
+		}
+	}
+	srv.stop(t)
+
+	// The pool goes while no serve runs. New namespaces are made (and
+	// kept, filling the lower free numbers) until one gets the inode of a
+	// gone one; the others are removed.
+	for _, name := range pool {
+		removeRawNetns(t, nsPath(name))
+	}
+	var reused string
+	var reusedIno uint64
+	var extra []string
+	for i := 0; i < 150 && reused == ""; i++ {
+		name := fmt.Sprintf("%sn%d", prefix, i)
+		newRawNetns(t, nsPath(name))
+		if ino := nsInode(t, nsPath(name)); pool[ino] != "" {
+			reused, reusedIno = name, ino
+			t.Logf("%s got inode %d of the gone %s after %d namespaces", name, ino, pool[ino], i+1)
+		} else {
+			extra = append(extra, name)
+		}
+	}
+	for _, name := range extra {
+		removeRawNetns(t, nsPath(name))
+	}
+	if reused == "" {
+		t.Fatal("no new namespace got the inode of a gone one in 150 tries")
+	}
+
+	srv = startServe(t, "http", append(args, "--netns.include", "^"+prefix+"n")...)
+	waitUntil(t, 10*time.Second, "the new namespace in /metrics", func() bool {
+		s, _ := srv.scrape(t)
+		_, ok := s[pointSeries("nsflow_packets_total", reused, "lo", "tx")]
+		return ok
+	})
+	pingLo(reused, 3)
+	newNs := map[uint64]*podns.Pod{reusedIno: {Name: reused, NetnsPath: nsPath(reused)}}
+	k, s, body := quiescentScrape(t, srv, newNs)
+	for _, d := range []flow.Direction{flow.RX, flow.TX} {
+		p := point{reusedIno, "lo", d}
+		if s[p] != k[p] {
+			t.Errorf("%s (inode %d of a gone namespace) lo %s: /metrics %+v, kernel %+v since it was created: want equal, nothing inherited",
+				reused, reusedIno, d, s[p], k[p])
+		}
+	}
+	if k[point{reusedIno, "lo", flow.TX}].Packets != 6 {
+		t.Errorf("kernel lo tx %+v in %s, want the 6 packets of 3 pings", k[point{reusedIno, "lo", flow.TX}], reused)
+	}
+	if orphan := fmt.Sprintf(`netns="netns:%d"`, reusedIno); strings.Contains(body, orphan) {
+		t.Errorf("the gone namespace's counts are exported under its reused inode (%s):\n%s", orphan, body)
+	}
+	if !strings.Contains(srv.logText(), "got the inode of one that went while no nsflow ran") {
+		t.Errorf("no log line about the reused inode:\n%s", srv.logText())
+	}
+
+	if mode == "clsact" {
+		// a is not observed any more: the pinned filters and the dead
+		// trace's are gone; the foreign one stays; b keeps the live
+		// trace's (it was swept too) and the pinned ones go.
+		if got := nsflowFilters(t, a.NetnsPath); len(got) != 0 {
+			t.Errorf("pod a: nsflow filters %v left once the next serve is ready, want none", got)
+		}
+		if got := bpfFilters(t, a.NetnsPath); got[foreign.Name] != 1 {
+			t.Errorf("pod a: filters %v, want the foreign one kept", got)
+		}
+		got := nsflowFilters(t, b.NetnsPath)
+		if len(got) != 1 || !allEqual(got, 4) {
+			t.Errorf("pod b: nsflow filters %v, want only the live trace's 4", got)
+		}
+		for name := range got {
+			if strings.HasPrefix(name, "nsflow/pin/") {
+				t.Errorf("pod b: the pinned filter %s stayed", name)
+			}
+		}
+		if !strings.Contains(srv.logText(), "removed clsact filters nobody adopts") {
+			t.Errorf("no log line about the removed filters:\n%s", srv.logText())
+		}
+		live.stop(t)
+	}
+	srv.stop(t)
+}
+
+// addForeignFilter puts another tool's counting cls_bpf filter (priority
+// 10) on pod p's lo ingress, removed when the test ends.
+func addForeignFilter(t *testing.T, p *podns.Pod) *netlink.BpfFilter {
+	t.Helper()
+	prog, _ := foreignCounter(t)
+	nl, err := p.Netlink()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nl.Close()
+	lo, err := nl.LinkByName("lo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := &netlink.BpfFilter{FilterAttrs: netlink.FilterAttrs{LinkIndex: lo.Attrs().Index, Parent: netlink.HANDLE_MIN_INGRESS,
+		Handle: 0x77, Priority: 10, Protocol: unix.ETH_P_ALL}, Fd: prog.FD(), Name: "foreign-count", DirectAction: true}
+	if err := nl.FilterAdd(f); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if nl, err := p.Netlink(); err == nil {
+			nl.FilterDel(f)
+			nl.Close()
+		}
+	})
+	return f
+}
