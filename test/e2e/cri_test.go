@@ -318,6 +318,43 @@ func TestCRIPodIdentity(t *testing.T) {
 		t.Errorf("list does not name the pod: %v\n%s", err, out)
 	}
 
+	// As in the image (FROM scratch: no /var), containerd's
+	// /var/run/netns/... is found under /run/netns; the sandbox's pid is
+	// out of sight (a pid namespace of its own with its /proc), so only
+	// that can name the pod. With /run/netns hidden too, the sandbox's pid
+	// does (/proc/PID/ns/net; the namespace is found through /proc).
+	for _, c := range []struct {
+		name string
+		args []string
+	}{
+		{"no /var, no sandbox pid", []string{"--mount", "--propagation", "private", "--pid", "--fork", "--mount-proc", "sh", "-c", `mount -t tmpfs nsflow-novar /var && exec "$0" "$@"`}},
+		{"no /var, no /run/netns", []string{"--mount", "--propagation", "private", "sh", "-c", `mount -t tmpfs nsflow-novar /var && mount -t tmpfs nsflow-nonetns /run/netns && exec "$0" "$@"`}},
+	} {
+		args := append(c.args, nsflowBin, "list", "-o", "json", "--cri.endpoint", "unix://"+ctd.sock, "--netns.host=false")
+		out, err := exec.Command("unshare", args...).Output()
+		if err != nil {
+			t.Fatalf("%s: list: %v\n%s", c.name, err, out)
+		}
+		var listed []struct {
+			Name  string
+			Inode uint64
+			Pod   *struct{ Name, Namespace string }
+		}
+		if err := json.Unmarshal(out, &listed); err != nil {
+			t.Fatalf("%s: %v\n%s", c.name, err, out)
+		}
+		named := false
+		for _, l := range listed {
+			if l.Inode == nsIno {
+				named = l.Pod != nil && l.Pod.Name == "web-7d4f" && l.Pod.Namespace == "shop"
+				t.Logf("%s: the sandbox's namespace listed as %s, pod %+v", c.name, l.Name, l.Pod)
+			}
+		}
+		if !named {
+			t.Errorf("%s: the pod is not named:\n%s", c.name, out)
+		}
+	}
+
 	// The runtime goes down: metrics go on; it comes back: labels stay.
 	ctd.stop()
 	waitUntil(t, 10*time.Second, "the exporter to notice the runtime is down", func() bool {
