@@ -464,6 +464,36 @@ static __always_inline __u64 intersect_features(__u64 f1, __u64 f2)
 }
 
 /*
+ * encap_hdr_len sets the headers each segment of an encapsulated (tunnel)
+ * GSO packet repeats: the outer ones and the inner ones up to the inner
+ * transport payload, as qdisc_pkt_len_init counts them
+ * (skb_inner_transport_offset, plus the inner TCP or UDP header). At egress
+ * the packet starts at the MAC header. Left as parsed (the outer headers)
+ * if the inner transport header is not in the linear data.
+ */
+static __always_inline void encap_hdr_len(struct __sk_buff *ctx, struct sk_buff *skb, __u32 gso_type,
+					  struct l4_info *l4i)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u32 off = (__u32)skb->inner_transport_header - (__u32)skb->mac_header;
+	__u8 *th;
+
+	if (off > 1024)
+		return;
+	th = data + off;
+	if (gso_type & (GSO_TCPV4 | GSO_TCPV6)) {
+		if ((void *)(th + 13) > data_end)
+			return;
+		l4i->hdr_len = off + (th[12] >> 4) * 4;
+	} else if (gso_type & GSO_UDP_L4) {
+		l4i->hdr_len = off + 8;
+	} else {
+		l4i->hdr_len = off;
+	}
+}
+
+/*
  * tx_segments returns how many packets the device puts on the wire for a
  * GSO sk_buff at egress, and so how many its counters count: gso_segs when
  * the kernel segments it in software after the TC hook, 1 when the device
@@ -473,13 +503,16 @@ static __always_inline __u64 intersect_features(__u64 f1, __u64 f2)
  * the encapsulation and VLAN masks, harmonize_features' checksum check)
  * then netif_needs_gso (net_gso_ok on the GSO type, frag_list, ip_summed).
  * Reading the features live needs no refresh on `ethtool -K`, and costs
- * only GSO sk_buffs, never the stub's fast path. Not replayed: a driver's
- * own ndo_features_check (many NICs restrict tunnel offloads there), MPLS,
- * several stacked VLAN tags, and the inner headers of encapsulated packets
- * (the TSO_MANGLEID and IPv6 extension header checks read the outer ones).
+ * only GSO sk_buffs, never the stub's fast path. Segmented in software, an
+ * encapsulated packet's segments repeat its inner headers too
+ * (encap_hdr_len). Not replayed: a driver's own ndo_features_check (many
+ * NICs restrict tunnel offloads there), MPLS, several stacked VLAN tags,
+ * GSO_PARTIAL, and for encapsulated packets the TSO_MANGLEID and IPv6
+ * extension header checks on the inner headers (they read the outer ones).
+ * docs/RELIABILITY.md lists what the tests cover.
  */
 static __always_inline __u32 tx_segments(struct __sk_buff *ctx, struct sk_buff *skb, struct net_device *dev,
-					 const struct l4_info *l4i)
+					 struct l4_info *l4i)
 {
 	struct skb_shared_info *si = (void *)(BPF_CORE_READ(skb, head) + BPF_CORE_READ(skb, end));
 	__u32 segs = ctx->gso_segs;
@@ -526,8 +559,12 @@ static __always_inline __u32 tx_segments(struct __sk_buff *ctx, struct sk_buff *
 	if ((f & gso) == gso && (!frag_list || (f & F_FRAGLIST)) &&
 	    (ip_summed == CSUM_PARTIAL || ip_summed == CSUM_UNNECESSARY))
 		return 1; /* the device takes it whole */
-	/* Software GSO: gso_segs segments; an untrusted source's (DODGY) count
-	 * is recomputed, as qdisc_pkt_len_init does. */
+	/* Software GSO. Each segment of an encapsulated packet repeats the
+	 * inner headers too. */
+	if (encap)
+		encap_hdr_len(ctx, skb, gso_type, l4i);
+	/* gso_segs segments; an untrusted source's (DODGY) count is
+	 * recomputed, as qdisc_pkt_len_init does. */
 	if ((gso_type & GSO_DODGY) && ctx->gso_size && l4i->hdr_len < ctx->len)
 		segs = (ctx->len - l4i->hdr_len + ctx->gso_size - 1) / ctx->gso_size;
 	return segs;

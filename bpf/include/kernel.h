@@ -42,6 +42,8 @@ struct sk_buff {
 	struct net_device *dev;
 	unsigned char *head;
 	unsigned int end; /* sk_buff_data_t: an offset from head on 64-bit */
+	__u16 inner_transport_header; /* offsets from head */
+	__u16 mac_header;
 	__u8 ip_summed : 2;
 	__u8 encapsulation : 1;
 } __attribute__((preserve_access_index));
