@@ -3,6 +3,8 @@ package e2e
 import (
 	"encoding/json"
 	"net/netip"
+	"os/exec"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -93,6 +95,15 @@ func testCoexist(t *testing.T, mode string, a, b *podns.Pod) {
 		}
 	}
 
+	// `nsflow list` recognizes every instance's programs.
+	for _, p := range []*podns.Pod{a, b} {
+		for iface, att := range listedAttach(t, p) {
+			if att != mode {
+				t.Errorf("nsflow list: %s %s attach %q, want %q", p.Name, iface, att, mode)
+			}
+		}
+	}
+
 	k1e := quiet("trace 1 stopped", func() { out1 = t1.stop(t) })
 	traffic()
 	k2e := quiet("trace 2 stopped", func() { out2 = t2.stop(t) })
@@ -158,6 +169,40 @@ func settle(t *testing.T, paths map[uint64]string) {
 			last, since = now, time.Now()
 		}
 	}
+}
+
+// listedAttach runs `nsflow list -o json` on pod p and returns the attach
+// state it reports for each of p's interfaces.
+func listedAttach(t *testing.T, p *podns.Pod) map[string]string {
+	t.Helper()
+	out, err := exec.Command(nsflowBin, "list", "-o", "json", "--netns.host=false", "--netns.proc=false",
+		"--netns.include", "^"+regexp.QuoteMeta(p.Name)+"$").Output()
+	if err != nil {
+		t.Fatalf("nsflow list: %v\n%s", err, out)
+	}
+	var listed []struct {
+		Name       string `json:"name"`
+		Interfaces []struct {
+			Name   string `json:"name"`
+			Attach string `json:"attach"`
+		} `json:"interfaces"`
+	}
+	if err := json.Unmarshal(out, &listed); err != nil {
+		t.Fatalf("nsflow list output: %v\n%s", err, out)
+	}
+	got := map[string]string{}
+	for _, ns := range listed {
+		if ns.Name != p.Name {
+			continue
+		}
+		for _, i := range ns.Interfaces {
+			got[i.Name] = i.Attach
+		}
+	}
+	if len(got) != 2 {
+		t.Fatalf("nsflow list: %s interfaces %v, want lo and eth0\n%s", p.Name, got, out)
+	}
+	return got
 }
 
 // checkTrace compares a trace's JSON result with the kernel's counters
