@@ -177,7 +177,16 @@ func (d *Discovery) Run(ctx context.Context) error {
 		case err := <-w.Errors:
 			d.log.Warn("inotify", "err", err)
 			d.trigger()
-		case ev := <-procEvents:
+		case ev, ok := <-procEvents:
+			if !ok {
+				// The monitor stopped on a receive error (ENOBUFS under
+				// an exec storm) and closed the channel: a closed channel
+				// in this select would spin a core.
+				d.log.Warn("proc connector stopped: process namespaces found by rescan only")
+				procEvents = nil
+				d.trigger()
+				continue
+			}
 			d.procEvent(ev)
 		case <-d.kick:
 			d.reconcile()
