@@ -24,11 +24,14 @@ import (
 	"github.com/nsflow/nsflow/collector/flow"
 )
 
-// KnownEndpoints are tried, in order, when the endpoint is "auto".
+// KnownEndpoints are tried, in order, when the endpoint is "auto". They are
+// spelled under /run, not /var/run (a symlink to it on every current
+// distribution): the image has no /var, and the DaemonSet mounts /run's
+// sockets.
 var KnownEndpoints = []string{
 	"unix:///run/containerd/containerd.sock",
 	"unix:///run/crio/crio.sock",
-	"unix:///var/run/cri-dockerd.sock",
+	"unix:///run/cri-dockerd.sock",
 }
 
 // Detect returns the first known runtime socket that exists, or "".
