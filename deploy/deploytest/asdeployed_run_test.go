@@ -8,7 +8,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -131,10 +130,6 @@ func TestDaemonSetAsDeployed(t *testing.T) {
 		if st, err := os.Stat(p); err != nil || !st.IsDir() {
 			t.Fatalf("the DaemonSet mounts %s, of type Directory, but it is no directory here: %v", p, err)
 		}
-	}
-
-	for _, p := range d.propagated {
-		propagateFromHost(t, p)
 	}
 
 	// The test's containerd listens where a node's does, under
@@ -411,58 +406,6 @@ func TestDaemonSetAsDeployed(t *testing.T) {
 		t.Errorf("series without their pod's labels:\n%s", strings.Join(unlabelled, "\n"))
 	}
 	phase("pod labels")
-}
-
-// propagateFromHost makes the mount holding path a shared (or slave)
-// one, as mounts are on a node whose init is systemd (everything shared):
-// a HostToContainer mount of a private source is refused by Docker and by
-// containerd's CRI alike ("not a shared or slave mount"). A path on a
-// private mount gets a shared bind mount of itself, undone at the end
-// unless mounts were made beneath it meanwhile (other tests' namespaces).
-func propagateFromHost(t *testing.T, path string) {
-	t.Helper()
-	b, err := os.ReadFile("/proc/self/mountinfo")
-	if err != nil {
-		t.Fatal(err)
-	}
-	best, propagating := "", false
-	for _, l := range strings.Split(string(b), "\n") {
-		f := strings.Fields(l)
-		if len(f) < 7 {
-			continue
-		}
-		mp := f[4]
-		if (path == mp || strings.HasPrefix(path, strings.TrimSuffix(mp, "/")+"/")) && len(mp) >= len(best) {
-			best, propagating = mp, false
-			for _, o := range f[6:] {
-				if o == "-" {
-					break
-				}
-				if strings.HasPrefix(o, "shared:") || strings.HasPrefix(o, "master:") {
-					propagating = true
-				}
-			}
-		}
-	}
-	if propagating {
-		return
-	}
-	t.Logf("%s is on the private mount %s: making it a shared mount, as on a systemd node", path, best)
-	if best != path {
-		if err := syscall.Mount(path, path, "", syscall.MS_BIND, ""); err != nil {
-			t.Fatalf("bind %s: %v", path, err)
-		}
-		t.Cleanup(func() {
-			if err := syscall.Unmount(path, 0); err != nil {
-				t.Logf("%s stays a shared bind mount of itself: %v", path, err)
-			}
-		})
-	} else {
-		t.Cleanup(func() { syscall.Mount("", path, "", syscall.MS_PRIVATE, "") })
-	}
-	if err := syscall.Mount("", path, "", syscall.MS_SHARED, ""); err != nil {
-		t.Fatalf("make %s shared: %v", path, err)
-	}
 }
 
 // waitFor polls cond until it returns "" and fails with its last answer at

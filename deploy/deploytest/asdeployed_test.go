@@ -128,7 +128,6 @@ type deployment struct {
 	mounts        map[string]string // host path: container path
 	create        []string          // hostPath DirectoryOrCreate: made before the run, as the kubelet does
 	mustExist     []string          // hostPath Directory: the run fails unless it exists
-	propagated    []string          // host paths mounted with propagation from the host
 	capsEffective []string          // the capabilities the process must hold (CAP_ names)
 	uid           int
 	noNewPrivs    bool
@@ -366,10 +365,8 @@ func translate(manifest []byte) (*deployment, []string) {
 			switch *m.MountPropagation {
 			case corev1.MountPropagationHostToContainer:
 				mount += ",bind-propagation=rslave"
-				d.propagated = append(d.propagated, v.HostPath.Path)
 			case corev1.MountPropagationBidirectional:
 				mount += ",bind-propagation=rshared"
-				d.propagated = append(d.propagated, v.HostPath.Path)
 			case corev1.MountPropagationNone:
 				mount += ",bind-propagation=rprivate"
 			default:

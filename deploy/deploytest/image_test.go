@@ -19,16 +19,26 @@ import (
 // privateDocker starts a Docker daemon of the test's own (its own data
 // root and socket; iptables untouched, no bridge: the container uses the
 // host's network as the DaemonSet does) and stops it at the end.
+//
+// It runs in a mount namespace of its own whose mounts are all shared, as
+// on a node whose init is systemd: Docker (like containerd's CRI) refuses a
+// HostToContainer (rslave) mount whose source is on a private mount, and a
+// test machine's root may be private. The host's mounts are untouched;
+// those that already propagate (the shared /run/netns) keep propagating
+// from the host into the daemon's containers.
 func privateDocker(t *testing.T) (docker func(args ...string) (string, error)) {
 	t.Helper()
 	need(t, "dockerd")
+	need(t, "unshare")
 	client := need(t, "docker")
 	dir, err := os.MkdirTemp("", "nsflow-docker-")
 	if err != nil {
 		t.Fatal(err)
 	}
 	sock := "unix://" + filepath.Join(dir, "docker.sock")
-	d := exec.Command("dockerd", "--iptables=false", "--ip6tables=false", "--bridge=none",
+	d := exec.Command("unshare", "--mount", "--propagation", "unchanged", "--",
+		"sh", "-c", `mount --make-rshared / && exec dockerd "$@"`, "dockerd",
+		"--iptables=false", "--ip6tables=false", "--bridge=none",
 		"--data-root", filepath.Join(dir, "data"), "--exec-root", filepath.Join(dir, "exec"),
 		"--pidfile", filepath.Join(dir, "docker.pid"), "-H", sock)
 	logf, _ := os.Create(filepath.Join(dir, "dockerd.log"))
