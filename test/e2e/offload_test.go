@@ -124,11 +124,11 @@ func offloadCases() []offloadCase {
 		}, traffic: func(t *testing.T, a, b *podns.Pod) {
 			// GRO did merge: b's ingress sees frames above the MTU.
 			merged := captureOne(t, b, "tcp and greater 3000")
-			tcpInPods(t, a, b, netip.AddrPortFrom(b.IPv4, 9312), 4<<20, nil)
+			tcpInPods(t, a, b, netip.AddrPortFrom(b.IPv4, 9312), 2<<20, nil)
 			if err := merged(); err != nil {
 				t.Errorf("no GRO-merged frame at b's eth0: %v", err)
 			}
-			tcpInPods(t, b, a, netip.AddrPortFrom(a.IPv6, 9313), 4<<20, nil)
+			tcpInPods(t, b, a, netip.AddrPortFrom(a.IPv6, 9313), 2<<20, nil)
 		}},
 		// The pod's eth0 with GRO on, its host-side peer with TSO (the
 		// default): veth passes GSO packets whole, nothing to merge.
@@ -179,8 +179,8 @@ func testOffload(t *testing.T, mode attach.Mode, oc offloadCase) {
 	if oc.traffic != nil {
 		oc.traffic(t, a, b)
 	} else {
-		tcpInPods(t, a, b, netip.AddrPortFrom(b.IPv4, 9310), 4<<20, nil)
-		tcpInPods(t, b, a, netip.AddrPortFrom(a.IPv6, 9311), 4<<20, nil)
+		tcpInPods(t, a, b, netip.AddrPortFrom(b.IPv4, 9310), 2<<20, nil)
+		tcpInPods(t, b, a, netip.AddrPortFrom(a.IPv6, 9311), 2<<20, nil)
 	}
 	k1, ours, snap := quiescentSnapshot(t, c, paths)
 	kd, od := delta(k0, k1), delta(ours0, ours)
@@ -394,8 +394,8 @@ func staticNeighbours(t *testing.T, pods ...*podns.Pod) {
 var vxlanAddrs = []netip.Addr{netip.MustParseAddr("10.213.166.2"), netip.MustParseAddr("10.213.166.3")}
 
 func vxlanTraffic(t *testing.T, a, b *podns.Pod) {
-	tcpInPods(t, a, b, netip.AddrPortFrom(vxlanAddrs[1], 9314), 4<<20, nil)
-	tcpInPods(t, b, a, netip.AddrPortFrom(vxlanAddrs[0], 9315), 4<<20, nil)
+	tcpInPods(t, a, b, netip.AddrPortFrom(vxlanAddrs[1], 9314), 2<<20, nil)
+	tcpInPods(t, b, a, netip.AddrPortFrom(vxlanAddrs[0], 9315), 2<<20, nil)
 }
 
 // addVXLAN adds a VXLAN device vx0 (VNI 42) to pods a and b, each with the
