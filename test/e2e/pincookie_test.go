@@ -2,17 +2,21 @@ package e2e
 
 import (
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
 	"github.com/nsflow/nsflow/collector/flow"
+	"github.com/nsflow/nsflow/collector/nsenter"
 	"github.com/nsflow/nsflow/test/podns"
 	"github.com/nsflow/nsflow/test/testenv"
 )
@@ -47,34 +51,33 @@ func testPinInodeReuse(t *testing.T, mode string, a, b *podns.Pod) {
 		}
 	}
 
-	// A pool of namespaces, each with traffic counted by a pinned serve.
-	// They are made once the serve runs: the kernel hands out the lowest
-	// free inode number, so that few numbers below theirs are freed
-	// before they go, and a new namespace soon gets one of theirs.
-	include := "^" + prefix + "p"
+	// A namespace that stays (the next serve adopts its programs), and a
+	// pool that goes while no serve runs. The pool is made last, just
+	// before the serve stops: the kernel hands out the lowest free inode
+	// number, so that few numbers below theirs are freed (by namespaces
+	// going elsewhere) before they go, and a new namespace soon gets one
+	// of theirs.
+	include := "^" + prefix + "[pk]"
 	if mode == "clsact" {
 		include += "|^pr-[ab]$"
 	}
 	srv := startServe(t, "http", append(args, "--netns.include", include)...)
-	const poolSize = 4
-	pool := map[uint64]string{}
-	for i := 0; i < poolSize; i++ {
-		name := fmt.Sprintf("%sp%d", prefix, i)
-		newRawNetns(t, nsPath(name))
-		pool[nsInode(t, nsPath(name))] = name
-	}
-	waitUntil(t, 10*time.Second, "the pool in /metrics", func() bool {
-		s, _ := srv.scrape(t)
-		for _, name := range pool {
-			if _, ok := s[pointSeries("nsflow_packets_total", name, "lo", "tx")]; !ok {
-				return false
+	kept := &podns.Pod{Name: prefix + "k", NetnsPath: nsPath(prefix + "k")}
+	newRawNetns(t, kept.NetnsPath)
+	keptIno := nsInode(t, kept.NetnsPath)
+	inMetrics := func(names ...string) func() bool {
+		return func() bool {
+			s, _ := srv.scrape(t)
+			for _, name := range names {
+				if _, ok := s[pointSeries("nsflow_packets_total", name, "lo", "tx")]; !ok {
+					return false
+				}
 			}
+			return true
 		}
-		return true
-	})
-	for _, name := range pool {
-		pingLo(name, 10)
 	}
+	waitUntil(t, 10*time.Second, "the kept namespace in /metrics", inMetrics(kept.Name))
+	pingLo(kept.Name, 4)
 
 	var foreign *netlink.BpfFilter
 	var live *tracer
@@ -90,20 +93,32 @@ func testPinInodeReuse(t *testing.T, mode string, a, b *podns.Pod) {
 			t.Fatalf("pod a: nsflow filters %v, want the serve's and the dead trace's, 4 each", got)
 		}
 	}
-	srv.stop(t)
 
-	// The pool goes while no serve runs. New namespaces are made (and
-	// kept, filling the lower free numbers) until one gets the inode of a
-	// gone one; the others are removed.
+	const poolSize = 4
+	pool := map[uint64]string{}
+	for i := 0; i < poolSize; i++ {
+		name := fmt.Sprintf("%sp%d", prefix, i)
+		makeNetns(t, nsPath(name), true)
+		pool[nsInode(t, nsPath(name))] = name
+	}
+	waitUntil(t, 10*time.Second, "the pool in /metrics", inMetrics(slices.Collect(maps.Values(pool))...))
+	for _, name := range pool {
+		pingLo(name, 5)
+	}
+	srv.stop(t)
 	for _, name := range pool {
 		removeRawNetns(t, nsPath(name))
 	}
+	pingLo(kept.Name, 5) // counted while no serve runs
+
+	// New namespaces are made (and kept, filling the lower free numbers)
+	// until one gets the inode of a gone one; the others are removed.
 	var reused string
 	var reusedIno uint64
 	var extra []string
-	for i := 0; i < 150 && reused == ""; i++ {
+	for i := 0; i < 400 && reused == ""; i++ {
 		name := fmt.Sprintf("%sn%d", prefix, i)
-		newRawNetns(t, nsPath(name))
+		makeNetns(t, nsPath(name), false)
 		if ino := nsInode(t, nsPath(name)); pool[ino] != "" {
 			reused, reusedIno = name, ino
 			t.Logf("%s got inode %d of the gone %s after %d namespaces", name, ino, pool[ino], i+1)
@@ -115,18 +130,40 @@ func testPinInodeReuse(t *testing.T, mode string, a, b *podns.Pod) {
 		removeRawNetns(t, nsPath(name))
 	}
 	if reused == "" {
-		t.Fatal("no new namespace got the inode of a gone one in 150 tries")
+		t.Fatal("no new namespace got the inode of a gone one in 400 tries")
 	}
+	setLoUp(t, nsPath(reused))
 
-	srv = startServe(t, "http", append(args, "--netns.include", "^"+prefix+"n")...)
+	srv = startServe(t, "http", append(args, "--netns.include", "^"+prefix+"[nk]")...)
 	waitUntil(t, 10*time.Second, "the new namespace in /metrics", func() bool {
 		s, _ := srv.scrape(t)
 		_, ok := s[pointSeries("nsflow_packets_total", reused, "lo", "tx")]
 		return ok
 	})
 	pingLo(reused, 3)
-	newNs := map[uint64]*podns.Pod{reusedIno: {Name: reused, NetnsPath: nsPath(reused)}}
+	pingLo(kept.Name, 3)
+	newNs := map[uint64]*podns.Pod{reusedIno: {Name: reused, NetnsPath: nsPath(reused)}, keptIno: kept}
 	k, s, body := quiescentScrape(t, srv, newNs)
+	// The kept namespace's programs were adopted, not doubled, and its
+	// counts continued: equal to its kernel counters since it was made
+	// (the first serve attached before any packet), including the pings
+	// while no serve ran.
+	for _, d := range []flow.Direction{flow.RX, flow.TX} {
+		p := point{keptIno, "lo", d}
+		if s[p] != k[p] || k[p].Packets != 24 {
+			t.Errorf("%s lo %s across the restart: /metrics %+v, kernel %+v; want equal, 24 packets (12 pings)", kept.Name, d, s[p], k[p])
+		}
+	}
+	switch mode {
+	case "tcx":
+		if n := tcxPrograms(t, kept); n != 2 {
+			t.Errorf("%s: %d tcx programs after the restart, want 2 (adopted)", kept.Name, n)
+		}
+	case "clsact":
+		if got := nsflowFilters(t, kept.NetnsPath); len(got) != 1 || !allEqual(got, 2) {
+			t.Errorf("%s: nsflow filters %v after the restart, want the pinned one on both hooks of lo (adopted)", kept.Name, got)
+		}
+	}
 	for _, d := range []flow.Direction{flow.RX, flow.TX} {
 		p := point{reusedIno, "lo", d}
 		if s[p] != k[p] {
@@ -169,6 +206,47 @@ func testPinInodeReuse(t *testing.T, mode string, a, b *podns.Pod) {
 		live.stop(t)
 	}
 	srv.stop(t)
+}
+
+// makeNetns makes a bind-mounted namespace at path from this process (no
+// fork: fast enough to make hundreds), optionally with lo up, and removes
+// it when the test ends.
+func makeNetns(t *testing.T, path string, loUp bool) {
+	t.Helper()
+	if err := os.WriteFile(path, nil, 0o444); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { removeRawNetns(t, path) })
+	err := nsenter.Run(func() error { return unix.Unshare(unix.CLONE_NEWNET) }, func() error {
+		return unix.Mount("/proc/thread-self/ns/net", path, "", unix.MS_BIND, "")
+	})
+	if err != nil {
+		t.Fatalf("make namespace %s: %v", path, err)
+	}
+	if loUp {
+		setLoUp(t, path)
+	}
+}
+
+func setLoUp(t *testing.T, path string) {
+	t.Helper()
+	h, err := netns.GetFromPath(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	nl, err := netlink.NewHandleAt(h)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nl.Close()
+	lo, err := nl.LinkByName("lo")
+	if err == nil {
+		err = nl.LinkSetUp(lo)
+	}
+	if err != nil {
+		t.Fatalf("lo up in %s: %v", path, err)
+	}
 }
 
 // addForeignFilter puts another tool's counting cls_bpf filter (priority
