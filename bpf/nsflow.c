@@ -514,7 +514,7 @@ static __always_inline void encap_hdr_len(struct __sk_buff *ctx, struct sk_buff 
 static __always_inline __u32 tx_segments(struct __sk_buff *ctx, struct sk_buff *skb, struct net_device *dev,
 					 struct l4_info *l4i)
 {
-	struct skb_shared_info *si = (void *)(BPF_CORE_READ(skb, head) + BPF_CORE_READ(skb, end));
+	struct skb_shared_info *si = (void *)(skb->head + skb->end);
 	__u32 segs = ctx->gso_segs;
 	__u32 gso_type = 0, max;
 	void *frag_list = 0;
