@@ -93,7 +93,7 @@ func reportSkipped(w io.Writer, skipped []discovery.Skipped) {
 	if len(skipped) == 0 {
 		return
 	}
-	fmt.Fprintf(w, "nsflow: %d namespace reference(s) could not be read, their namespaces are not listed (a process of another user needs CAP_SYS_PTRACE; otherwise an LSM denies it):\n", len(skipped))
+	fmt.Fprintf(w, "nsflow: %d namespace reference(s) could not be read, their namespaces are not listed (a process of another user, or with capabilities nsflow lacks, needs CAP_SYS_PTRACE; otherwise an LSM denies it):\n", len(skipped))
 	for _, s := range skipped {
 		if s.Pid != 0 {
 			fmt.Fprintf(w, "  %s: pid %d uid %d (%s): %s: %s\n", s.Reason, s.Pid, s.Uid, flow.SafeName(s.Comm), flow.SafeName(s.Path), flow.SafeName(s.Err))
