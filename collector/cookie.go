@@ -7,6 +7,7 @@ import (
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
+	"github.com/nsflow/nsflow/collector/attach"
 	"github.com/nsflow/nsflow/collector/nsenter"
 )
 
@@ -67,10 +68,14 @@ func (c *Collector) releaseOtherNamespacesLocked(ino, cookie uint64) {
 // from the namespaces of targets that this collector does not observe:
 // those of dead nsflow processes, and with PinPath those a previous process
 // with the same pin path left there (they would count into slots that are
-// handed to other points). The namespaces it observes are swept as their
-// interfaces are attached. Filters of live nsflow processes and of other
-// tools are left alone. It returns how many it removed.
+// handed to other points). With clsact, the namespaces it observes are
+// swept as their interfaces are attached; with TCX they are swept here too
+// (a previous process with the same pin path that used clsact would
+// otherwise count twice into the same slots). Filters of live nsflow
+// processes and of other tools are left alone. It returns how many it
+// removed.
 func (c *Collector) SweepStaleFilters(targets []Target) int {
+	sweepObserved := c.Mode() == attach.ModeTCX
 	n := 0
 	for _, t := range targets {
 		h, err := netns.GetFromPath(t.Path)
@@ -83,7 +88,7 @@ func (c *Collector) SweepStaleFilters(targets []Target) int {
 			ns := c.namespaces[ino]
 			observed := ns != nil && ns.gone.IsZero()
 			c.mu.Unlock()
-			if !observed {
+			if !observed || sweepObserved {
 				if nl, err := netlink.NewHandleAt(h); err == nil {
 					k, err := c.owner.Sweep(nl)
 					if err != nil {

@@ -206,6 +206,30 @@ func testPinInodeReuse(t *testing.T, mode string, a, b *podns.Pod) {
 		live.stop(t)
 	}
 	srv.stop(t)
+
+	if mode == "clsact" {
+		// The next serve with this pin path uses TCX: it adopts the kept
+		// namespace's slots and removes the pinned filters there, which
+		// would otherwise count every packet a second time.
+		srv = startServe(t, "http", "--pin", "--pin.path", pin, "--attach-mode", "tcx", "--netns.host=false",
+			"--netns.proc=false", "--netns.include", "^"+prefix+"k$")
+		if got := nsflowFilters(t, kept.NetnsPath); len(got) != 0 {
+			t.Errorf("%s: nsflow filters %v once a TCX serve with the same pin path is ready, want none", kept.Name, got)
+		}
+		if n := tcxPrograms(t, kept); n != 2 {
+			t.Errorf("%s: %d tcx programs, want 2", kept.Name, n)
+		}
+		pingLo(kept.Name, 3)
+		only := map[uint64]*podns.Pod{keptIno: kept}
+		k, s, _ := quiescentScrape(t, srv, only)
+		for _, d := range []flow.Direction{flow.RX, flow.TX} {
+			p := point{keptIno, "lo", d}
+			if s[p] != k[p] {
+				t.Errorf("%s lo %s after switching to TCX: /metrics %+v, kernel %+v; want equal (counted once)", kept.Name, d, s[p], k[p])
+			}
+		}
+		srv.stop(t)
+	}
 }
 
 // makeNetns makes a bind-mounted namespace at path from this process (no
