@@ -28,18 +28,11 @@ import (
 
 const pauseImage = "docker.io/library/nsflow-pause:deploytest"
 
-// pauseArchive builds a docker-archive image holding a static pause
-// binary (test/e2e/testdata/pause; no registry is reachable).
+// pauseArchive makes a docker-archive image holding a static pause
+// binary (test/e2e/testdata/pause; no registry is reachable) in dir.
 func pauseArchive(t *testing.T, dir string) string {
 	t.Helper()
-	bin := filepath.Join(dir, "pause")
-	build := exec.Command("go", "build", "-o", bin, "./test/e2e/testdata/pause")
-	build.Dir = "../.."
-	build.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("build pause: %v\n%s", err, out)
-	}
-	pause, err := os.ReadFile(bin)
+	pause, err := os.ReadFile(buildOnce(t, "pause", "./test/e2e/testdata/pause"))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -134,17 +134,11 @@ func TestDashboardQueries(t *testing.T) {
 	}
 }
 
-// buildNsflow builds the binary from the repository's main module.
+// buildNsflow returns a copy of its own of the binary built from the
+// repository's main module (built once per package run: buildOnce).
 func buildNsflow(t *testing.T) string {
 	t.Helper()
-	bin := filepath.Join(t.TempDir(), "nsflow")
-	cmd := exec.Command("go", "build", "-trimpath", "-o", bin, "./cmd/nsflow")
-	cmd.Dir = "../.."
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0") // static, as `make build` and the image want
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("build nsflow: %v\n%s", err, out)
-	}
-	return bin
+	return copyOf(t, buildOnce(t, "nsflow", "./cmd/nsflow"), t.TempDir(), "nsflow")
 }
 
 // unitCapabilities reads the capability set of the systemd unit.
