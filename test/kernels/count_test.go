@@ -21,6 +21,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
@@ -93,7 +95,7 @@ func newNS(t *testing.T, name string) *ns {
 
 func (n *ns) netlink(t *testing.T) *netlink.Handle {
 	t.Helper()
-	nl, err := netlink.NewHandleAt(n.h)
+	nl, err := netlink.NewHandleAt(n.h, unix.NETLINK_ROUTE)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -401,4 +403,87 @@ func countOnce(t *testing.T, mode attach.Mode) attach.Mode {
 		t.Logf("stats %+v\n%s", snap.Stats, strings.Join(lines, "\n"))
 	}
 	return resolved
+}
+
+// TestHarness is the harness's own canary, independent of nsflow's
+// programs: a minimal TC program (an atomic counter in an array map, a
+// handful of instructions any kernel with cls_bpf loads) on both clsact
+// hooks of a veth, under the same traffic as TestCount. Its count equals the
+// kernel's interface counters. If this fails on a kernel, the environment
+// (modules, namespaces, veth, clsact, traffic) is at fault, not nsflow.
+func TestHarness(t *testing.T) {
+	testenv.RequireRoot(t)
+	a, b := pair(t, fmt.Sprintf("nsfh-%d", os.Getpid()))
+	m, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.Array, KeySize: 4, ValueSize: 8, MaxEntries: 1})
+	if err != nil {
+		t.Fatalf("array map: %v", err)
+	}
+	t.Cleanup(func() { m.Close() })
+	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{Type: ebpf.SchedCLS, License: "GPL", Instructions: asm.Instructions{
+		asm.StoreImm(asm.R10, -4, 0, asm.Word),
+		asm.Mov.Reg(asm.R2, asm.R10),
+		asm.Add.Imm(asm.R2, -4),
+		asm.LoadMapPtr(asm.R1, m.FD()),
+		asm.FnMapLookupElem.Call(),
+		asm.JEq.Imm(asm.R0, 0, "out"),
+		asm.Mov.Imm(asm.R1, 1),
+		asm.StoreXAdd(asm.R0, asm.R1, asm.DWord),
+		asm.Mov.Imm(asm.R0, -1).WithSymbol("out"), // TC_ACT_UNSPEC
+		asm.Return(),
+	}})
+	if err != nil {
+		t.Fatalf("load a minimal TC program: %v", err)
+	}
+	t.Cleanup(func() { prog.Close() })
+
+	nl := a.netlink(t)
+	l, err := nl.LinkByName("eth0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	q := &netlink.GenericQdisc{QdiscAttrs: netlink.QdiscAttrs{LinkIndex: l.Attrs().Index, Handle: netlink.MakeHandle(0xffff, 0), Parent: netlink.HANDLE_CLSACT}, QdiscType: "clsact"}
+	if err := nl.QdiscAdd(q); err != nil {
+		t.Fatalf("clsact qdisc: %v", err)
+	}
+	before := kernelCounts(t, a)[point{a.name, "eth0", flow.RX}].Packets + kernelCounts(t, a)[point{a.name, "eth0", flow.TX}].Packets
+	for _, parent := range []uint32{netlink.HANDLE_MIN_INGRESS, netlink.HANDLE_MIN_EGRESS} {
+		f := &netlink.BpfFilter{FilterAttrs: netlink.FilterAttrs{LinkIndex: l.Attrs().Index, Parent: parent, Handle: 1, Priority: 1, Protocol: unix.ETH_P_ALL},
+			Fd: prog.FD(), Name: "nsflow-harness", DirectAction: true}
+		if err := nl.FilterAdd(f); err != nil {
+			t.Fatalf("cls_bpf filter: %v", err)
+		}
+	}
+
+	srv := b.udp(t, addrB)
+	echo(srv)
+	var senders []*sender
+	for cpu := 0; cpu < runtime.NumCPU(); cpu++ {
+		senders = append(senders, &sender{c: a.udp(t, addrA), to: srv.LocalAddr().(*net.UDPAddr).AddrPort()})
+	}
+	var wg sync.WaitGroup
+	errs := make([]error, len(senders))
+	for i, s := range senders {
+		wg.Add(1)
+		go func() { defer wg.Done(); errs[i] = s.run(i) }()
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		t.Fatal(err)
+	}
+	srv.Close()
+	time.Sleep(100 * time.Millisecond)
+	k := kernelCounts(t, a)
+	want := k[point{a.name, "eth0", flow.RX}].Packets + k[point{a.name, "eth0", flow.TX}].Packets - before
+	var got uint64
+	if err := m.Lookup(uint32(0), &got); err != nil {
+		t.Fatal(err)
+	}
+	var sent uint64
+	for _, s := range senders {
+		sent += s.sent
+	}
+	t.Logf("%d datagrams from %d CPUs; the minimal program counted %d packets on eth0's two hooks, the kernel %d", sent, len(senders), got, want)
+	if got != want || got < sent {
+		t.Errorf("minimal TC program counted %d packets, the kernel's counters %d (sent %d)", got, want, sent)
+	}
 }
