@@ -15,7 +15,7 @@ export BPF_CLANG
 export BPF2GO_CC := $(BPF_CLANG)
 # Debian packages the build, the tests and the demo need (clang-14 and llvm-14
 # only for `make generate`: exactly the pinned compiler, not Debian's default clang).
-DEB_PKGS  := clang-14 llvm-14 libbpf-dev linux-libc-dev bpftool iproute2 iputils-ping iperf3 ethtool tcpdump prometheus procps tmux libcap2-bin util-linux systemd docker.io iptables containerd runc containernetworking-plugins
+DEB_PKGS  := clang-14 llvm-14 libbpf-dev linux-libc-dev bpftool iproute2 iputils-ping iperf3 ethtool tcpdump prometheus procps tmux libcap2-bin util-linux systemd docker.io iptables containerd runc containernetworking-plugins qemu-system-x86 busybox-static cpio
 TEST_TIMEOUT ?= 25m
 # Packages are tested one at a time: the end-to-end tests observe every
 # namespace of the node (serve's defaults, trace --all), so another
@@ -23,7 +23,7 @@ TEST_TIMEOUT ?= 25m
 # measure something else than they mean to.
 TEST_FLAGS   ?= -count=1 -p 1 -timeout $(TEST_TIMEOUT)
 
-.PHONY: bench-deps all build bpf-clang generate check-generate deps lint test test-unit bench fuzz soak image demo clean
+.PHONY: bench-deps all build bpf-clang generate check-generate deps lint test test-kernels test-unit bench fuzz soak image demo clean
 
 all: build
 
@@ -87,6 +87,14 @@ lint:
 test: deps check-generate lint
 	$(GO) test $(TEST_FLAGS) $(PKGS)
 	cd deploy && $(GO) test -count=1 -timeout 10m ./...
+	GO=$(GO) ./test/kernels/run.sh
+
+## test-kernels: the BPF tests and an end-to-end count test on a matrix of kernels:
+## Debian 12's 6.1 and 6.1 PREEMPT_RT booted under QEMU (packages fetched with apt,
+## cached in /var/cache/nsflow-kernels), and the running kernel; prints a table
+## per kernel (test/kernels/run.sh, docs/KERNELS.md)
+test-kernels: deps
+	GO=$(GO) ./test/kernels/run.sh
 
 ## test-unit: the tests without the dependency and generate checks
 test-unit:
