@@ -35,7 +35,10 @@ import (
 //	                         dies. A process in the same network namespace
 //	                         that can bind that name knows the owner is dead.
 //	nsflow                   the filters of nsflow before instances were told
-//	                         apart (pin layout v2): always stale.
+//	                         apart (pin layout v2 and before). A process of
+//	                         that version may still run: only a serve whose
+//	                         pin path held a v2 layout (its previous process
+//	                         was such a serve) removes them.
 //
 // Filters of owners in another network namespace (another COOKIE), of
 // another pin path, and of other tools are never touched.
@@ -62,6 +65,7 @@ type Owner struct {
 	log    *slog.Logger
 	live   int       // the abstract socket of a live owner, -1 when pinned
 	lock   io.Closer // the pin directory's lock of a pinned owner
+	legacy bool      // filters named "nsflow" are stale (see above)
 }
 
 // NewOwner returns the identity of this process's filters: with a pin
@@ -73,6 +77,9 @@ func NewOwner(pinDir string, lock io.Closer, log *slog.Logger) (*Owner, error) {
 		log = slog.New(slog.DiscardHandler)
 	}
 	o := &Owner{log: log, live: -1, lock: lock}
+	if pl, ok := lock.(*pinLock); ok {
+		o.legacy = pl.legacy
+	}
 	if pinDir != "" {
 		h := fnv.New32a()
 		h.Write([]byte(pinDir))
@@ -157,11 +164,12 @@ func ownCookie() (uint64, error) {
 }
 
 // stale reports whether a filter of that name belongs to nobody that will
-// ever remove it: a dead process of this network namespace, or nsflow
-// before owners were told apart. The owner's own name is not stale.
+// ever remove it: a dead process of this network namespace, or with a
+// pinned owner that replaced a v2 layout, its previous process. The
+// owner's own name is not stale.
 func (o *Owner) stale(name string) bool {
 	if name == legacyName {
-		return true
+		return o.legacy
 	}
 	rest, ok := strings.CutPrefix(name, filterPrefix+"/")
 	if !ok || strings.HasPrefix(name, pinnedPrefix) || name == o.name {

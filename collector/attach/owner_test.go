@@ -13,7 +13,8 @@ import (
 
 // A live owner's filters are stale exactly once it is gone (its abstract
 // socket released); pinned owners', other namespaces' and other tools'
-// filters are never stale; nsflow's pre-v3 name always is.
+// filters are never stale; nsflow's pre-v3 name only for a pinned owner
+// that replaced a v2 layout.
 func TestOwnerStale(t *testing.T) {
 	a, err := NewOwner("", nil, nil)
 	if err != nil {
@@ -36,13 +37,10 @@ func TestOwnerStale(t *testing.T) {
 		t.Fatal(err)
 	}
 	other := strings.Replace(a.Name(), fmt.Sprintf("%016x", a.cookie), fmt.Sprintf("%016x", a.cookie+1), 1)
-	for _, name := range []string{pinned.Name(), other, "foreign", "nsflowx", "nsflow/zz/0123456789abcdef"} {
+	for _, name := range []string{pinned.Name(), other, "foreign", "nsflowx", "nsflow/zz/0123456789abcdef", "nsflow"} {
 		if b.stale(name) {
 			t.Errorf("%q judged stale", name)
 		}
-	}
-	if !b.stale("nsflow") {
-		t.Error("the pre-v3 name is not stale")
 	}
 	name := a.Name()
 	a.Close()
@@ -77,5 +75,28 @@ func TestPinsLocked(t *testing.T) {
 	if err != nil {
 		t.Fatalf("PreparePins once the first let go: %v", err)
 	}
-	lock.Close()
+	o, err := NewOwner(path, lock, discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o.stale("nsflow") {
+		t.Error("the pre-v3 name is stale for a serve whose pin path held no v2 layout")
+	}
+	o.Close()
+
+	// A v2 layout replaced: its process's filters ("nsflow") are stale.
+	if err := os.MkdirAll(path+"/v2", 0o700); err != nil {
+		t.Fatal(err)
+	}
+	_, lock, err = PreparePins(path, discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o, err = NewOwner(path, lock, discard); err != nil {
+		t.Fatal(err)
+	}
+	defer o.Close()
+	if !o.stale("nsflow") {
+		t.Error("the pre-v3 name is not stale for the serve that replaced a v2 layout")
+	}
 }

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"sync"
 
 	"github.com/cilium/ebpf"
@@ -78,18 +79,31 @@ func PreparePins(pinPath string, log *slog.Logger) (string, io.Closer, error) {
 		}
 		return "", nil, fmt.Errorf("lock pin directory %s: %w", pinPath, err)
 	}
-	dir, err := prepareLayout(pinPath, log)
+	pl := &pinLock{File: lock}
+	dir, err := prepareLayout(pinPath, log, pl)
 	if err != nil {
 		lock.Close()
 		return "", nil, err
 	}
-	return dir, lock, nil
+	return dir, pl, nil
 }
 
-func prepareLayout(pinPath string, log *slog.Logger) (string, error) {
+// pinLock is the lock PreparePins returns; it tells NewOwner whether the
+// pin path held the state of a layout whose clsact filters were named
+// plainly "nsflow" (v2 and before): those on the interfaces it attaches to
+// are its previous process's, and stale.
+type pinLock struct {
+	*os.File
+	legacy bool
+}
+
+func prepareLayout(pinPath string, log *slog.Logger, pl *pinLock) (string, error) {
 	ents, _ := os.ReadDir(pinPath)
 	for _, e := range ents {
 		if e.IsDir() && layoutRE.MatchString(e.Name()) && e.Name() != PinLayout {
+			if n, err := strconv.Atoi(e.Name()[1:]); err == nil && n <= 2 {
+				pl.legacy = true
+			}
 			log.Warn("removing pinned state of an incompatible layout (its counters restart)",
 				"layout", e.Name(), "want", PinLayout, "path", filepath.Join(pinPath, e.Name()))
 			if err := os.RemoveAll(filepath.Join(pinPath, e.Name())); err != nil {
