@@ -265,11 +265,49 @@ func kernelCounts(t *testing.T, nss ...*ns) map[point]flow.Counters {
 // that was TCX.
 func TestCount(t *testing.T) {
 	testenv.RequireRoot(t)
+	eachMode(t, func(t *testing.T, mode attach.Mode) attach.Mode {
+		s := newSetup(t, fmt.Sprintf("nsfk-%d-%s", os.Getpid(), mode))
+		c := s.observe(t, collector.Config{Mode: mode})
+		s.send(t)
+		s.stop()
+		s.check(t, c)
+		return c.Mode()
+	})
+}
+
+// TestRestart: as TestCount, with the collector restarted (pinned maps and
+// hooks, Config.PinPath) in the middle: traffic before, while no collector
+// runs (the pinned programs keep counting) and after the new one adopted
+// the pins; totals and flows are exact across the three phases.
+func TestRestart(t *testing.T) {
+	testenv.RequireRoot(t)
+	eachMode(t, func(t *testing.T, mode attach.Mode) attach.Mode {
+		pin := fmt.Sprintf("/sys/fs/bpf/nsfk-%d-%s", os.Getpid(), mode)
+		t.Cleanup(func() { os.RemoveAll(pin) })
+		s := newSetup(t, fmt.Sprintf("nsfr-%d-%s", os.Getpid(), mode))
+		cfg := collector.Config{Mode: mode, PinPath: pin}
+		c1 := s.observe(t, cfg)
+		s.send(t)
+		if err := c1.Close(); err != nil {
+			t.Fatalf("close the first collector: %v", err)
+		}
+		s.send(t) // no collector: the pinned hooks count
+		c2 := s.observe(t, cfg)
+		s.send(t)
+		s.stop()
+		s.check(t, c2)
+		return c2.Mode()
+	})
+}
+
+// eachMode runs fn in attach mode auto, and in clsact too when auto
+// resolved to TCX; it logs a NSFLOW-MODE line for run.sh's table.
+func eachMode(t *testing.T, fn func(*testing.T, attach.Mode) attach.Mode) {
 	modes := []attach.Mode{attach.ModeAuto}
 	for i := 0; i < len(modes); i++ {
 		mode := modes[i]
 		var resolved attach.Mode
-		ok := t.Run(string(mode), func(t *testing.T) { resolved = countOnce(t, mode) })
+		ok := t.Run(string(mode), func(t *testing.T) { resolved = fn(t, mode) })
 		t.Logf("NSFLOW-MODE %s -> %s ok=%v", mode, resolved, ok)
 		if mode == attach.ModeAuto && resolved == attach.ModeTCX {
 			modes = append(modes, attach.ModeClsact)
@@ -277,77 +315,96 @@ func TestCount(t *testing.T) {
 	}
 }
 
-func countOnce(t *testing.T, mode attach.Mode) attach.Mode {
-	prefix := fmt.Sprintf("nsfk-%d-%s", os.Getpid(), mode)
+// setup is the two namespaces, their echo servers and one sender per CPU
+// and path (veth A→B, lo in A, lo in B).
+type setup struct {
+	a, b    *ns
+	srvs    []*net.UDPConn
+	senders []*sender
+}
+
+func newSetup(t *testing.T, prefix string) *setup {
 	a, b := pair(t, prefix)
-
-	c, err := collector.New(collector.Config{Mode: mode})
-	if err != nil {
-		t.Fatalf("collector (%s): %v", mode, err)
-	}
-	t.Cleanup(func() { c.Close() })
-	resolved := c.Mode()
-	t.Logf("attach mode %s: %s; %d CPUs", mode, resolved, runtime.NumCPU())
-	for _, n := range []*ns{a, b} {
-		if _, err := c.Add(collector.Target{Name: n.name, Path: n.path}); err != nil {
-			t.Fatalf("observe %s: %v", n.name, err)
-		}
-	}
-	// Counts start from zero, like the interfaces' counters: they were
-	// attached before any traffic, but ARP or anything else the kernel sent
-	// meanwhile is in both.
-
-	// Echo servers: on B's eth0 address, and on 127.0.0.1 in A and in B.
+	s := &setup{a: a, b: b}
 	srvB := b.udp(t, addrB)
 	srvLoA := a.udp(t, netip.MustParseAddr("127.0.0.1"))
 	srvLoB := b.udp(t, netip.MustParseAddr("127.0.0.1"))
-	echoes := []*atomic.Uint64{echo(srvB), echo(srvLoA), echo(srvLoB)}
-
-	ncpu := runtime.NumCPU()
-	var senders []*sender
-	for cpu := 0; cpu < ncpu; cpu++ {
-		senders = append(senders,
+	s.srvs = []*net.UDPConn{srvB, srvLoA, srvLoB}
+	for _, srv := range s.srvs {
+		echo(srv)
+	}
+	for cpu := 0; cpu < runtime.NumCPU(); cpu++ {
+		s.senders = append(s.senders,
 			&sender{c: a.udp(t, addrA), to: srvB.LocalAddr().(*net.UDPAddr).AddrPort()},
 			&sender{c: a.udp(t, netip.MustParseAddr("127.0.0.1")), to: srvLoA.LocalAddr().(*net.UDPAddr).AddrPort()},
 			&sender{c: b.udp(t, netip.MustParseAddr("127.0.0.1")), to: srvLoB.LocalAddr().(*net.UDPAddr).AddrPort()})
 	}
+	return s
+}
+
+// observe starts a collector on both namespaces.
+func (s *setup) observe(t *testing.T, cfg collector.Config) *collector.Collector {
+	t.Helper()
+	c, err := collector.New(cfg)
+	if err != nil {
+		t.Fatalf("collector (%s): %v", cfg.Mode, err)
+	}
+	t.Cleanup(func() { c.Close() })
+	t.Logf("attach mode %s: %s; %d CPUs", cfg.Mode, c.Mode(), runtime.NumCPU())
+	for _, n := range []*ns{s.a, s.b} {
+		if _, err := c.Add(collector.Target{Name: n.name, Path: n.path}); err != nil {
+			t.Fatalf("observe %s: %v", n.name, err)
+		}
+	}
+	return c
+}
+
+// send runs every sender at once, each on its CPU.
+func (s *setup) send(t *testing.T) {
+	t.Helper()
 	start := time.Now()
 	var wg sync.WaitGroup
-	errs := make([]error, len(senders))
-	for i, s := range senders {
+	errs := make([]error, len(s.senders))
+	for i, x := range s.senders {
 		wg.Add(1)
-		go func() { defer wg.Done(); errs[i] = s.run(i / 3) }()
+		go func() { defer wg.Done(); errs[i] = x.run(i / 3) }()
 	}
 	wg.Wait()
 	if err := errors.Join(errs...); err != nil {
 		t.Fatal(err)
 	}
 	var sent, recv uint64
-	for _, s := range senders {
-		sent, recv = sent+s.sent, recv+s.recv
+	for _, x := range s.senders {
+		sent, recv = sent+x.sent, recv+x.recv
 	}
-	t.Logf("%d datagrams sent from %d senders on %d CPUs, %d echoed, in %v", sent, len(senders), ncpu, recv, time.Since(start))
-	// The echo servers may still be answering the last round's lost echoes;
-	// stop them so that nothing moves while the counters are read.
-	for _, srv := range []*net.UDPConn{srvB, srvLoA, srvLoB} {
+	t.Logf("%d datagrams sent so far from %d senders on %d CPUs, %d echoed (this round %v)", sent, len(s.senders), runtime.NumCPU(), recv, time.Since(start))
+}
+
+// stop closes the echo servers (they may still be answering a late round),
+// so that nothing moves while the counters are read.
+func (s *setup) stop() {
+	for _, srv := range s.srvs {
 		srv.Close()
 	}
 	time.Sleep(100 * time.Millisecond)
-	_ = echoes
+}
 
+// check compares c's totals with the kernel's counters at the 8 hooks, and
+// each sender's flow with what it sent.
+func (s *setup) check(t *testing.T, c *collector.Collector) {
+	t.Helper()
+	a, b := s.a, s.b
 	snap, err := c.Snapshot()
 	if err != nil {
 		t.Fatal(err)
 	}
 	kernel := kernelCounts(t, a, b)
 	got := map[point]flow.Counters{}
-	inode := map[uint64]string{}
 	for _, n := range snap.Namespaces {
 		for _, i := range n.Interfaces {
 			got[point{n.Name, i.Name, flow.RX}] = i.RX
 			got[point{n.Name, i.Name, flow.TX}] = i.TX
 		}
-		inode[n.Inode] = n.Name
 	}
 	var checked int
 	for p, want := range kernel {
@@ -378,20 +435,20 @@ func countOnce(t *testing.T, mode attach.Mode) attach.Mode {
 		}
 		flows[fk{f.Netns, f.Interface, f.Direction, netip.AddrPortFrom(f.Src, f.SrcPort), netip.AddrPortFrom(f.Dst, f.DstPort)}] += f.Packets
 	}
-	for i, s := range senders {
-		src := s.c.LocalAddr().(*net.UDPAddr).AddrPort()
+	for i, x := range s.senders {
+		src := x.c.LocalAddr().(*net.UDPAddr).AddrPort()
 		var hooks []fk
 		switch i % 3 {
 		case 0:
-			hooks = []fk{{a.name, "eth0", flow.TX, src, s.to}, {b.name, "eth0", flow.RX, src, s.to}}
+			hooks = []fk{{a.name, "eth0", flow.TX, src, x.to}, {b.name, "eth0", flow.RX, src, x.to}}
 		case 1:
-			hooks = []fk{{a.name, "lo", flow.TX, src, s.to}, {a.name, "lo", flow.RX, src, s.to}}
+			hooks = []fk{{a.name, "lo", flow.TX, src, x.to}, {a.name, "lo", flow.RX, src, x.to}}
 		case 2:
-			hooks = []fk{{b.name, "lo", flow.TX, src, s.to}, {b.name, "lo", flow.RX, src, s.to}}
+			hooks = []fk{{b.name, "lo", flow.TX, src, x.to}, {b.name, "lo", flow.RX, src, x.to}}
 		}
 		for _, h := range hooks {
-			if flows[h] != s.sent {
-				t.Errorf("flow %s → %s at %s %s %s: %d packets, sent %d", h.src, h.dst, h.ns, h.iface, h.dir, flows[h], s.sent)
+			if flows[h] != x.sent {
+				t.Errorf("flow %s → %s at %s %s %s: %d packets, sent %d", h.src, h.dst, h.ns, h.iface, h.dir, flows[h], x.sent)
 			}
 		}
 	}
@@ -402,7 +459,6 @@ func countOnce(t *testing.T, mode attach.Mode) attach.Mode {
 		}
 		t.Logf("stats %+v\n%s", snap.Stats, strings.Join(lines, "\n"))
 	}
-	return resolved
 }
 
 // TestHarness is the harness's own canary, independent of nsflow's

@@ -27,7 +27,7 @@
 #   NSFLOW_KERNEL_ACCEL    QEMU accelerator (default tcg: nested KVM hangs here)
 #   NSFLOW_KERNEL_BPF_RUN  -test.run pattern of the bpf tests (default: all)
 #   NSFLOW_KERNEL_COUNT_RUN -test.run pattern of test/kernels' nsflow tests
-#                          (default ^TestCount$; TestHarness, the harness's own
+#                          (default ^Test(Count|Restart)$; TestHarness, the harness's own
 #                          canary with a minimal TC program, always runs first)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -41,7 +41,7 @@ MEM=${NSFLOW_KERNEL_MEM:-1024}
 TIMEOUT=${NSFLOW_KERNEL_TIMEOUT:-300}
 ACCEL=${NSFLOW_KERNEL_ACCEL:-tcg}
 BPF_RUN=${NSFLOW_KERNEL_BPF_RUN:-.}
-COUNT_RUN=${NSFLOW_KERNEL_COUNT_RUN:-^TestCount\$}
+COUNT_RUN=${NSFLOW_KERNEL_COUNT_RUN:-^Test(Count|Restart)\$}
 TEST_TIMEOUT=${NSFLOW_KERNEL_TEST_TIMEOUT:-4m}
 # The kernel modules nsflow and its tests need; their dependencies are added.
 # xfrm_user and nfnetlink: the netlink library opens a route, an xfrm and a
