@@ -235,6 +235,15 @@ func TestDaemonSetAsDeployed(t *testing.T) {
 	if want := map[bool]string{true: "2", false: "0"}[d.seccompFilter]; st["Seccomp"] != want {
 		t.Errorf("Seccomp mode %s, want %s", st["Seccomp"], want)
 	}
+	if environ, err := os.ReadFile("/proc/" + strings.TrimSpace(pid) + "/environ"); err != nil {
+		t.Error(err)
+	} else {
+		for _, e := range d.env {
+			if !slices.Contains(strings.Split(string(environ), "\x00"), e) {
+				t.Errorf("the exporter's environment lacks %s", e)
+			}
+		}
+	}
 	if uid := strings.Fields(st["Uid"]); d.uid >= 0 && (len(uid) == 0 || uid[0] != strconv.Itoa(d.uid)) {
 		t.Errorf("uid %v, the manifest says %d", uid, d.uid)
 	}

@@ -59,6 +59,8 @@ var manifestFields = map[string]string{
 	// The container.
 	"spec.template.spec.containers[].name":                                     "translated: the container's name",
 	"spec.template.spec.containers[].image":                                    "translated: the image built from deploy/Dockerfile is tagged with this name",
+	"spec.template.spec.containers[].env[].name":                               "translated: --env NAME=VALUE",
+	"spec.template.spec.containers[].env[].value":                              "translated: --env NAME=VALUE (valueFrom is not supported)",
 	"spec.template.spec.containers[].args[]":                                   "translated: the container's arguments (the listen address on a free port, and the test's scope flags added)",
 	"spec.template.spec.containers[].ports[].name":                             "translated: the probes' named port",
 	"spec.template.spec.containers[].ports[].containerPort":                    "checked: the port of --web.listen-address (the test listens on a free one)",
@@ -130,6 +132,7 @@ type deployment struct {
 	mustExist     []string          // hostPath Directory: the run fails unless it exists
 	capsEffective []string          // the capabilities the process must hold (CAP_ names)
 	uid           int
+	env           []string // NAME=VALUE the process must have
 	noNewPrivs    bool
 	seccompFilter bool
 }
@@ -228,6 +231,15 @@ func translate(manifest []byte) (*deployment, []string) {
 			bad = append(bad, fmt.Sprintf("unsupported value: probe port %s is not the container port %d", pr.HTTPGet.Port.String(), d.port))
 		}
 		d.probes = append(d.probes, pr.HTTPGet.Path)
+	}
+
+	for _, e := range c.Env {
+		if e.ValueFrom != nil {
+			bad = append(bad, fmt.Sprintf("unsupported value: env %s from valueFrom", e.Name)) // also caught as a field
+			continue
+		}
+		d.runFlags = append(d.runFlags, "--env="+e.Name+"="+e.Value)
+		d.env = append(d.env, e.Name+"="+e.Value)
 	}
 
 	// Arguments: the manifest's, with the flags the test replaces found.

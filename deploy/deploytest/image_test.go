@@ -23,14 +23,16 @@ import (
 // It runs in a mount namespace of its own whose mounts are all shared, as
 // on a node whose init is systemd: Docker (like containerd's CRI) refuses a
 // HostToContainer (rslave) mount whose source is on a private mount, and a
-// test machine's root may be private. The host's mounts are untouched;
-// those that already propagate (the shared /run/netns) keep propagating
-// from the host into the daemon's containers.
+// test machine's root may be private. The host's mounts are untouched but
+// /run/netns, made a shared mount first as `ip netns` makes it
+// (netnsShared), which keeps propagating from the host into the daemon's
+// containers.
 func privateDocker(t *testing.T) (docker func(args ...string) (string, error)) {
 	t.Helper()
 	need(t, "dockerd")
 	need(t, "unshare")
 	client := need(t, "docker")
+	netnsShared(t) // before the daemon's mount namespace is made
 	dir, err := os.MkdirTemp("", "nsflow-docker-")
 	if err != nil {
 		t.Fatal(err)

@@ -1,9 +1,11 @@
 package deploytest
 
 import (
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 )
@@ -65,4 +67,41 @@ func copyOf(t *testing.T, src, dir, name string) string {
 		t.Fatal(err)
 	}
 	return dst
+}
+
+// netnsShared makes /run/netns a shared mount, as `ip netns add` leaves
+// it on any host where it ran (and as every mount is on a node whose init
+// is systemd), unless it is one already: the namespaces a runtime mounts
+// there later then propagate into a container that mounts /run/netns with
+// HostToContainer, through a Docker daemon started after this. It does what
+// iproute2 does, by running it: a namespace of a unique name, added and
+// deleted.
+func netnsShared(t *testing.T) {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		f := strings.Fields(l)
+		if len(f) < 7 || f[4] != "/run/netns" {
+			continue
+		}
+		for _, o := range f[6:] {
+			if o == "-" {
+				break
+			}
+			if strings.HasPrefix(o, "shared:") {
+				return
+			}
+		}
+	}
+	name := fmt.Sprintf("nsflow-deploytest-prep-%d", os.Getpid())
+	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
+		t.Fatalf("ip netns add (to make /run/netns a shared mount): %v\n%s", err, out)
+	}
+	if out, err := exec.Command("ip", "netns", "del", name).CombinedOutput(); err != nil {
+		t.Fatalf("ip netns del %s: %v\n%s", name, err, out)
+	}
+	t.Log("/run/netns made a shared mount (by ip netns add), as on a node")
 }
