@@ -61,9 +61,9 @@ type Collector struct {
 	// evictions can be told apart from deliberate deletions.
 	flowsDeleted uint64
 	attachErrors map[string]uint64
-	pins         *attach.Pins // nil without PinPath
-	owner        *attach.Owner
-	lastFlows    int          // flows in the last snapshot: the next one's capacity
+	pins         *attach.Pins  // nil without PinPath
+	owner        *attach.Owner // names its clsact filters; holds the pin path's lock
+	lastFlows    int           // flows in the last snapshot: the next one's capacity
 	// adds counts the namespaces Add registered: each one's seq (pod
 	// identities are only taken by namespaces registered before the
 	// runtime was asked, PodGeneration).
