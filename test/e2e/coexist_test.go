@@ -5,10 +5,10 @@ import (
 	"net/netip"
 	"os/exec"
 	"regexp"
-	"strings"
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf/link"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 
@@ -79,20 +79,49 @@ func testCoexist(t *testing.T, mode string, a, b *podns.Pod) {
 	k2s := quiet("trace 2 started", func() { t2 = startTrace(t, 2, traceArgs...) })
 	traffic()
 
-	// Three instances on every hook of both pods, each with its own programs.
-	switch mode {
-	case "tcx":
-		for _, p := range []*podns.Pod{a, b} {
-			if n := tcxPrograms(t, p); n != 12 {
-				t.Errorf("%s: %d tcx programs with serve and two traces, want 12 (2 interfaces x 2 hooks x 3)", p.Name, n)
+	// Three instances on every hook of both pods, each with programs of
+	// its own: 2 interfaces x 2 hooks each.
+	procs := map[string]int{"serve": srv.cmd.Process.Pid, "trace 1": t1.cmd.Process.Pid, "trace 2": t2.cmd.Process.Pid}
+	links := map[string]map[link.ID]bool{}
+	names := map[string][]string{}
+	for who, pid := range procs {
+		switch mode {
+		case "tcx":
+			links[who] = heldLinks(t, pid)
+			for _, p := range []*podns.Pod{a, b} {
+				if n := common(links[who], tcxLinks(t, p.NetnsPath)); n != 4 {
+					t.Errorf("%s: %d tcx links of the %s, want 4", p.Name, n, who)
+				}
+			}
+		case "clsact":
+			names[who] = ownerNames(t, pid)
+			for _, p := range []*podns.Pod{a, b} {
+				filters := bpfFilters(t, p.NetnsPath)
+				for _, name := range names[who] {
+					if filters[name] != 4 {
+						t.Errorf("%s: %d filters of the %s (%s), want 4; all filters: %v", p.Name, filters[name], who, name, filters)
+					}
+				}
 			}
 		}
-	case "clsact":
-		for _, p := range []*podns.Pod{a, b} {
-			if got := nsflowFilters(t, p.NetnsPath); len(got) != 3 || !allEqual(got, 4) {
-				t.Errorf("%s: nsflow filters %v, want 3 owners with 4 filters each (2 interfaces x 2 hooks)", p.Name, got)
+	}
+	// own counts the programs on pod p of the given instances.
+	own := func(p *podns.Pod, who ...string) int {
+		n := 0
+		var onPod map[link.ID]bool
+		var filters map[string]int
+		if mode == "tcx" {
+			onPod = tcxLinks(t, p.NetnsPath)
+		} else {
+			filters = bpfFilters(t, p.NetnsPath)
+		}
+		for _, w := range who {
+			n += common(links[w], onPod)
+			for _, name := range names[w] {
+				n += filters[name]
 			}
 		}
+		return n
 	}
 
 	// `nsflow list` recognizes every instance's programs.
@@ -128,27 +157,18 @@ func testCoexist(t *testing.T, mode string, a, b *podns.Pod) {
 		sd[point{inodeOf(t, a), "eth0", flow.TX}], sd[lo])
 
 	// Only the serve's programs are left.
-	switch mode {
-	case "tcx":
-		for _, p := range []*podns.Pod{a, b} {
-			if n := tcxPrograms(t, p); n != 4 {
-				t.Errorf("%s: %d tcx programs after the traces exited, want the serve's 4", p.Name, n)
-			}
+	for _, p := range []*podns.Pod{a, b} {
+		if n := own(p, "serve"); n != 4 {
+			t.Errorf("%s: %d programs of the serve after the traces exited, want 4", p.Name, n)
 		}
-	case "clsact":
-		for _, p := range []*podns.Pod{a, b} {
-			if got := nsflowFilters(t, p.NetnsPath); len(got) != 1 || !allEqual(got, 4) {
-				t.Errorf("%s: nsflow filters %v after the traces exited, want the serve's 4", p.Name, got)
-			}
+		if n := own(p, "trace 1", "trace 2"); n != 0 {
+			t.Errorf("%s: %d programs of the traces left after they exited", p.Name, n)
 		}
 	}
 	srv.stop(t)
 	for _, p := range []*podns.Pod{a, b} {
-		if n := tcxPrograms(t, p); n != 0 {
-			t.Errorf("%s: %d tcx programs left after everything exited", p.Name, n)
-		}
-		if got := nsflowFilters(t, p.NetnsPath); len(got) != 0 {
-			t.Errorf("%s: nsflow filters %v left after everything exited", p.Name, got)
+		if n := own(p, "serve", "trace 1", "trace 2"); n != 0 {
+			t.Errorf("%s: %d programs left after everything exited", p.Name, n)
 		}
 	}
 }
@@ -240,19 +260,6 @@ func checkTrace(t *testing.T, what string, out []byte, mode string, pods map[uin
 	}
 }
 
-// nsflowFilters counts the cls_bpf filters of nsflow (any process's) on
-// every interface of the namespace at path, by filter name.
-func nsflowFilters(t *testing.T, path string) map[string]int {
-	t.Helper()
-	out := map[string]int{}
-	for name, n := range bpfFilters(t, path) {
-		if name == "nsflow" || strings.HasPrefix(name, "nsflow/") {
-			out[name] = n
-		}
-	}
-	return out
-}
-
 // bpfFilters counts the cls_bpf filters on every clsact hook of every
 // interface of the namespace at path, by name.
 func bpfFilters(t *testing.T, path string) map[string]int {
@@ -286,13 +293,4 @@ func bpfFilters(t *testing.T, path string) map[string]int {
 		}
 	}
 	return out
-}
-
-func allEqual(m map[string]int, n int) bool {
-	for _, v := range m {
-		if v != n {
-			return false
-		}
-	}
-	return true
 }

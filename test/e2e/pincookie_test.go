@@ -15,6 +15,7 @@ import (
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
+	"github.com/nsflow/nsflow/collector/attach"
 	"github.com/nsflow/nsflow/collector/flow"
 	"github.com/nsflow/nsflow/collector/nsenter"
 	"github.com/nsflow/nsflow/test/podns"
@@ -81,16 +82,20 @@ func testPinInodeReuse(t *testing.T, mode string, a, b *podns.Pod) {
 
 	var foreign *netlink.BpfFilter
 	var live *tracer
+	pinned := pinnedName(pin, attach.PinLayout) // the serve's clsact filters
+	var deadName, liveName string
 	if mode == "clsact" {
 		// A trace killed on a (no Close: its filters stay, their owner dead),
 		// a trace alive on b, and another tool's filter on a's lo.
 		dead := startTrace(t, 1, "--netns", a.Name, "--attach-mode", "clsact")
+		deadName = ownerNames(t, dead.cmd.Process.Pid)[0]
 		dead.cmd.Process.Kill()
 		dead.cmd.Wait()
 		live = startTrace(t, 1, "--netns", b.Name, "--attach-mode", "clsact", "--output", "json")
+		liveName = ownerNames(t, live.cmd.Process.Pid)[0]
 		foreign = addForeignFilter(t, a)
-		if got := nsflowFilters(t, a.NetnsPath); len(got) != 2 || !allEqual(got, 4) {
-			t.Fatalf("pod a: nsflow filters %v, want the serve's and the dead trace's, 4 each", got)
+		if got := bpfFilters(t, a.NetnsPath); got[pinned] != 4 || got[deadName] != 4 {
+			t.Fatalf("pod a: filters %v, want the serve's (%s) and the dead trace's (%s), 4 each", got, pinned, deadName)
 		}
 	}
 
@@ -156,12 +161,12 @@ func testPinInodeReuse(t *testing.T, mode string, a, b *podns.Pod) {
 	}
 	switch mode {
 	case "tcx":
-		if n := tcxPrograms(t, kept); n != 2 {
-			t.Errorf("%s: %d tcx programs after the restart, want 2 (adopted)", kept.Name, n)
+		if n := common(heldLinks(t, srv.cmd.Process.Pid), tcxLinks(t, kept.NetnsPath)); n != 2 {
+			t.Errorf("%s: %d tcx links of the serve after the restart, want 2 (adopted)", kept.Name, n)
 		}
 	case "clsact":
-		if got := nsflowFilters(t, kept.NetnsPath); len(got) != 1 || !allEqual(got, 2) {
-			t.Errorf("%s: nsflow filters %v after the restart, want the pinned one on both hooks of lo (adopted)", kept.Name, got)
+		if got := bpfFilters(t, kept.NetnsPath); got[pinned] != 2 {
+			t.Errorf("%s: filters %v after the restart, want %s once on each hook of lo (adopted, not doubled)", kept.Name, got, pinned)
 		}
 	}
 	for _, d := range []flow.Direction{flow.RX, flow.TX} {
@@ -185,20 +190,11 @@ func testPinInodeReuse(t *testing.T, mode string, a, b *podns.Pod) {
 		// a is not observed any more: the pinned filters and the dead
 		// trace's are gone; the foreign one stays; b keeps the live
 		// trace's (it was swept too) and the pinned ones go.
-		if got := nsflowFilters(t, a.NetnsPath); len(got) != 0 {
-			t.Errorf("pod a: nsflow filters %v left once the next serve is ready, want none", got)
+		if got := bpfFilters(t, a.NetnsPath); got[pinned] != 0 || got[deadName] != 0 || got[foreign.Name] != 1 {
+			t.Errorf("pod a: filters %v once the next serve is ready, want none of %s, %s; the foreign one kept", got, pinned, deadName)
 		}
-		if got := bpfFilters(t, a.NetnsPath); got[foreign.Name] != 1 {
-			t.Errorf("pod a: filters %v, want the foreign one kept", got)
-		}
-		got := nsflowFilters(t, b.NetnsPath)
-		if len(got) != 1 || !allEqual(got, 4) {
-			t.Errorf("pod b: nsflow filters %v, want only the live trace's 4", got)
-		}
-		for name := range got {
-			if strings.HasPrefix(name, "nsflow/pin/") {
-				t.Errorf("pod b: the pinned filter %s stayed", name)
-			}
+		if got := bpfFilters(t, b.NetnsPath); got[pinned] != 0 || got[liveName] != 4 {
+			t.Errorf("pod b: filters %v, want the live trace's %s (4), none of %s", got, liveName, pinned)
 		}
 		if !strings.Contains(srv.logText(), "removed clsact filters nobody adopts") {
 			t.Errorf("no log line about the removed filters:\n%s", srv.logText())
@@ -213,11 +209,11 @@ func testPinInodeReuse(t *testing.T, mode string, a, b *podns.Pod) {
 		// would otherwise count every packet a second time.
 		srv = startServe(t, "http", "--pin", "--pin.path", pin, "--attach-mode", "tcx", "--netns.host=false",
 			"--netns.proc=false", "--netns.include", "^"+prefix+"k$")
-		if got := nsflowFilters(t, kept.NetnsPath); len(got) != 0 {
-			t.Errorf("%s: nsflow filters %v once a TCX serve with the same pin path is ready, want none", kept.Name, got)
+		if got := bpfFilters(t, kept.NetnsPath); got[pinned] != 0 {
+			t.Errorf("%s: filters %v once a TCX serve with the same pin path is ready, want none of %s", kept.Name, got, pinned)
 		}
-		if n := tcxPrograms(t, kept); n != 2 {
-			t.Errorf("%s: %d tcx programs, want 2", kept.Name, n)
+		if n := common(heldLinks(t, srv.cmd.Process.Pid), tcxLinks(t, kept.NetnsPath)); n != 2 {
+			t.Errorf("%s: %d tcx links of the serve, want 2", kept.Name, n)
 		}
 		pingLo(kept.Name, 3)
 		only := map[uint64]*podns.Pod{keptIno: kept}
