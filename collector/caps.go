@@ -54,9 +54,13 @@ func MissingCapabilities() ([]string, error) {
 // ObserveCapability is what nsflow needs, besides RequiredCapabilities, to
 // observe the namespace of every process: the kernel lets a process open
 // /proc/PID/ns/net only if it may ptrace-read PID (proc_ns_get_link:
-// ptrace_may_access(PTRACE_MODE_READ_FSCREDS)), which for a process of
-// another uid, or a non-dumpable one, takes CAP_SYS_PTRACE in that
-// process's user namespace (or an ancestor: the node's). Without it nsflow
+// ptrace_may_access(PTRACE_MODE_READ_FSCREDS)), which takes CAP_SYS_PTRACE
+// in that process's user namespace (or an ancestor: the node's) for a
+// process of another uid, a non-dumpable one, and, through the capability
+// LSM (cap_ptrace_access_check), any process whose permitted capabilities
+// are not a subset of nsflow's: with a reduced set, every root process and
+// kernel thread, every container that kept a capability nsflow lacks.
+// Without it nsflow
 // starts, but those namespaces, unless bind-mounted in a NetnsDirs
 // directory, are skipped: counted in nsflow_namespaces_skipped_total
 // {reason="permission"} and logged. It grants nothing nsflow could not

@@ -20,9 +20,11 @@ import (
 const (
 	// SkipPermission: a reference to a namespace (a process's
 	// /proc/PID/ns/net, a bind mount) that nsflow may not open. For a
-	// process of another uid, or a non-dumpable one, that is
-	// CAP_SYS_PTRACE missing (collector.ObserveCapability); otherwise an
-	// LSM (AppArmor, SELinux) denying it. The namespace behind it is
+	// process of another uid, a non-dumpable one, or one whose permitted
+	// capabilities are not a subset of nsflow's (any root process, when
+	// nsflow runs with a reduced set), that is CAP_SYS_PTRACE missing
+	// (collector.ObserveCapability); otherwise an LSM (AppArmor, SELinux)
+	// denying it. The namespace behind it is
 	// unknown, so it is counted once per reference: per process, per
 	// bind mount.
 	SkipPermission = "permission"
@@ -155,7 +157,14 @@ func procUid(dir string) int {
 type skips struct {
 	counts map[string]uint64
 	seen   map[string]uint64 // key → the last scan that found it
+	warned int               // permission skips logged as warnings
 }
+
+// maxPermissionWarnings bounds the warnings about references nsflow may not
+// read: without CAP_SYS_PTRACE every process with capabilities nsflow lacks
+// is one (every root process and kernel thread of the node); after these,
+// each is logged at debug level.
+const maxPermissionWarnings = 20
 
 func newSkips() skips {
 	c := map[string]uint64{}
@@ -180,7 +189,16 @@ func (k *skips) record(s Skipped, scan uint64, log *slog.Logger) {
 	case SkipGone:
 		log.Debug("namespace vanished before it could be observed", s.logAttrs()...)
 	case SkipPermission:
-		log.Warn("namespace not observed: permission denied (a process of another user needs CAP_SYS_PTRACE; otherwise an LSM denies it)", s.logAttrs()...)
+		const msg = "namespace not observed: permission denied (a process of another user, or with capabilities nsflow lacks, needs CAP_SYS_PTRACE; otherwise an LSM denies it)"
+		k.warned++
+		switch {
+		case k.warned < maxPermissionWarnings:
+			log.Warn(msg, s.logAttrs()...)
+		case k.warned == maxPermissionWarnings:
+			log.Warn(msg+"; further ones are logged at debug level only, and counted", s.logAttrs()...)
+		default:
+			log.Debug(msg, s.logAttrs()...)
+		}
 	default:
 		log.Warn("namespace not observed", s.logAttrs()...)
 	}
