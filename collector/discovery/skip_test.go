@@ -2,6 +2,7 @@ package discovery
 
 import (
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -185,4 +186,28 @@ func TestDiscoveryCountsSkipsOnce(t *testing.T) {
 	f.write(filepath.Join(f.netnsDir, "broken"), "1006")
 	d.reconcile()
 	check("again", 2, 1, 2)
+}
+
+// Permission skips are logged once each: the first maxPermissionWarnings
+// as warnings (the last of them says so), the rest at debug level; every
+// one is counted.
+func TestPermissionWarningsBounded(t *testing.T) {
+	var buf strings.Builder
+	log := slog.New(slog.NewTextHandler(&buf, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	k := newSkips()
+	for i := range maxPermissionWarnings + 5 {
+		s := Skipped{Key: fmt.Sprintf("pid:%d@1", i), Path: fmt.Sprintf("/proc/%d/ns/net", i), Pid: i, Reason: SkipPermission}
+		k.record(s, 1, log)
+		k.record(s, 2, log) // found again: neither logged nor counted
+	}
+	if k.counts[SkipPermission] != maxPermissionWarnings+5 {
+		t.Errorf("counted %d, want %d", k.counts[SkipPermission], maxPermissionWarnings+5)
+	}
+	out := buf.String()
+	if w, d := strings.Count(out, "level=WARN"), strings.Count(out, "level=DEBUG"); w != maxPermissionWarnings || d != 5 {
+		t.Errorf("%d warnings and %d debug lines, want %d and 5:\n%s", w, d, maxPermissionWarnings, out)
+	}
+	if strings.Count(out, "further ones are logged at debug level") != 1 {
+		t.Errorf("the last warning does not say the rest go to debug:\n%s", out)
+	}
 }
