@@ -5,6 +5,7 @@ import (
 	"compress/gzip"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -365,5 +366,37 @@ func TestWebFlags(t *testing.T) {
 	}
 	if !acceptsGzip("deflate, gzip;q=1.0, *;q=0.5") || acceptsGzip("gzip;q=0") || acceptsGzip("identity") || acceptsGzip("") {
 		t.Error("Accept-Encoding parsing")
+	}
+}
+
+// The write deadline of --web.scrape-timeout ends with its request: a
+// scraper that keeps its connection open (as Prometheus does) is served
+// again after the timeout has passed.
+func TestHandlerTimeoutKeepAlive(t *testing.T) {
+	c := newGateCollector()
+	h, _ := newTestHandler(t, WebFlags{ScrapeTimeout: 100 * time.Millisecond}, c)
+	srv := httptest.NewServer(h)
+	defer srv.Close()
+	conns := 0
+	srv.Config.ConnState = func(_ net.Conn, s http.ConnState) {
+		if s == http.StateNew {
+			conns++
+		}
+	}
+	client := srv.Client()
+	for i := 0; i < 3; i++ {
+		resp, err := client.Get(srv.URL + "/metrics")
+		if err != nil {
+			t.Fatalf("scrape %d: %v", i, err)
+		}
+		b, err := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if err != nil || resp.StatusCode != 200 || gatherNumber(t, string(b)) != uint64(i+1) {
+			t.Fatalf("scrape %d: %d %v", i, resp.StatusCode, err)
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
+	if conns != 1 {
+		t.Errorf("%d connections for 3 scrapes, want 1 (kept alive)", conns)
 	}
 }
