@@ -244,6 +244,9 @@ func TestDaemonSetAsDeployed(t *testing.T) {
 			}
 		}
 	}
+	for _, c := range checkMounts(strings.TrimSpace(pid), d) {
+		t.Error(c)
+	}
 	if uid := strings.Fields(st["Uid"]); d.uid >= 0 && (len(uid) == 0 || uid[0] != strconv.Itoa(d.uid)) {
 		t.Errorf("uid %v, the manifest says %d", uid, d.uid)
 	}
@@ -415,6 +418,75 @@ func TestDaemonSetAsDeployed(t *testing.T) {
 		t.Errorf("series without their pod's labels:\n%s", strings.Join(unlabelled, "\n"))
 	}
 	phase("pod labels")
+}
+
+// checkMounts compares what the process pid sees with what the manifest
+// says: its root read-only or not, each volume mount read-only or not and
+// with its propagation (a slave of the host's mount for HostToContainer),
+// and its network and PID namespaces the host's (this test's) when
+// hostNetwork and hostPID.
+func checkMounts(pid string, d *deployment) []string {
+	var bad []string
+	b, err := os.ReadFile("/proc/" + pid + "/mountinfo")
+	if err != nil {
+		return []string{err.Error()}
+	}
+	type mi struct {
+		ro       bool
+		optional []string
+	}
+	mounts := map[string]mi{}
+	for _, l := range strings.Split(string(b), "\n") {
+		f := strings.Fields(l)
+		if len(f) < 7 {
+			continue
+		}
+		m := mi{ro: slices.Contains(strings.Split(f[5], ","), "ro")}
+		for _, o := range f[6:] {
+			if o == "-" {
+				break
+			}
+			m.optional = append(m.optional, o)
+		}
+		mounts[f[4]] = m // the last one mounted at a path is the one seen
+	}
+	if root, ok := mounts["/"]; !ok || root.ro != d.readOnlyRoot {
+		bad = append(bad, fmt.Sprintf("the exporter's root is read-only=%v, the manifest says %v", root.ro, d.readOnlyRoot))
+	}
+	for _, bd := range d.binds {
+		m, ok := mounts[bd.path]
+		if !ok {
+			bad = append(bad, fmt.Sprintf("%s is not mounted in the exporter's container", bd.path))
+			continue
+		}
+		if m.ro != bd.readOnly {
+			bad = append(bad, fmt.Sprintf("%s is mounted read-only=%v, the manifest says %v", bd.path, m.ro, bd.readOnly))
+		}
+		has := func(prefix string) bool {
+			return slices.ContainsFunc(m.optional, func(o string) bool { return strings.HasPrefix(o, prefix+":") })
+		}
+		switch {
+		case bd.propagation == "master" && !has("master"):
+			bad = append(bad, fmt.Sprintf("%s receives no mounts from the host (%v), the manifest says HostToContainer", bd.path, m.optional))
+		case bd.propagation == "shared" && !has("shared"):
+			bad = append(bad, fmt.Sprintf("%s is not shared (%v), the manifest says Bidirectional", bd.path, m.optional))
+		case bd.propagation == "" && (has("master") || has("shared")):
+			bad = append(bad, fmt.Sprintf("%s propagates (%v), the manifest says None", bd.path, m.optional))
+		}
+	}
+	for _, ns := range []struct {
+		name string
+		host bool
+	}{{"net", d.hostNetwork}, {"pid", d.hostPID}} {
+		theirs, err1 := os.Readlink("/proc/" + pid + "/ns/" + ns.name)
+		ours, err2 := os.Readlink("/proc/self/ns/" + ns.name)
+		if err1 != nil || err2 != nil {
+			bad = append(bad, fmt.Sprintf("ns/%s: %v %v", ns.name, err1, err2))
+		} else if (theirs == ours) != ns.host {
+			bad = append(bad, fmt.Sprintf("the exporter's %s namespace is %s, the host's %s: the manifest says host=%v", ns.name, theirs, ours, ns.host))
+		}
+	}
+	return bad
 }
 
 // waitFor polls cond until it returns "" and fails with its last answer at

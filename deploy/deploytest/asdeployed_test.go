@@ -133,8 +133,20 @@ type deployment struct {
 	capsEffective []string          // the capabilities the process must hold (CAP_ names)
 	uid           int
 	env           []string // NAME=VALUE the process must have
+	readOnlyRoot  bool
+	hostPID       bool
+	hostNetwork   bool
+	binds         []bind // the mounts as the process must see them
 	noNewPrivs    bool
 	seccompFilter bool
+}
+
+// bind is a volume mount as the container's process must see it in its
+// mountinfo.
+type bind struct {
+	path        string
+	readOnly    bool
+	propagation string // "master" (HostToContainer), "shared" (Bidirectional) or ""
 }
 
 // containerPath maps a host path to where the manifest's mounts show it in
@@ -194,6 +206,7 @@ func translate(manifest []byte) (*deployment, []string) {
 	if spec.AutomountServiceAccountToken == nil || *spec.AutomountServiceAccountToken {
 		bad = append(bad, "unsupported value: automountServiceAccountToken must be false (the test mounts no token)")
 	}
+	d.hostNetwork, d.hostPID = spec.HostNetwork, spec.HostPID
 	if spec.HostNetwork {
 		d.runFlags = append(d.runFlags, "--network=host")
 	} else {
@@ -280,7 +293,8 @@ func translate(manifest []byte) (*deployment, []string) {
 	if d.noNewPrivs {
 		d.runFlags = append(d.runFlags, "--security-opt=no-new-privileges")
 	}
-	if sc.ReadOnlyRootFilesystem != nil && *sc.ReadOnlyRootFilesystem {
+	d.readOnlyRoot = sc.ReadOnlyRootFilesystem != nil && *sc.ReadOnlyRootFilesystem
+	if d.readOnlyRoot {
 		d.runFlags = append(d.runFlags, "--read-only")
 	}
 	if sc.RunAsUser != nil {
@@ -370,6 +384,7 @@ func translate(manifest []byte) (*deployment, []string) {
 			}
 		}
 		mount := "type=bind,src=" + v.HostPath.Path + ",dst=" + m.MountPath
+		b := bind{path: m.MountPath, readOnly: m.ReadOnly}
 		if m.ReadOnly {
 			mount += ",readonly"
 		}
@@ -377,8 +392,10 @@ func translate(manifest []byte) (*deployment, []string) {
 			switch *m.MountPropagation {
 			case corev1.MountPropagationHostToContainer:
 				mount += ",bind-propagation=rslave"
+				b.propagation = "master"
 			case corev1.MountPropagationBidirectional:
 				mount += ",bind-propagation=rshared"
+				b.propagation = "shared"
 			case corev1.MountPropagationNone:
 				mount += ",bind-propagation=rprivate"
 			default:
@@ -389,6 +406,7 @@ func translate(manifest []byte) (*deployment, []string) {
 			bad = append(bad, "unsupported value: subPath") // also caught as a field
 		}
 		d.runFlags = append(d.runFlags, "--mount="+mount)
+		d.binds = append(d.binds, b)
 		d.mounts[v.HostPath.Path] = m.MountPath
 	}
 	return d, bad
