@@ -117,11 +117,15 @@ func testPinInodeReuse(t *testing.T, mode string, a, b *podns.Pod) {
 	pingLo(kept.Name, 5) // counted while no serve runs
 
 	// New namespaces are made (and kept, filling the lower free numbers)
-	// until one gets the inode of a gone one; the others are removed.
+	// until one gets the inode of a gone one; the others are removed. The
+	// kernel frees a namespace's inode number only once it has cleaned the
+	// namespace up (a work queue, after RCU grace periods): bounded in
+	// time as well as in count.
 	var reused string
 	var reusedIno uint64
 	var extra []string
-	for i := 0; i < 400 && reused == ""; i++ {
+	deadline := time.Now().Add(20 * time.Second)
+	for i := 0; i < 600 && reused == "" && time.Now().Before(deadline); i++ {
 		name := fmt.Sprintf("%sn%d", prefix, i)
 		makeNetns(t, nsPath(name), false)
 		if ino := nsInode(t, nsPath(name)); pool[ino] != "" {
@@ -129,13 +133,14 @@ func testPinInodeReuse(t *testing.T, mode string, a, b *podns.Pod) {
 			t.Logf("%s got inode %d of the gone %s after %d namespaces", name, ino, pool[ino], i+1)
 		} else {
 			extra = append(extra, name)
+			time.Sleep(10 * time.Millisecond)
 		}
 	}
 	for _, name := range extra {
 		removeRawNetns(t, nsPath(name))
 	}
 	if reused == "" {
-		t.Fatal("no new namespace got the inode of a gone one in 400 tries")
+		t.Fatalf("no new namespace got the inode of a gone one in %d tries", len(extra))
 	}
 	setLoUp(t, nsPath(reused))
 
