@@ -111,6 +111,7 @@ bench: bench-deps
 	$(GO) test -run '^$$' -bench StubLoad -benchtime 2000x -count 5 ./bpf/ | tee -a docs/bench/bpf.txt
 	$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 60m ./test/bench/ | tee docs/bench/macro.txt
 	./test/bench/plot.sh docs/bench/macro.txt docs/scale.png
+	$(GO) test -run '^$$' -bench ScrapeLoad -benchtime 300x ./exporter/ | tee docs/bench/scrape-load.raw
 
 ## fuzz: bounded fuzzing of every parser (FUZZTIME per target; a count such
 ## as 100000x, because time budgets hit a race in Go 1.26's fuzz coordinator)
