@@ -84,7 +84,7 @@ lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:\n$$out" >&2; exit 1; fi
 
 ## test: everything CI runs (as root): deps, fresh generated code, lint, all tests
-test: deps check-generate lint
+test: deps check-generate lint build
 	$(GO) test $(TEST_FLAGS) $(PKGS)
 	cd deploy && $(GO) test -count=1 -timeout 10m ./...
 	GO=$(GO) ./test/kernels/run.sh

@@ -149,9 +149,13 @@ func (e *Enricher) Run(ctx context.Context) {
 		e.mu.Unlock()
 	}()
 	backoff := time.Second
+	var followUps []time.Duration // syncs still due after a kick
 	for {
 		err := e.Sync(ctx)
 		wait := e.cfg.Interval
+		if len(followUps) > 0 {
+			wait, followUps = min(wait, followUps[0]), followUps[1:]
+		}
 		if err != nil {
 			e.log.Warn("pod identity from the container runtime", "endpoint", e.cfg.Endpoint, "err", err, "retry_in", backoff)
 			wait, backoff = backoff, min(2*backoff, time.Minute)
@@ -162,10 +166,19 @@ func (e *Enricher) Run(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-e.kick:
+			followUps = append(followUps[:0], KickFollowUps...)
 		case <-time.After(wait):
 		}
 	}
 }
+
+// KickFollowUps are the delays of the syncs that follow a kick's own. A
+// namespace appears while its sandbox is being made: containerd records
+// the sandbox (and lists it) only once RunPodSandbox has set up its
+// network, after the namespace exists, so the kick's own sync often misses
+// it; these name the pod within about a second instead of a resync
+// interval later.
+var KickFollowUps = []time.Duration{250 * time.Millisecond, time.Second, 3 * time.Second}
 
 // Sync asks the runtime once for every pod sandbox (ready, and not ready
 // while its namespace still exists: a stopping pod) and finds its network

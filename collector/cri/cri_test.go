@@ -13,6 +13,7 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
@@ -405,4 +406,37 @@ func TestEndpointValidation(t *testing.T) {
 	if err := e.Sync(context.Background()); err == nil {
 		t.Error("a tcp endpoint was accepted")
 	}
+}
+
+// A kick (a new namespace) is followed by a few quick syncs: a sandbox that
+// the runtime lists only a moment after its namespace appeared is named
+// within about a second, not a resync interval later.
+func TestKickFollowUps(t *testing.T) {
+	f := &fakeRuntime{}
+	ep, _ := serve(t, f)
+	var got captured
+	e := New(&got, Config{Endpoint: ep, Interval: time.Hour})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { e.Run(ctx); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+
+	deadline := time.Now().Add(5 * time.Second)
+	for got.get() == nil && time.Now().Before(deadline) { // the first sync: nothing listed
+		time.Sleep(10 * time.Millisecond)
+	}
+	// The namespace appears (kick), its sandbox is listed 100 ms later.
+	e.Kick()
+	time.Sleep(100 * time.Millisecond)
+	kicked := time.Now()
+	f.set(sandbox{id: "sb1", name: "web-1", ns: "shop", ready: true, info: containerdInfo("/proc/self/ns/net", 0)})
+	ino := inodeOf(t, "/proc/self/ns/net")
+	for time.Since(kicked) < 3*time.Second {
+		if p, ok := got.get()[ino]; ok && p.Name == "web-1" {
+			t.Logf("named %v after the sandbox was listed", time.Since(kicked).Round(time.Millisecond))
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatalf("not named within 3 s of being listed (resync interval 1 h): %+v", got.get())
 }
