@@ -41,6 +41,11 @@ type Config struct {
 	// PinPath adopts them, so that no packet goes uncounted across a
 	// restart. Without it, Close detaches everything.
 	PinPath string
+	// HostVeths observes the host ends of veth (and netkit) pairs whose
+	// peer is attached in another observed namespace, too. By default they
+	// are left out (state peer-observed), so that each packet between pods
+	// is counted once, on the pod side (see hostveth.go).
+	HostVeths bool
 	// Logger receives one line per lifecycle event; nil discards them.
 	Logger *slog.Logger
 }
@@ -56,6 +61,7 @@ type Collector struct {
 	mode       attach.Mode // resolved: ModeTCX or ModeClsact
 	att        attach.Attacher
 	namespaces map[uint64]*namespace
+	hostIno    uint64 // the namespace nsflow runs in (HostVeths)
 	closed     bool
 	// flowsDeleted counts flow entries removed by Prune, so that LRU
 	// evictions can be told apart from deliberate deletions.
@@ -124,6 +130,7 @@ type namespace struct {
 	gone   time.Time
 	seq    uint64        // registration order (Collector.adds)
 	pod    *flow.PodInfo // last known; nil until the runtime names it
+	nsid   int           // the host's nsid for it; -1 until known (hostveth.go)
 }
 
 type iface struct {
@@ -134,6 +141,13 @@ type iface struct {
 	att     attach.Attachment
 	progIDs []ebpf.ProgramID // of its stubs, while attached
 	gone    time.Time        // when the interface was deleted; zero while it exists
+	// A host end of a pair: its peer's nsid and ifindex (peerIndex 0: not
+	// one); left out (StatePeerObserved) since skipped, its counters
+	// forgotten once Prune has passed that.
+	peerNsid, peerIndex int
+	peer                string // the peer, as netns/interface, while left out
+	skipped             time.Time
+	forgotten           bool
 }
 
 // New loads the BPF programs and maps; nothing is attached yet.
@@ -193,6 +207,10 @@ func New(cfg Config) (*Collector, error) {
 		orphans:      map[bpf.NsflowObsKey]time.Time{},
 	}
 	c.setMode(cfg.Mode)
+	if self, err := netns.Get(); err == nil {
+		c.hostIno, _ = inode(self)
+		self.Close()
+	}
 	return c, nil
 }
 
@@ -300,7 +318,7 @@ func (c *Collector) Add(t Target) (uint64, error) {
 	}
 	c.adds++
 	ns := &namespace{
-		name: t.Name, path: t.Path, inode: ino, cookie: cookie, handle: h, nl: nl, seq: c.adds,
+		name: t.Name, path: t.Path, inode: ino, cookie: cookie, handle: h, nl: nl, seq: c.adds, nsid: -1,
 		ifaces: map[int]*iface{}, stop: make(chan struct{}), done: make(chan struct{}),
 	}
 	// Subscribe before listing, so that no interface added in between is missed.
@@ -331,7 +349,7 @@ func (c *Collector) resyncLocked(ns *namespace) (int, error) {
 	present := map[int]bool{}
 	for _, l := range links {
 		present[l.Attrs().Index] = true
-		if err := c.attachLocked(ns, l.Attrs().Index, l.Attrs().Name); err != nil {
+		if err := c.placeLocked(ns, l); err != nil {
 			if vanished(ns.nl, l.Attrs().Index) {
 				// Deleted between the listing and the attach (pods come
 				// and go): its RTM_DELLINK marks it gone; not an error.
@@ -411,7 +429,7 @@ func (c *Collector) apply(ns *namespace, u netlink.LinkUpdate) {
 	}
 	switch u.Header.Type {
 	case unix.RTM_NEWLINK:
-		if err := c.attachLocked(ns, a.Index, a.Name); err != nil {
+		if err := c.placeLocked(ns, u.Link); err != nil {
 			if errors.Is(err, unix.EEXIST) {
 				// An interface moved in from another observed namespace
 				// still carries the links attached there until that
@@ -426,6 +444,7 @@ func (c *Collector) apply(ns *namespace, u netlink.LinkUpdate) {
 		if i, ok := ns.ifaces[a.Index]; ok {
 			i.gone = time.Now()
 		}
+		c.linkGoneLocked(ns, u.Link)
 	}
 }
 
@@ -447,6 +466,13 @@ func (c *Collector) retryAttach(ns *namespace, index int, name string) {
 			return // attached meanwhile, or gone
 		}
 		err = c.attachLocked(ns, index, name)
+		if err == nil {
+			if ns.inode == c.hostIno {
+				c.replaceLocked(ns, index) // moved into the host: its peer may count it
+			} else {
+				c.peerAttachedLocked(ns, index)
+			}
+		}
 		c.mu.Unlock()
 		if err == nil {
 			return
@@ -546,6 +572,9 @@ func (c *Collector) remove(inode uint64, keep bool) {
 		return
 	}
 	ns.gone = time.Now()
+	if !keep && !c.closed {
+		c.peerLostLocked(ns, -1) // host ends back before ns's ends go
+	}
 	for idx, i := range ns.ifaces {
 		if keep && i.att != nil {
 			if err := i.att.Release(); err != nil {
@@ -589,6 +618,9 @@ func (c *Collector) Prune(before time.Time) error {
 			if !i.gone.IsZero() && i.gone.Before(before) {
 				ifGone[ifKey{uint32(ino), uint32(idx)}] = true
 				delete(ns.ifaces, idx)
+			} else if i.state == flow.StatePeerObserved && !i.forgotten && i.skipped.Before(before) {
+				ifGone[ifKey{uint32(ino), uint32(idx)}] = true
+				i.forgotten = true
 			}
 		}
 	}
@@ -677,7 +709,7 @@ func (c *Collector) Interfaces() []NamespaceInfo {
 	for _, ns := range c.namespaces {
 		ni := NamespaceInfo{Name: ns.name, Path: ns.path, Inode: ns.inode, Gone: !ns.gone.IsZero()}
 		for _, i := range ns.ifaces {
-			ii := InterfaceInfo{Name: i.name, Index: i.index, State: i.state}
+			ii := InterfaceInfo{Name: i.name, Index: i.index, State: i.state, Peer: i.peer}
 			if i.err != nil {
 				ii.Error = i.err.Error()
 			}
@@ -705,6 +737,9 @@ type InterfaceInfo struct {
 	Index int              `json:"ifindex"`
 	State flow.AttachState `json:"state"`
 	Error string           `json:"error,omitempty"`
+	// Peer is the peer (netns/interface) that counts a host end left out
+	// (StatePeerObserved).
+	Peer string `json:"peer,omitempty"`
 }
 
 // ProgramIDs returns the kernel IDs of the loaded programs: the parsers

@@ -44,6 +44,9 @@ func (c *Collector) snapshot(limit int) (*flow.Snapshot, error) {
 	c.mu.Lock()
 	names := map[uint64]*flow.NamespaceStats{}
 	ifaces := map[ifaceKey]*flow.InterfaceStats{}
+	// Host ends left out (peer-observed) are shown only while they still
+	// have counters (from before they were left out), like removed ones.
+	quiet := map[ifaceKey]bool{}
 	for ino, ns := range c.namespaces {
 		nst := &flow.NamespaceStats{Name: ns.name, Inode: ino, Gone: !ns.gone.IsZero()}
 		if ns.pod != nil {
@@ -53,6 +56,9 @@ func (c *Collector) snapshot(limit int) (*flow.Snapshot, error) {
 		names[ino] = nst
 		for idx, i := range ns.ifaces {
 			ifaces[ifaceKey{ino, idx}] = &flow.InterfaceStats{Name: i.name, Index: idx, State: i.state}
+			if i.state == flow.StatePeerObserved {
+				quiet[ifaceKey{ino, idx}] = true
+			}
 		}
 	}
 	flowsDeleted := c.flowsDeleted
@@ -63,6 +69,7 @@ func (c *Collector) snapshot(limit int) (*flow.Snapshot, error) {
 
 	err := c.objs.ReadTotals(func(ok bpf.NsflowObsKey, cv []bpf.NsflowCounters) {
 		k := ifaceKey{uint64(ok.Netns), int(ok.Ifindex)}
+		delete(quiet, k)
 		is := ifaces[k]
 		if is == nil {
 			// Not (or no longer) in the registry: still counted, never lost.
@@ -85,7 +92,7 @@ func (c *Collector) snapshot(limit int) (*flow.Snapshot, error) {
 		errs = append(errs, fmt.Errorf("read totals: %w", err))
 	}
 	for k, is := range ifaces {
-		if ns := names[k.ino]; ns != nil {
+		if ns := names[k.ino]; ns != nil && !quiet[k] {
 			ns.Interfaces = append(ns.Interfaces, *is)
 		}
 	}

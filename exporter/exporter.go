@@ -235,7 +235,7 @@ func (e *Exporter) Collect(ch chan<- prometheus.Metric) {
 	gauge(e.namespaces, float64(observed), "observed")
 	gauge(e.namespaces, float64(gone), "gone")
 
-	states := map[flow.AttachState]int{flow.StateAttached: 0, flow.StateFailed: 0, flow.StateDetached: 0}
+	states := map[flow.AttachState]int{flow.StateAttached: 0, flow.StateFailed: 0, flow.StateDetached: 0, flow.StatePeerObserved: 0}
 	for _, ns := range e.c.Interfaces() {
 		if ns.Gone {
 			continue

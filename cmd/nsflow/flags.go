@@ -83,8 +83,8 @@ func (c *criFlags) resolve() string {
 // netnsFlags select namespaces for discovery by regular expressions (serve,
 // list).
 type netnsFlags struct {
-	host, proc       bool
-	include, exclude string
+	host, proc, hostVeths bool
+	include, exclude      string
 }
 
 func (n *netnsFlags) register(fs *pflag.FlagSet) {
@@ -92,10 +92,16 @@ func (n *netnsFlags) register(fs *pflag.FlagSet) {
 	fs.BoolVar(&n.proc, "netns.proc", true, "observe namespaces of processes under /proc (containers without a bind mount)")
 	fs.StringVar(&n.include, "netns.include", "", "observe only namespaces whose name matches this regular expression")
 	fs.StringVar(&n.exclude, "netns.exclude", "", "skip namespaces whose name matches this regular expression")
+	registerHostVeths(fs, &n.hostVeths)
+}
+
+// registerHostVeths adds --netns.host-veths (serve, list, trace, top).
+func registerHostVeths(fs *pflag.FlagSet, v *bool) {
+	fs.BoolVar(v, "netns.host-veths", false, "also observe the host end of a veth whose peer is in an observed namespace (by default the peer alone counts its packets: each packet once)")
 }
 
 func (n *netnsFlags) validate() (discovery.Config, error) {
-	dc := discovery.Config{Host: n.host, Proc: n.proc}
+	dc := discovery.Config{Host: n.host, Proc: n.proc, HostVeths: n.hostVeths}
 	for _, re := range []struct {
 		flag, expr string
 		dst        **regexp.Regexp
@@ -114,15 +120,17 @@ func (n *netnsFlags) validate() (discovery.Config, error) {
 // selectFlags pick namespaces for trace and top: names, patterns, pids,
 // paths, or everything.
 type selectFlags struct {
-	netns   []string
-	exclude []string
-	all     bool
+	netns     []string
+	exclude   []string
+	all       bool
+	hostVeths bool
 }
 
 func (s *selectFlags) register(fs *pflag.FlagSet) {
 	fs.StringArrayVarP(&s.netns, "netns", "n", nil, "namespace to observe: NAME, glob pattern, pid:PID, /path or host (repeatable; none: every namespace)")
 	fs.BoolVarP(&s.all, "all", "A", false, "observe every namespace on the node, also those that appear meanwhile (the default when no --netns is given)")
 	fs.StringArrayVarP(&s.exclude, "exclude", "x", nil, "with --all or patterns: skip namespaces whose name matches this glob pattern (repeatable)")
+	registerHostVeths(fs, &s.hostVeths)
 }
 
 // selection is what selectFlags resolve to: namespaces opened at start, and
@@ -130,10 +138,11 @@ func (s *selectFlags) register(fs *pflag.FlagSet) {
 type selection struct {
 	targets   []collector.Target
 	discovery *discovery.Config // nil: only the targets
+	hostVeths bool              // collector.Config.HostVeths
 }
 
 func (s *selectFlags) validate() (selection, error) {
-	var sel selection
+	sel := selection{hostVeths: s.hostVeths}
 	all := s.all || len(s.netns) == 0
 	var patterns []string
 	for _, arg := range s.netns {

@@ -74,7 +74,7 @@ func newListCmd() *cobra.Command {
 				}
 				for _, i := range ns.Interfaces {
 					fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%d\t%s\t%v\t%s\n", flow.SafeName(ns.Name), pod, ns.Inode, strings.Join(pids, ","),
-						flow.SafeName(i.Name), i.Index, flow.SafeName(i.Type), i.Up, i.Attach)
+						flow.SafeName(i.Name), i.Index, flow.SafeName(i.Type), i.Up, nsflowCell(i))
 				}
 			}
 			return tw.Flush()
@@ -85,6 +85,19 @@ func newListCmd() *cobra.Command {
 	netns.register(fl)
 	criF.register(fl, false)
 	return cmd
+}
+
+// nsflowCell is the NSFLOW column: the programs on the interface, and for
+// a host end whose peer is listed, that peer and whether nsflow leaves this
+// end out (peer-observed: the peer counts its packets).
+func nsflowCell(i discovery.ListedIface) string {
+	switch {
+	case i.State != "":
+		return fmt.Sprintf("%s (%s: %s)", i.Attach, i.State, flow.SafeName(i.Peer))
+	case i.Peer != "":
+		return fmt.Sprintf("%s (peer %s)", i.Attach, flow.SafeName(i.Peer))
+	}
+	return i.Attach
 }
 
 // reportSkipped tells, on stderr, which namespaces the list cannot show:

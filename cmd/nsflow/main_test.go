@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 )
 
 // run executes the command line with every command's RunE replaced, so
@@ -89,8 +90,9 @@ func TestValidation(t *testing.T) {
 		{[]string{"trace", "--attach-mode", "xdp"}, 2, "attach mode"},
 		{[]string{"top", "--attach-mode", "xdp"}, 2, "attach mode"},
 		{[]string{"serve", "--attach-mode", "xdp"}, 2, "attach mode"},
-		{[]string{"trace", "--flow-entries", "0"}, 2, "--flow-entries"},
-		{[]string{"serve", "--flow-entries", "0"}, 2, "--flow-entries"},
+		{[]string{"trace", "--max-hooks", "65537"}, 2, "--max-hooks"},
+		{[]string{"serve", "--max-hooks", "65537"}, 2, "--max-hooks"},
+		{[]string{"top", "--max-hooks", "70000"}, 2, "--max-hooks"},
 		{[]string{"trace", "--cri.endpoint", "containerd"}, 2, "--cri.endpoint"},
 		{[]string{"top", "--cri.endpoint", "containerd"}, 2, "--cri.endpoint"},
 		{[]string{"list", "--cri.endpoint", "containerd"}, 2, "--cri.endpoint"},
@@ -104,6 +106,15 @@ func TestValidation(t *testing.T) {
 		{[]string{"top", "--output", "json"}, 2, "unknown flag"},
 		// serve
 		{[]string{"serve"}, 0, ""},
+		// host ends of veths whose peer is observed (issue 17)
+		{[]string{"serve", "--netns.host-veths"}, 0, ""},
+		{[]string{"serve", "--netns.host-veths=false", "--netns.host=false"}, 0, ""},
+		{[]string{"serve", "--netns.host-veths=both"}, 2, "invalid argument"},
+		{[]string{"list", "--netns.host-veths"}, 0, ""},
+		{[]string{"trace", "--netns.host-veths"}, 0, ""},
+		{[]string{"trace", "--netns", "host", "--netns.host-veths"}, 0, ""},
+		{[]string{"top", "--all", "--netns.host-veths=true"}, 0, ""},
+		{[]string{"top", "--netns.host-veths=yes"}, 2, "invalid argument"},
 		{[]string{"serve", "--log.level", "loud"}, 2, "--log.level"},
 		{[]string{"serve", "--log.level", "debug"}, 0, ""},
 		{[]string{"serve", "--web.telemetry-path", "metrics"}, 2, "--web.telemetry-path"},
@@ -248,5 +259,34 @@ func TestGlobMatchesPathMatch(t *testing.T) {
 	}
 	if checked < 1000 {
 		t.Fatalf("only %d valid patterns checked", checked)
+	}
+}
+
+// --netns.host-veths reaches the configuration each command builds: the
+// discovery config (serve, list: serve passes it to the collector) and
+// trace/top's selection; off by default.
+func TestHostVethsFlag(t *testing.T) {
+	for _, args := range [][]string{nil, {"--netns.host-veths"}} {
+		want := len(args) > 0
+		var n netnsFlags
+		fs := pflag.NewFlagSet("serve", pflag.ContinueOnError)
+		n.register(fs)
+		if err := fs.Parse(args); err != nil {
+			t.Fatal(err)
+		}
+		dc, err := n.validate()
+		if err != nil || dc.HostVeths != want {
+			t.Errorf("netnsFlags %v: HostVeths %v (err %v), want %v", args, dc.HostVeths, err, want)
+		}
+		var s selectFlags
+		fs = pflag.NewFlagSet("trace", pflag.ContinueOnError)
+		s.register(fs)
+		if err := fs.Parse(args); err != nil {
+			t.Fatal(err)
+		}
+		sel, err := s.validate()
+		if err != nil || sel.hostVeths != want {
+			t.Errorf("selectFlags %v: hostVeths %v (err %v), want %v", args, sel.hostVeths, err, want)
+		}
 	}
 }

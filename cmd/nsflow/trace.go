@@ -161,7 +161,7 @@ func openSession(ctx context.Context, tc *traceConfig, log *slog.Logger) (*sessi
 	}
 	endpoint := (&criFlags{endpoint: tc.criEndpoint}).resolve()
 	return session.Open(ctx, session.Config{
-		Collector:   collector.Config{Mode: tc.mode, FlowEntries: tc.flowEntries, Logger: log, Events: tc.events},
+		Collector:   collector.Config{Mode: tc.mode, FlowEntries: tc.flowEntries, Logger: log, Events: tc.events, HostVeths: tc.sel.hostVeths},
 		Targets:     tc.sel.targets,
 		Discovery:   tc.sel.discovery,
 		WaitReady:   true,

@@ -44,6 +44,10 @@ type Config struct {
 	// Exclude skips those whose name matches. Names: the ip netns name,
 	// pid:PID, or host.
 	Include, Exclude *regexp.Regexp
+	// HostVeths: the host ends of veths whose peer is in a selected
+	// namespace are observed too (collector.Config.HostVeths); List shows
+	// which ones are left out without it.
+	HostVeths bool
 	// Resync is the interval of the safety-net full rescan; 0 means 30s.
 	// Namespaces are found through events (inotify, the proc connector),
 	// not through this.

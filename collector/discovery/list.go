@@ -34,6 +34,13 @@ type ListedIface struct {
 	Up      bool   `json:"up"`
 	Attach  string `json:"attach"` // tcx, clsact, tcx+clsact or none
 	Partial bool   `json:"partial,omitempty"`
+	// Peer is a host-side veth's peer (netns/interface) when it lies in a
+	// listed namespace; State is then "peer-observed" unless
+	// Config.HostVeths: serve, trace and top leave this end out (peer.go).
+	Peer  string `json:"peer,omitempty"`
+	State string `json:"state,omitempty"`
+
+	peerNsid, peerIndex int // a veth's peer, as its namespace sees it
 }
 
 // List finds the namespaces cfg selects, without attaching anything, and
@@ -78,6 +85,7 @@ func ListSkipped(cfg Config, pods map[uint64]flow.PodInfo) ([]ListedNamespace, [
 		}
 		out = append(out, ln)
 	}
+	markPeers(out, cfg)
 	return out, skipped, nil
 }
 
@@ -99,6 +107,7 @@ func listInterfaces(ln *ListedNamespace) error {
 	for _, l := range links {
 		a := l.Attrs()
 		li := ListedIface{Name: a.Name, Index: a.Index, Type: l.Type(), Up: a.Flags&1 != 0}
+		li.peerNsid, li.peerIndex = pairPeer(l)
 		var kinds []string
 		hooks, err := attach.Query(h, nl, l)
 		if err != nil {

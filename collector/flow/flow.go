@@ -79,6 +79,10 @@ const (
 	StateAttached AttachState = "attached"
 	StateFailed   AttachState = "failed"
 	StateDetached AttachState = "detached"
+	// StatePeerObserved: a veth's host end left out because its peer is
+	// attached in an observed namespace, where each packet is counted
+	// once (collector.Config.HostVeths).
+	StatePeerObserved AttachState = "peer-observed"
 )
 
 // AttachErrorReasons are the values of the attach-errors metric's reason
