@@ -166,8 +166,9 @@ func flow6(proto uint8, sport, dport uint16, flags uint8) wantFlow {
 }
 
 // key is the flow key the programs must write for w at an observation point.
-func (w wantFlow) key(netns, ifindex uint32, dir Direction) NsflowFlowKey {
-	k := NsflowFlowKey{Netns: netns, Ifindex: ifindex, Dir: uint8(dir), Family: w.family, Proto: w.proto, Sport: w.sport, Dport: w.dport}
+func (w wantFlow) key(netns, ifindex uint32, dir Direction) pointFlow {
+	k := pointFlow{Netns: netns, Ifindex: ifindex, Dir: uint8(dir),
+		NsflowFlowKey: NsflowFlowKey{Family: w.family, Proto: w.proto, Sport: w.sport, Dport: w.dport}}
 	if w.family == 4 {
 		copy(k.Saddr[:], w.saddr.To4())
 		copy(k.Daddr[:], w.daddr.To4())

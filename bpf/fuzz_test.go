@@ -27,7 +27,7 @@ func checkAgainstReference(t testing.TB, objs *Objects, sends []send) {
 	t.Helper()
 	netns := selfNetns(t)
 	wantTotals := map[NsflowObsKey]NsflowCounters{}
-	wantFlows := map[NsflowFlowKey]NsflowFlowVal{}
+	wantFlows := map[pointFlow]NsflowFlowVal{}
 	var wantStats [NsflowStatSTAT_MAX]uint64
 	for _, s := range sends {
 		ret, err := prog(t, objs, s.dir).Run(&ebpf.RunOptions{Data: s.frame})
@@ -52,15 +52,15 @@ func checkAgainstReference(t testing.TB, objs *Objects, sends []send) {
 			wantStats[ref.res.stat()]++
 			continue
 		}
-		ref.key.Netns, ref.key.Ifindex, ref.key.Dir = netns, testIfindex, uint8(s.dir)
-		v, seen := wantFlows[ref.key]
+		key := pointFlow{Netns: netns, Ifindex: testIfindex, Dir: uint8(s.dir), NsflowFlowKey: ref.key}
+		v, seen := wantFlows[key]
 		if !seen {
 			wantStats[NsflowStatSTAT_FLOW_NEW]++
 		}
 		v.Packets++
 		v.Bytes += n
 		v.TcpFlags |= ref.flags
-		wantFlows[ref.key] = v
+		wantFlows[key] = v
 	}
 	st := readMaps(t, objs)
 	if !equalMaps(st.totals, wantTotals) {

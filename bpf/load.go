@@ -1,6 +1,7 @@
 package bpf
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"os"
@@ -20,19 +21,41 @@ const (
 	TX = NsflowDirectionDIR_TX
 )
 
-// DefaultFlowEntries is the default capacity of the flow map.
-const DefaultFlowEntries = 65536
+// Link is what the frames of a hook start with (the stub hands it to the
+// parser, which needs it to find the network header).
+type Link = NsflowLink
 
-// DefaultMaxPoints is the default capacity of the totals: 65,536 hooks, two
-// per interface.
-const DefaultMaxPoints = 65536
+const (
+	// LinkEther: an Ethernet header (veth, bridge, lo, vxlan, macvlan, ...).
+	LinkEther = NsflowLinkLINK_ETHER
+	// LinkNone: the network header itself (tun, wireguard, ip tunnels).
+	LinkNone = NsflowLinkLINK_NONE
+)
+
+// LinkOf returns the link layer of a device of that netlink encapsulation
+// type (LinkAttrs.EncapType, from the device's ARPHRD_* type): Ethernet
+// and loopback devices have an Ethernet header at the TC hooks; every other
+// type is taken to start at the network header.
+func LinkOf(encapType string) Link {
+	switch encapType {
+	case "ether", "loopback", "":
+		return LinkEther
+	}
+	return LinkNone
+}
+
+// MaxPointsLimit is the most observation points the totals can have: a
+// flow key names its point by a 16-bit slot.
+const MaxPointsLimit = int(NsflowConstsMAX_SLOTS)
 
 // Options configure the objects before they are loaded.
 type Options struct {
-	// FlowEntries is the flow map's capacity; 0 means DefaultFlowEntries.
+	// FlowEntries is the flow map's capacity; 0 means DefaultFlowEntries
+	// for the node's possible CPUs.
 	FlowEntries uint32
 	// MaxPoints is how many observation points (hooks) the totals can
-	// count; 0 means DefaultMaxPoints.
+	// count, at most MaxPointsLimit; 0 means DefaultMaxPoints for the
+	// node's possible CPUs.
 	MaxPoints uint32
 	// NoFlows disables per-flow accounting: only the exact totals are kept.
 	NoFlows bool
@@ -54,7 +77,7 @@ type Options struct {
 // counting until a new process adopts them (the parser they tail-call and
 // the slot they hand it).
 var PinnedMaps = []string{NsflowMapTotals, NsflowMapPoints, NsflowMapFlows, NsflowMapStats,
-	NsflowMapAccountProgs, NsflowMapHandoff}
+	NsflowMapAccountProgs}
 
 // objects are the loaded programs and maps shared by every hook: every map,
 // the parsers (not the stubs: they are loaded per hook, by Stub) and the
@@ -82,12 +105,19 @@ func Load(opts Options) (*Objects, error) {
 	if err != nil {
 		return nil, err
 	}
+	ncpu, err := ebpf.PossibleCPU()
+	if err != nil {
+		return nil, err
+	}
 	if opts.FlowEntries == 0 {
-		opts.FlowEntries = DefaultFlowEntries
+		opts.FlowEntries = DefaultFlowEntries(ncpu)
 	}
 	spec.Maps[NsflowMapFlows].MaxEntries = opts.FlowEntries
 	if opts.MaxPoints == 0 {
-		opts.MaxPoints = DefaultMaxPoints
+		opts.MaxPoints = DefaultMaxPoints(ncpu)
+	}
+	if opts.MaxPoints > uint32(MaxPointsLimit) {
+		return nil, fmt.Errorf("%d observation points: at most %d", opts.MaxPoints, MaxPointsLimit)
 	}
 	spec.Maps[NsflowMapTotals].MaxEntries = opts.MaxPoints
 	spec.Maps[NsflowMapPoints].MaxEntries = opts.MaxPoints
@@ -101,12 +131,13 @@ func Load(opts Options) (*Objects, error) {
 			return nil, fmt.Errorf("set %s: %w", NsflowVarEventsEnabled, err)
 		}
 	}
+	if preemptRT() {
+		if err := spec.Variables[NsflowVarAtomicCounts].Set(uint8(1)); err != nil {
+			return nil, fmt.Errorf("set %s: %w", NsflowVarAtomicCounts, err)
+		}
+	}
 	// GRO's sk_buffs carry a NAPI ID; below it, the field holds a sender
 	// CPU + 1 (rx_segments in nsflow.c).
-	ncpu, err := ebpf.PossibleCPU()
-	if err != nil {
-		return nil, err
-	}
 	if err := spec.Variables[NsflowVarNapiIdMin].Set(uint32(ncpu + 1)); err != nil {
 		return nil, fmt.Errorf("set %s: %w", NsflowVarNapiIdMin, err)
 	}
@@ -156,15 +187,15 @@ func Load(opts Options) (*Objects, error) {
 func (o *Objects) init(spec *ebpf.CollectionSpec, pinPath string, onReplace func(string, error)) error {
 	maps := map[string]*ebpf.Map{
 		NsflowMapTotals: o.Totals, NsflowMapStats: o.Stats, NsflowMapAccountProgs: o.AccountProgs,
-		NsflowMapHandoff: o.Handoff, ".rodata": o.Rodata,
+		".rodata": o.Rodata,
 	}
 	for dir, name := range map[Direction]string{RX: NsflowProgNsflowStubIngress, TX: NsflowProgNsflowStubEgress} {
 		ps := spec.Programs[name].Copy()
-		templates := 0
+		templates := map[NsflowConsts]int{}
 		for i := range ps.Instructions {
 			ins := &ps.Instructions[i]
-			if isSlotTemplate(ins) {
-				templates++
+			if t, ok := template(ins); ok {
+				templates[t]++
 			}
 			if !ins.IsLoadFromMap() {
 				continue
@@ -177,8 +208,10 @@ func (o *Objects) init(spec *ebpf.CollectionSpec, pinPath string, onReplace func
 				return fmt.Errorf("stub %s: %w", name, err)
 			}
 		}
-		if templates != 1 {
-			return fmt.Errorf("stub %s: %d slot templates, want 1", name, templates)
+		for _, t := range []NsflowConsts{NsflowConstsSLOT_TEMPLATE, NsflowConstsLINK_TEMPLATE} {
+			if templates[t] != 1 {
+				return fmt.Errorf("stub %s: %d templates %#x, want 1", name, templates[t], t)
+			}
 		}
 		o.stubs[dir] = ps
 	}
@@ -192,35 +225,68 @@ func (o *Objects) init(spec *ebpf.CollectionSpec, pinPath string, onReplace func
 	if err != nil {
 		return err
 	}
-	return o.slots.init(o.Totals, o.Points, cookies)
+	return o.slots.init(o.Totals, o.Points, cookies, o.Flows)
 }
 
-func isSlotTemplate(ins *asm.Instruction) bool {
-	return ins.OpCode.Class() == asm.ALU64Class && ins.OpCode.ALUOp() == asm.Mov &&
-		ins.OpCode.Source() == asm.ImmSource && ins.Constant == int64(NsflowConstsSLOT_TEMPLATE)
+// template says which template immediate ins moves, if any.
+func template(ins *asm.Instruction) (NsflowConsts, bool) {
+	if ins.OpCode.Class() != asm.ALU64Class || ins.OpCode.ALUOp() != asm.Mov || ins.OpCode.Source() != asm.ImmSource {
+		return 0, false
+	}
+	switch t := NsflowConsts(ins.Constant); t {
+	case NsflowConstsSLOT_TEMPLATE, NsflowConstsLINK_TEMPLATE:
+		return t, true
+	}
+	return 0, false
 }
 
-// Stub loads the program for one hook: it counts into the slot of totals
-// that key (its Dir included) names, assigned if it has none yet, and
-// tail-calls the parser for flows and GSO segments. Loading it takes
-// microseconds: it is a dozen instructions. The caller owns the program.
-func (o *Objects) Stub(key NsflowObsKey) (*ebpf.Program, error) { return o.StubIn(key, 0) }
+// Hook is what a stub is loaded for.
+type Hook struct {
+	// Point is the observation point (namespace inode, ifindex, direction).
+	Point NsflowObsKey
+	// Cookie is the namespace's cookie (SO_NETNS_COOKIE; 0: unknown): a
+	// slot recorded for Point under another cookie (an earlier namespace
+	// with the same inode) is zeroed and handed over, never adopted.
+	Cookie uint64
+	// Link is what the interface's frames start with (LinkOf).
+	Link Link
+}
 
-// StubIn is Stub for the namespace of that cookie (SO_NETNS_COOKIE): a
-// slot recorded for key under another cookie (an earlier namespace with the
-// same inode) is zeroed and handed over, never adopted.
+// Stub loads the program for one hook of an Ethernet-like interface: it
+// counts into the slot of totals that key (its Dir included) names,
+// assigned if it has none yet, and tail-calls the parser for flows and GSO
+// segments. Loading it takes microseconds: it is a dozen instructions. The
+// caller owns the program.
+func (o *Objects) Stub(key NsflowObsKey) (*ebpf.Program, error) {
+	return o.StubFor(Hook{Point: key, Link: LinkEther})
+}
+
+// StubIn is Stub for the namespace of that cookie (Hook.Cookie).
 func (o *Objects) StubIn(key NsflowObsKey, cookie uint64) (*ebpf.Program, error) {
+	return o.StubFor(Hook{Point: key, Cookie: cookie, Link: LinkEther})
+}
+
+// StubFor loads the stub of hook h (Stub).
+func (o *Objects) StubFor(h Hook) (*ebpf.Program, error) {
+	key := h.Point
 	if key.Dir > uint8(TX) {
 		return nil, fmt.Errorf("stub for direction %d", key.Dir)
 	}
-	slot, err := o.slots.assign(key, cookie)
+	if h.Link != LinkEther && h.Link != LinkNone {
+		return nil, fmt.Errorf("stub for link layer %d", h.Link)
+	}
+	slot, err := o.slots.assign(key, h.Cookie)
 	if err != nil {
 		return nil, err
 	}
 	ps := o.stubs[key.Dir].Copy()
 	for i := range ps.Instructions {
-		if ins := &ps.Instructions[i]; isSlotTemplate(ins) {
+		ins := &ps.Instructions[i]
+		switch t, _ := template(ins); t {
+		case NsflowConstsSLOT_TEMPLATE:
 			ins.Constant = int64(slot)
+		case NsflowConstsLINK_TEMPLATE:
+			ins.Constant = int64(h.Link)
 		}
 	}
 	prog, err := ebpf.NewProgram(ps)
@@ -234,4 +300,16 @@ func (o *Objects) StubIn(key NsflowObsKey, cookie uint64) (*ebpf.Program, error)
 func (o *Objects) Close() error {
 	// Close is a no-op on the nil objects of a failed Load.
 	return errors.Join(o.NsflowIngress.Close(), o.NsflowEgress.Close(), o.Rodata.Close(), o.NsflowMaps.Close(), o.slots.cookies.Close())
+}
+
+// preemptRT says whether the running kernel is PREEMPT_RT (its TC programs
+// are preemptible: nsflow.c adds its counters atomically there). The
+// kernel says so in /sys/kernel/realtime (RT patch sets and mainline since
+// 6.12) and in its version string (uname -v: "PREEMPT_RT").
+func preemptRT() bool {
+	if b, err := os.ReadFile("/sys/kernel/realtime"); err == nil && bytes.Equal(bytes.TrimSpace(b), []byte("1")) {
+		return true
+	}
+	b, err := os.ReadFile("/proc/sys/kernel/version")
+	return err == nil && bytes.Contains(b, []byte("PREEMPT_RT"))
 }

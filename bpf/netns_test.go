@@ -43,11 +43,15 @@ func loadSkbLayout(t testing.TB) skbLayout {
 	return l
 }
 
-// context is a struct __sk_buff with the named 32-bit fields set.
+// context is a struct __sk_buff with the named 32-bit fields set ("cb1"
+// names cb[1], ...).
 func (l skbLayout) context(fields map[string]uint32) []byte {
 	ctx := make([]byte, l.size)
 	for name, v := range fields {
 		off, ok := l.offsets[name]
+		if len(name) == 3 && name[:2] == "cb" {
+			off, ok = l.offsets["cb"]+4*uint32(name[2]-'0'), name[2] >= '0' && name[2] <= '4'
+		}
 		if !ok {
 			panic("struct __sk_buff has no field " + name)
 		}
@@ -105,7 +109,7 @@ func TestNetnsFromDevice(t *testing.T) {
 	w4.saddr, w6.saddr = src4, src6
 
 	wantTotals := map[NsflowObsKey]NsflowCounters{}
-	wantFlows := map[NsflowFlowKey]uint64{}
+	wantFlows := map[pointFlow]uint64{}
 	inNewNetns(t, func(netns uint32) error {
 		if netns == self {
 			return errors.New("still in the test's own namespace")
@@ -149,7 +153,7 @@ func TestNetnsFromDevice(t *testing.T) {
 			}
 		}()
 		tunIdx := uint32(tun.Attrs().Index)
-		p, err = stubFor(objs, NsflowObsKey{Netns: netns, Ifindex: tunIdx, Dir: uint8(RX)})
+		p, err = stubForHook(objs, Hook{Point: NsflowObsKey{Netns: netns, Ifindex: tunIdx, Dir: uint8(RX)}, Link: LinkNone})
 		if err != nil {
 			return err
 		}

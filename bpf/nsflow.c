@@ -17,8 +17,12 @@
  * - the parser, loaded once and shared by every hook, nsflow_ingress/egress:
  *   the stubs tail-call it (through account_progs) when it is needed: with
  *   per-flow accounting, and for GSO sk_buffs, which may stand for several
- *   packets on the wire (tx_segments, rx_segments). It learns the slot from the stub (handoff) and its flows'
- *   namespace from the packet itself (skb->dev->nd_net.net->ns.inum).
+ *   packets on the wire (tx_segments, rx_segments). It learns the slot and
+ *   the hook's link layer from the stub, through the packet's cb (handoff).
+ *   A flow is keyed by the slot: the slot names the observation point
+ *   (namespace, interface, direction), user space knows which. No program
+ *   reads the packet's device or namespace to attribute it, and none needs a
+ *   kfunc: they load on Linux 6.1.
  *
  * The programs never change a verdict: they always return TC_NEXT (TCX_NEXT
  * == TC_ACT_UNSPEC == -1), so the next program on the hook, or the kernel's
@@ -51,9 +55,22 @@ enum consts {
 	 * each copy of the stub before loading it (as Cilium templates its
 	 * programs). */
 	SLOT_TEMPLATE = 0x5107a11d,
+	/* The stub's link layer (enum link), patched like the slot. */
+	LINK_TEMPLATE = 0x11fe7a11,
+	/* cb[1] of a hand-off: cb[0] ^ HANDOFF_MAGIC (handoff below). */
+	HANDOFF_MAGIC = 0x4e5f4c57,
+	/* The highest slot a flow key can name (flow_key.slot is 16 bits):
+	 * user space never has more points. */
+	MAX_SLOTS = 65536,
 	/* How many IPv6 extension headers the parser walks before the
 	 * transport header; a frame with more keeps its flow, without ports. */
 	IPV6_MAX_EXT_HEADERS = 6,
+};
+
+/* What a hook's frames start with. */
+enum link {
+	LINK_NONE = 0,  /* the network header (tun, wireguard, ip tunnels) */
+	LINK_ETHER = 1, /* an Ethernet header (veth, bridges, lo, ...) */
 };
 
 enum direction {
@@ -74,15 +91,14 @@ struct counters {
 	__u64 bytes; /* skb->len at the hook: the L2 frame, Ethernet header included */
 };
 
-/* A flow as seen at one observation point. Ports are in host byte order;
- * for ICMP and ICMPv6 they carry the message type and code. */
+/* A flow as seen at one observation point: the slot of totals that names
+ * the point (user space maps it to namespace, interface and direction).
+ * 40 bytes. Ports are in host byte order; for ICMP and ICMPv6 they carry
+ * the message type and code. */
 struct flow_key {
-	__u32 netns;
-	__u32 ifindex;
-	__u8 dir;
+	__u16 slot;
 	__u8 family; /* 4 or 6 */
 	__u8 proto;  /* IPPROTO_* of the transport header (after IPv6 extensions) */
-	__u8 pad;
 	__u16 sport;
 	__u16 dport;
 	__u8 saddr[16]; /* IPv4 in the first 4 bytes */
@@ -105,7 +121,7 @@ enum stat {
 	STAT_FLOW_ERR = 2,    /* a new flow could not be inserted */
 	STAT_NON_IP = 3,      /* frames that carry no IPv4/IPv6 (ARP, ...): totals only */
 	STAT_TRUNCATED = 4,   /* IP frames too short to parse: totals only */
-	STAT_NO_DEV = 5,      /* sk_buff without a device: cannot be attributed */
+	STAT_NO_DEV = 5,      /* GSO sk_buffs whose device could not be read: counted as gso_segs */
 	STAT_EVENTS_LOST = 6, /* new-flow events dropped: the ring buffer was full */
 	STAT_MAX = 7,
 };
@@ -133,6 +149,8 @@ volatile const __u8 events_enabled = 0;
  * the number of possible CPUs + 1, above any sender_cpu that shares the
  * field at ingress, and at or below every real NAPI ID. */
 volatile const __u32 napi_id_min = 0xffffffff;
+/* Set on PREEMPT_RT kernels: counters are added atomically (below). */
+volatile const __u8 atomic_counts = 0;
 
 /* Exact totals, one slot per observation point, assigned by user space. */
 struct {
@@ -159,15 +177,6 @@ struct {
 	__type(value, __u32);
 } account_progs SEC(".maps");
 
-/* The slot + 1 a stub hands to the parser it tail-calls (0: none). Per CPU:
- * nothing runs on this CPU between the stub's write and the parser's read. */
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, __u32);
-} handoff SEC(".maps");
-
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_PERCPU_HASH);
 	__uint(max_entries, 65536);
@@ -189,17 +198,36 @@ struct {
 
 /* Force BTF for the types user space decodes (bpf2go -type). */
 const enum direction *unused_direction __attribute__((unused));
+const enum link *unused_link __attribute__((unused));
 const enum stat *unused_stat __attribute__((unused));
 const enum parse_result *unused_parse_result __attribute__((unused));
 const enum consts *unused_consts __attribute__((unused));
 const struct flow_event *unused_flow_event __attribute__((unused));
+
+/*
+ * add adds to a per-CPU counter. On a standard kernel TC programs run with
+ * bottom halves disabled, so nothing else on this CPU touches the value
+ * between the load and the store: a plain add is exact. On PREEMPT_RT a TC
+ * program runs preemptible (migration disabled only), and a kernel that no
+ * longer serializes bottom halves per CPU (the RT softirq lock is optional
+ * since 6.18) may run another packet's program on this CPU in between: the
+ * loader sets atomic_counts there, and the add is a locked one (on a line
+ * no other CPU writes: no contention, a few cycles more).
+ */
+static __always_inline void add(__u64 *p, __u64 v)
+{
+	if (atomic_counts)
+		__sync_fetch_and_add(p, v);
+	else
+		*p += v;
+}
 
 static __always_inline void stat_inc(__u32 idx)
 {
 	__u64 *v = bpf_map_lookup_elem(&stats, &idx);
 
 	if (v)
-		*v += 1;
+		add(v, 1);
 }
 
 static __always_inline void count_total(__u32 slot, __u32 packets, __u64 len)
@@ -210,9 +238,9 @@ static __always_inline void count_total(__u32 slot, __u32 packets, __u64 len)
 		stat_inc(STAT_TOTALS_FULL);
 		return;
 	}
-	/* Per-CPU value: no other CPU writes it, no atomics needed. */
-	c->packets += packets;
-	c->bytes += len;
+	/* Per-CPU value: no other CPU writes it (add). */
+	add(&c->packets, packets);
+	add(&c->bytes, len);
 }
 
 static __always_inline void emit_flow_event(struct flow_key *key)
@@ -259,8 +287,8 @@ static __always_inline void count_flow(struct flow_key *key, __u32 packets, __u6
 		if (!v->first_ns)
 			v->first_ns = now;
 	}
-	v->packets += packets;
-	v->bytes += len;
+	add(&v->packets, packets);
+	add(&v->bytes, len);
 	v->last_ns = now;
 	v->tcp_flags |= tcp_flags;
 }
@@ -464,6 +492,16 @@ static __always_inline __u64 intersect_features(__u64 f1, __u64 f2)
 }
 
 /*
+ * The kernel's sk_buff and net_device fields the GSO replay needs are read
+ * through bpf_probe_read_kernel with CO-RE offsets (relocated against the
+ * running kernel's BTF), from the context pointer itself: at run time a TC
+ * program's context is the sk_buff (the verifier rewrites every __sk_buff
+ * access into an access to it). No kfunc (bpf_cast_to_kern_ctx is 6.3+):
+ * these reads load on 6.1, and only GSO sk_buffs take them.
+ */
+#define SKB(ctx) ((struct sk_buff *)(ctx))
+
+/*
  * encap_hdr_len sets the headers each segment of an encapsulated (tunnel)
  * GSO packet repeats: the outer ones and the inner ones up to the inner
  * transport payload, as qdisc_pkt_len_init counts them
@@ -471,12 +509,11 @@ static __always_inline __u64 intersect_features(__u64 f1, __u64 f2)
  * the packet starts at the MAC header. Left as parsed (the outer headers)
  * if the inner transport header is not in the linear data.
  */
-static __always_inline void encap_hdr_len(struct __sk_buff *ctx, struct sk_buff *skb, __u32 gso_type,
-					  struct l4_info *l4i)
+static __always_inline void encap_hdr_len(struct __sk_buff *ctx, __u32 gso_type, struct l4_info *l4i)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
-	__u32 off = (__u32)skb->inner_transport_header - (__u32)skb->mac_header;
+	__u32 off = (__u32)BPF_CORE_READ(SKB(ctx), inner_transport_header) - (__u32)BPF_CORE_READ(SKB(ctx), mac_header);
 	__u8 *th;
 
 	if (off > 1024)
@@ -511,29 +548,41 @@ static __always_inline void encap_hdr_len(struct __sk_buff *ctx, struct sk_buff 
  * extension header checks on the inner headers (they read the outer ones).
  * docs/RELIABILITY.md lists what the tests cover.
  */
-static __always_inline __u32 tx_segments(struct __sk_buff *ctx, struct sk_buff *skb, struct net_device *dev,
-					 struct l4_info *l4i)
+static __always_inline __u32 tx_segments(struct __sk_buff *ctx, struct l4_info *l4i)
 {
-	struct skb_shared_info *si = (void *)(skb->head + skb->end);
+	struct sk_buff *skb = SKB(ctx);
+	struct net_device *dev = BPF_CORE_READ(skb, dev);
+	struct skb_shared_info *si;
 	__u32 segs = ctx->gso_segs;
 	__u32 gso_type = 0, max;
 	void *frag_list = 0;
-	__u64 f = dev->features, gso;
-	__u8 ip_summed = BPF_CORE_READ_BITFIELD(skb, ip_summed);
-	__u8 encap = BPF_CORE_READ_BITFIELD(skb, encapsulation);
+	__u64 f, gso;
+	__u8 ip_summed, encap;
 
+	if (!dev) {
+		stat_inc(STAT_NO_DEV);
+		return segs;
+	}
+	si = (void *)(BPF_CORE_READ(skb, head) + BPF_CORE_READ(skb, end));
+	ip_summed = BPF_CORE_READ_BITFIELD_PROBED(skb, ip_summed);
+	encap = BPF_CORE_READ_BITFIELD_PROBED(skb, encapsulation);
 	bpf_core_read(&gso_type, sizeof(gso_type), &si->gso_type);
 	bpf_core_read(&frag_list, sizeof(frag_list), &si->frag_list);
+	f = BPF_CORE_READ(dev, features);
 
 	/* gso_features_check */
-	max = ctx->protocol == bpf_htons(ETH_P_IPV6) ? dev->gso_max_size : dev->gso_ipv4_max_size;
-	if (segs > dev->gso_max_segs || ctx->len >= max || !gso_type) {
+	/* gso_ipv4_max_size is 6.3+; before, gso_max_size limits both. */
+	max = BPF_CORE_READ(dev, gso_max_size);
+	if (ctx->protocol != bpf_htons(ETH_P_IPV6) && bpf_core_field_exists(dev->gso_ipv4_max_size))
+		max = BPF_CORE_READ(dev, gso_ipv4_max_size);
+	if (segs > BPF_CORE_READ(dev, gso_max_segs) || ctx->len >= max || !gso_type) {
 		f &= ~F_GSO_MASK;
 	} else {
 		if (!(gso_type & GSO_PARTIAL))
-			f &= ~dev->gso_partial_features;
+			f &= ~BPF_CORE_READ(dev, gso_partial_features);
+		/* mangleid_features is 6.18.y and 6.19+; before, TSO_MANGLEID. */
 		if ((gso_type & GSO_TCPV4) && !encap && !l4i->ip_df)
-			f &= bpf_core_field_exists(dev->mangleid_features) ? ~dev->mangleid_features
+			f &= bpf_core_field_exists(dev->mangleid_features) ? ~BPF_CORE_READ(dev, mangleid_features)
 									   : ~F_TSO_MANGLEID;
 		/* NETIF_F_IPV6_CSUM (and TSO that depends on it) cannot handle
 		 * IPv6 extension headers. */
@@ -543,11 +592,11 @@ static __always_inline __u32 tx_segments(struct __sk_buff *ctx, struct sk_buff *
 			f &= ~(F_IPV6_CSUM | F_TSO6 | F_GSO_UDP_L4);
 	}
 	if (encap)
-		f &= dev->hw_enc_features;
+		f &= BPF_CORE_READ(dev, hw_enc_features);
 	if (ctx->vlan_present || ctx->protocol == bpf_htons(ETH_P_8021Q_) || ctx->protocol == bpf_htons(ETH_P_8021AD_))
 		/* The VLAN TX offload bits the kernel adds back change no GSO
 		 * or checksum bit: left out. */
-		f = intersect_features(f, dev->vlan_features);
+		f = intersect_features(f, BPF_CORE_READ(dev, vlan_features));
 	/* harmonize_features */
 	if (ip_summed != CSUM_NONE && !can_checksum(f, l4i->l3_proto))
 		f &= ~(F_CSUM_MASK | F_GSO_MASK);
@@ -562,7 +611,7 @@ static __always_inline __u32 tx_segments(struct __sk_buff *ctx, struct sk_buff *
 	/* Software GSO. Each segment of an encapsulated packet repeats the
 	 * inner headers too. */
 	if (encap)
-		encap_hdr_len(ctx, skb, gso_type, l4i);
+		encap_hdr_len(ctx, gso_type, l4i);
 	/* gso_segs segments; an untrusted source's (DODGY) count is
 	 * recomputed, as qdisc_pkt_len_init does. */
 	if ((gso_type & GSO_DODGY) && ctx->gso_size && l4i->hdr_len < ctx->len)
@@ -585,9 +634,10 @@ static __always_inline __u32 rx_segments(struct __sk_buff *ctx)
 	return ctx->napi_id >= napi_id_min ? ctx->gso_segs : 1; /* 0: counted as 1 */
 }
 
-/* Parses the frame into key (PARSE_FLOW: complete). */
-static __always_inline enum parse_result parse(struct __sk_buff *ctx, struct net_device *dev, struct flow_key *key,
-				 struct l4_info *l4i)
+/* Parses the frame into key (PARSE_FLOW: complete); link is the hook's
+ * enum link. */
+static __always_inline enum parse_result parse(struct __sk_buff *ctx, __u32 link, struct flow_key *key,
+					       struct l4_info *l4i)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
@@ -595,7 +645,7 @@ static __always_inline enum parse_result parse(struct __sk_buff *ctx, struct net
 	__u16 proto = ctx->protocol; /* network byte order */
 
 	/* Devices without a link-layer header (tun, wireguard) start at L3. */
-	if (dev->hard_header_len) {
+	if (link == LINK_ETHER) {
 		struct ethhdr *eth = data;
 
 		if ((void *)(eth + 1) > data_end)
@@ -626,68 +676,74 @@ static __always_inline __u32 parse_stat(enum parse_result res)
 	return res == PARSE_NON_IP ? STAT_NON_IP : STAT_TRUNCATED;
 }
 
-/* Counts into the slot a stub handed over (slot + 1; 0: none did, and the
- * packet has no slot to go to). */
-static __always_inline void count_handed(__u32 handed, __u32 packets, __u64 len)
-{
-	if (handed)
-		count_total(handed - 1, packets, len);
-	else
-		stat_inc(STAT_TOTALS_FULL);
-}
+/*
+ * The hand-off: a stub tells the parser it tail-calls its slot and its
+ * hook's link layer in the packet's control block, which is per packet
+ * (safe under PREEMPT_RT, where another packet's program may run on the
+ * same CPU between the stub and the parser) and survives the tail call:
+ * cb[0] = slot | link << 16, cb[1] = cb[0] ^ HANDOFF_MAGIC. __sk_buff->cb
+ * is qdisc_skb_cb's data, the TC layer's scratch: nothing before the hook
+ * leaves anything there for after it (at egress a qdisc initializes its own
+ * cb at enqueue, after the hook; at ingress the next layer, IP or a bridge,
+ * its own), and every TC program that passes state in it (Cilium's tail
+ * calls, for one) writes it before it reads. A parser run without a stub
+ * (attached directly) finds no matching pair and counts nothing; it
+ * clears cb[1] so that a later run on the same packet (another hook) never
+ * takes this hand-off for its own.
+ */
+struct handoff {
+	__u32 slot;
+	__u32 link;
+	__u8 ok;
+};
 
-/* Takes the slot a stub handed over: slot + 1, or 0 when none did. */
-static __always_inline __u32 take_slot(void)
+static __always_inline struct handoff take_handoff(struct __sk_buff *ctx)
 {
-	__u32 zero = 0, slot;
-	__u32 *h = bpf_map_lookup_elem(&handoff, &zero);
+	__u32 w = ctx->cb[0];
+	struct handoff h = {
+		.slot = w & 0xffff,
+		.link = (w >> 16) & 1,
+		.ok = ctx->cb[1] == (w ^ HANDOFF_MAGIC),
+	};
 
-	if (!h)
-		return 0;
-	slot = *h;
-	*h = 0;
-	return slot;
+	ctx->cb[1] = 0;
+	return h;
 }
 
 /* The parser: totals with GSO segments, then the flow. */
 static __always_inline int account(struct __sk_buff *ctx, __u8 dir)
 {
-	struct sk_buff *skb = bpf_cast_to_kern_ctx(ctx);
-	struct net_device *dev = skb->dev;
-	__u32 handed = take_slot();
+	struct handoff h = take_handoff(ctx);
 	__u64 bytes = ctx->len;
 	__u32 packets;
 
-	if (!dev) {
-		count_handed(handed, 1, bytes);
-		stat_inc(STAT_NO_DEV);
+	if (!h.ok) {
+		stat_inc(STAT_TOTALS_FULL);
 		return TC_NEXT;
 	}
 
 	struct flow_key fkey = {
-		.ifindex = ctx->ifindex,
-		.dir = dir,
+		.slot = h.slot,
 	};
 	struct l4_info l4i = {};
 	enum parse_result res = PARSE_NOT_YET;
 
 	packets = 1;
 	if (ctx->gso_size) {
-		res = parse(ctx, dev, &fkey, &l4i);
-		packets = dir == DIR_TX ? tx_segments(ctx, skb, dev, &l4i) : rx_segments(ctx);
+		res = parse(ctx, h.link, &fkey, &l4i);
+		packets = dir == DIR_TX ? tx_segments(ctx, &l4i) : rx_segments(ctx);
 		if (!packets)
 			packets = 1;
 		/* Each segment repeats the headers (qdisc_pkt_len_init). */
 		if (packets > 1 && res == PARSE_FLOW && l4i.hdr_len < bytes)
 			bytes += (packets - 1) * l4i.hdr_len;
 	}
-	count_handed(handed, packets, bytes);
+	count_total(h.slot, packets, bytes);
 
 	if (!flows_enabled)
 		return TC_NEXT;
-	fkey.netns = dev->nd_net.net->ns.inum;
 	if (res == PARSE_NOT_YET)
-		res = parse(ctx, dev, &fkey, &l4i);
+		res = parse(ctx, h.link, &fkey, &l4i);
 	if (res != PARSE_FLOW) {
 		stat_inc(parse_stat(res));
 		return TC_NEXT;
@@ -724,14 +780,15 @@ static __always_inline int stub(struct __sk_buff *ctx, __u32 dir)
 	/* gso_size, not gso_segs: an untrusted source's (DODGY) GSO packet
 	 * may carry gso_segs 0 until it is segmented. */
 	if (flows_enabled || ctx->gso_size) {
-		__u32 zero = 0;
-		__u32 *h = bpf_map_lookup_elem(&handoff, &zero);
+		__u64 link;
+		__u32 w;
 
-		if (h) {
-			*h = slot + 1;
-			bpf_tail_call(ctx, &account_progs, dir);
-			*h = 0;
-		}
+		asm volatile("%0 = %1" : "=r"(link) : "i"(LINK_TEMPLATE));
+		w = (__u32)slot | (__u32)link << 16;
+		ctx->cb[0] = w;
+		ctx->cb[1] = w ^ HANDOFF_MAGIC;
+		bpf_tail_call(ctx, &account_progs, dir);
+		ctx->cb[1] = 0;
 	}
 	count_total(slot, 1, ctx->len);
 	return TC_NEXT;

@@ -17,6 +17,9 @@ type NsflowConsts uint32
 
 const (
 	NsflowConstsSLOT_TEMPLATE       NsflowConsts = 1359454493
+	NsflowConstsLINK_TEMPLATE       NsflowConsts = 301890065
+	NsflowConstsHANDOFF_MAGIC       NsflowConsts = 1314868311
+	NsflowConstsMAX_SLOTS           NsflowConsts = 65536
 	NsflowConstsIPV6MAX_EXT_HEADERS NsflowConsts = 6
 )
 
@@ -40,17 +43,14 @@ type NsflowFlowEvent struct {
 }
 
 type NsflowFlowKey struct {
-	_       structs.HostLayout
-	Netns   uint32
-	Ifindex uint32
-	Dir     uint8
-	Family  uint8
-	Proto   uint8
-	Pad     uint8
-	Sport   uint16
-	Dport   uint16
-	Saddr   [16]uint8
-	Daddr   [16]uint8
+	_      structs.HostLayout
+	Slot   uint16
+	Family uint8
+	Proto  uint8
+	Sport  uint16
+	Dport  uint16
+	Saddr  [16]uint8
+	Daddr  [16]uint8
 }
 
 type NsflowFlowVal struct {
@@ -62,6 +62,13 @@ type NsflowFlowVal struct {
 	TcpFlags uint8
 	Pad      [7]uint8
 }
+
+type NsflowLink uint32
+
+const (
+	NsflowLinkLINK_NONE  NsflowLink = 0
+	NsflowLinkLINK_ETHER NsflowLink = 1
+)
 
 type NsflowObsKey struct {
 	_       structs.HostLayout
@@ -100,7 +107,6 @@ const (
 	NsflowMapAccountProgs       = "account_progs"
 	NsflowMapFlowEvents         = "flow_events"
 	NsflowMapFlows              = "flows"
-	NsflowMapHandoff            = "handoff"
 	NsflowMapPoints             = "points"
 	NsflowMapStats              = "stats"
 	NsflowMapTotals             = "totals"
@@ -108,12 +114,14 @@ const (
 	NsflowProgNsflowIngress     = "nsflow_ingress"
 	NsflowProgNsflowStubEgress  = "nsflow_stub_egress"
 	NsflowProgNsflowStubIngress = "nsflow_stub_ingress"
+	NsflowVarAtomicCounts       = "atomic_counts"
 	NsflowVarEventsEnabled      = "events_enabled"
 	NsflowVarFlowsEnabled       = "flows_enabled"
 	NsflowVarNapiIdMin          = "napi_id_min"
 	NsflowVarUnusedConsts       = "unused_consts"
 	NsflowVarUnusedDirection    = "unused_direction"
 	NsflowVarUnusedFlowEvent    = "unused_flow_event"
+	NsflowVarUnusedLink         = "unused_link"
 	NsflowVarUnusedParseResult  = "unused_parse_result"
 	NsflowVarUnusedStat         = "unused_stat"
 )
@@ -173,7 +181,6 @@ type NsflowMapSpecs struct {
 	AccountProgs *ebpf.MapSpec `ebpf:"account_progs"`
 	FlowEvents   *ebpf.MapSpec `ebpf:"flow_events"`
 	Flows        *ebpf.MapSpec `ebpf:"flows"`
-	Handoff      *ebpf.MapSpec `ebpf:"handoff"`
 	Points       *ebpf.MapSpec `ebpf:"points"`
 	Stats        *ebpf.MapSpec `ebpf:"stats"`
 	Totals       *ebpf.MapSpec `ebpf:"totals"`
@@ -183,12 +190,14 @@ type NsflowMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type NsflowVariableSpecs struct {
+	AtomicCounts      *ebpf.VariableSpec `ebpf:"atomic_counts"`
 	EventsEnabled     *ebpf.VariableSpec `ebpf:"events_enabled"`
 	FlowsEnabled      *ebpf.VariableSpec `ebpf:"flows_enabled"`
 	NapiIdMin         *ebpf.VariableSpec `ebpf:"napi_id_min"`
 	UnusedConsts      *ebpf.VariableSpec `ebpf:"unused_consts"`
 	UnusedDirection   *ebpf.VariableSpec `ebpf:"unused_direction"`
 	UnusedFlowEvent   *ebpf.VariableSpec `ebpf:"unused_flow_event"`
+	UnusedLink        *ebpf.VariableSpec `ebpf:"unused_link"`
 	UnusedParseResult *ebpf.VariableSpec `ebpf:"unused_parse_result"`
 	UnusedStat        *ebpf.VariableSpec `ebpf:"unused_stat"`
 }
@@ -216,7 +225,6 @@ type NsflowMaps struct {
 	AccountProgs *ebpf.Map `ebpf:"account_progs"`
 	FlowEvents   *ebpf.Map `ebpf:"flow_events"`
 	Flows        *ebpf.Map `ebpf:"flows"`
-	Handoff      *ebpf.Map `ebpf:"handoff"`
 	Points       *ebpf.Map `ebpf:"points"`
 	Stats        *ebpf.Map `ebpf:"stats"`
 	Totals       *ebpf.Map `ebpf:"totals"`
@@ -227,7 +235,6 @@ func (m *NsflowMaps) Close() error {
 		m.AccountProgs,
 		m.FlowEvents,
 		m.Flows,
-		m.Handoff,
 		m.Points,
 		m.Stats,
 		m.Totals,
@@ -238,12 +245,14 @@ func (m *NsflowMaps) Close() error {
 //
 // It can be passed to LoadNsflowObjects or ebpf.CollectionSpec.LoadAndAssign.
 type NsflowVariables struct {
+	AtomicCounts      *ebpf.Variable `ebpf:"atomic_counts"`
 	EventsEnabled     *ebpf.Variable `ebpf:"events_enabled"`
 	FlowsEnabled      *ebpf.Variable `ebpf:"flows_enabled"`
 	NapiIdMin         *ebpf.Variable `ebpf:"napi_id_min"`
 	UnusedConsts      *ebpf.Variable `ebpf:"unused_consts"`
 	UnusedDirection   *ebpf.Variable `ebpf:"unused_direction"`
 	UnusedFlowEvent   *ebpf.Variable `ebpf:"unused_flow_event"`
+	UnusedLink        *ebpf.Variable `ebpf:"unused_link"`
 	UnusedParseResult *ebpf.Variable `ebpf:"unused_parse_result"`
 	UnusedStat        *ebpf.Variable `ebpf:"unused_stat"`
 }

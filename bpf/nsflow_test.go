@@ -65,12 +65,18 @@ var stubs = struct {
 // stubFor returns the stub that counts into key's slot, loading it the
 // first time. Safe on any goroutine.
 func stubFor(objs *Objects, key NsflowObsKey) (*ebpf.Program, error) {
+	return stubForHook(objs, Hook{Point: key, Link: LinkEther})
+}
+
+// stubForHook is stubFor with the hook's link layer.
+func stubForHook(objs *Objects, h Hook) (*ebpf.Program, error) {
+	key := h.Point
 	stubs.Lock()
 	defer stubs.Unlock()
 	if p, ok := stubs.m[objs][key]; ok {
 		return p, nil
 	}
-	p, err := objs.Stub(key)
+	p, err := objs.StubFor(h)
 	if err != nil {
 		return nil, err
 	}
@@ -104,10 +110,18 @@ func dirName(dir Direction) string {
 	return "ingress"
 }
 
+// pointFlow is a flow key with its slot replaced by the observation point
+// the slot names (Slot 0).
+type pointFlow struct {
+	Netns, Ifindex uint32
+	Dir            uint8
+	NsflowFlowKey
+}
+
 // mapState is everything the programs wrote, per-CPU values summed.
 type mapState struct {
 	totals map[NsflowObsKey]NsflowCounters
-	flows  map[NsflowFlowKey]NsflowFlowVal
+	flows  map[pointFlow]NsflowFlowVal
 	stats  [NsflowStatSTAT_MAX]uint64
 }
 
@@ -115,7 +129,7 @@ type mapState struct {
 // point the points map names for each slot (points with no packet left out).
 func readMaps(t testing.TB, objs *Objects) mapState {
 	t.Helper()
-	st := mapState{totals: map[NsflowObsKey]NsflowCounters{}, flows: map[NsflowFlowKey]NsflowFlowVal{}}
+	st := mapState{totals: map[NsflowObsKey]NsflowCounters{}, flows: map[pointFlow]NsflowFlowVal{}}
 	slots := make([]uint32, objs.Points.MaxEntries())
 	points := make([]NsflowObsKey, objs.Points.MaxEntries())
 	var cursor ebpf.MapBatchCursor
@@ -158,7 +172,13 @@ func readMaps(t testing.TB, objs *Objects) mapState {
 			}
 			sum.LastNs = max(sum.LastNs, v.LastNs)
 		}
-		st.flows[fk] = sum
+		ok, found := objs.Point(uint32(fk.Slot))
+		if !found {
+			t.Fatalf("flow %+v: its slot names no point", fk)
+		}
+		pk := pointFlow{Netns: ok.Netns, Ifindex: ok.Ifindex, Dir: ok.Dir, NsflowFlowKey: fk}
+		pk.Slot = 0
+		st.flows[pk] = sum
 	}
 	if err := it.Err(); err != nil {
 		t.Fatal(err)
@@ -377,10 +397,10 @@ func TestLayout(t *testing.T) {
 		want int
 	}{
 		{"obs_key", NsflowObsKey{}, 12},
-		{"flow_key", NsflowFlowKey{}, 48},
+		{"flow_key", NsflowFlowKey{}, 40},
 		{"counters", NsflowCounters{}, 16},
 		{"flow_val", NsflowFlowVal{}, 40},
-		{"flow_event", NsflowFlowEvent{}, 56},
+		{"flow_event", NsflowFlowEvent{}, 48},
 	} {
 		if got := binary.Size(c.v); got != c.want {
 			t.Errorf("binary.Size(%s) = %d, want %d", c.name, got, c.want)
@@ -398,21 +418,21 @@ func TestLayout(t *testing.T) {
 			t.Errorf("map %s: %+v, want %+v", name, got, want)
 		}
 	}
+	ncpu := ebpf.MustPossibleCPU()
 	for _, c := range []struct {
-		name    string
-		opts    Options
-		entries uint32
+		name            string
+		opts            Options
+		entries, points uint32
 	}{
-		{"default", Options{}, DefaultFlowEntries},
-		{"FlowEntries", Options{FlowEntries: 1234}, 1234},
+		{"default", Options{}, DefaultFlowEntries(ncpu), DefaultMaxPoints(ncpu)},
+		{"sizes", Options{FlowEntries: 1234, MaxPoints: 100}, 1234, 100},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			objs := load(t, c.opts)
-			check(t, NsflowMapTotals, objs.Totals, shape{ebpf.PerCPUArray, 4, 16, 65536})
-			check(t, NsflowMapPoints, objs.Points, shape{ebpf.Array, 4, 12, 65536})
+			check(t, NsflowMapTotals, objs.Totals, shape{ebpf.PerCPUArray, 4, 16, c.points})
+			check(t, NsflowMapPoints, objs.Points, shape{ebpf.Array, 4, 12, c.points})
 			check(t, NsflowMapAccountProgs, objs.AccountProgs, shape{ebpf.ProgramArray, 4, 4, 2})
-			check(t, NsflowMapHandoff, objs.Handoff, shape{ebpf.PerCPUArray, 4, 4, 1})
-			check(t, NsflowMapFlows, objs.Flows, shape{ebpf.LRUCPUHash, 48, 40, c.entries})
+			check(t, NsflowMapFlows, objs.Flows, shape{ebpf.LRUCPUHash, 40, 40, c.entries})
 			check(t, NsflowMapStats, objs.Stats, shape{ebpf.PerCPUArray, 4, 8, uint32(NsflowStatSTAT_MAX)})
 			check(t, NsflowMapFlowEvents, objs.FlowEvents, shape{ebpf.RingBuf, 0, 0, 256 * 1024})
 		})

@@ -322,7 +322,7 @@ func rowResult(row frameRow) refResult {
 	if row.res != NsflowParseResultPARSE_FLOW {
 		return refResult{res: row.res}
 	}
-	return refResult{key: row.want.key(0, 0, 0), flags: row.want.flags}
+	return refResult{key: row.want.key(0, 0, 0).NsflowFlowKey, flags: row.want.flags}
 }
 
 // Both oracles agree with the hand-written table, row by row, so neither

@@ -67,8 +67,8 @@ func loadCookies(maxPoints uint32, pinPath string, onReplace func(string, error)
 // stay packed at the start of the array and a read of the totals stops at
 // high.
 type slots struct {
-	totals, points, cookies *ebpf.Map
-	ncpu                    int
+	totals, points, cookies, flows *ebpf.Map
+	ncpu                           int
 
 	mu       sync.Mutex
 	bySlot   map[uint32]NsflowObsKey
@@ -76,14 +76,16 @@ type slots struct {
 	cookieOf map[uint32]uint64 // by slot; absent: 0, unknown
 	used     []uint64          // bitmap of taken slots
 	high     uint32            // 1 + the highest taken slot
+
+	flowsDeleted uint64 // flows deleted with their points
 }
 
-func (s *slots) init(totals, points, cookies *ebpf.Map) error {
+func (s *slots) init(totals, points, cookies, flows *ebpf.Map) error {
 	ncpu, err := ebpf.PossibleCPU()
 	if err != nil {
 		return err
 	}
-	*s = slots{totals: totals, points: points, cookies: cookies, ncpu: ncpu,
+	*s = slots{totals: totals, points: points, cookies: cookies, flows: flows, ncpu: ncpu,
 		bySlot: map[uint32]NsflowObsKey{}, byKey: map[NsflowObsKey]uint32{}, cookieOf: map[uint32]uint64{},
 		used: make([]uint64, (totals.MaxEntries()+63)/64)}
 	// A pinned points map names the slots a previous process assigned.
@@ -138,6 +140,9 @@ func (s *slots) assign(key NsflowObsKey, cookie uint64) (uint32, error) {
 		if s.cookieOf[slot] == cookie {
 			return slot, nil
 		}
+		if err := s.deleteFlows(map[uint32]NsflowObsKey{slot: key}); err != nil {
+			return 0, err
+		}
 		if err := s.totals.Update(slot, make([]NsflowCounters, s.ncpu), ebpf.UpdateAny); err != nil {
 			return 0, fmt.Errorf("zero totals slot %d: %w", slot, err)
 		}
@@ -184,9 +189,10 @@ func (s *slots) setCookie(slot uint32, cookie uint64) error {
 	return nil
 }
 
-// release frees the slots of the matching points: their points entries are
-// cleared and their counters zeroed. Only call it once no stub counts into
-// them any more (their hooks are detached).
+// release frees the slots of the matching points: their flows are
+// deleted, their points entries cleared and their counters zeroed. Only
+// call it once no stub counts into them any more (their hooks are
+// detached).
 func (s *slots) release(match func(NsflowObsKey) bool) (int, error) {
 	return s.releaseWhere(func(_ uint32, key NsflowObsKey) bool { return match(key) })
 }
@@ -197,11 +203,23 @@ func (s *slots) releaseWhere(match func(slot uint32, key NsflowObsKey) bool) (in
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var errs []error
-	n := 0
+	free := map[uint32]NsflowObsKey{}
 	for slot, key := range s.bySlot {
-		if !match(slot, key) {
-			continue
+		if match(slot, key) {
+			free[slot] = key
 		}
+	}
+	if len(free) == 0 {
+		return 0, nil
+	}
+	// The flows first, while the slots are still taken: a flow key names
+	// its point by slot, and a slot handed out again must start without
+	// the flows of the point it counted before.
+	if err := s.deleteFlows(free); err != nil {
+		errs = append(errs, err)
+	}
+	n := 0
+	for slot, key := range free {
 		if err := s.points.Update(slot, NsflowObsKey{}, ebpf.UpdateAny); err != nil {
 			errs = append(errs, fmt.Errorf("clear point of slot %d: %w", slot, err))
 			continue
@@ -223,8 +241,63 @@ func (s *slots) releaseWhere(match func(slot uint32, key NsflowObsKey) bool) (in
 	return n, errors.Join(errs...)
 }
 
+// deleteFlows deletes the flows of the slots in free from the flow map,
+// counting them in flowsDeleted.
+func (s *slots) deleteFlows(free map[uint32]NsflowObsKey) error {
+	var fk NsflowFlowKey
+	var fv []NsflowFlowVal
+	var del []NsflowFlowKey
+	it := s.flows.Iterate()
+	for it.Next(&fk, &fv) {
+		if _, ok := free[uint32(fk.Slot)]; ok {
+			del = append(del, fk)
+		}
+	}
+	err := it.Err()
+	for _, k := range del {
+		if s.flows.Delete(k) == nil {
+			s.flowsDeleted++
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("read flows: %w", err)
+	}
+	return nil
+}
+
+// FlowsDeleted is how many flows releasing points deleted so far (what a
+// count of evictions must leave out: created - live - deleted).
+func (o *Objects) FlowsDeleted() uint64 {
+	s := &o.slots
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.flowsDeleted
+}
+
+// PointsBySlot returns every observation point that has a slot, by slot:
+// what a flow key's slot names.
+func (o *Objects) PointsBySlot() map[uint32]NsflowObsKey {
+	s := &o.slots
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make(map[uint32]NsflowObsKey, len(s.bySlot))
+	for slot, k := range s.bySlot {
+		out[slot] = k
+	}
+	return out
+}
+
+// Point returns the observation point of a slot.
+func (o *Objects) Point(slot uint32) (NsflowObsKey, bool) {
+	s := &o.slots
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	k, ok := s.bySlot[slot]
+	return k, ok
+}
+
 // ReleasePoints frees the totals slots of the observation points that
-// match: their counters are gone. Only call it once their hooks are
+// match: their counters and flows are gone. Only call it once their hooks are
 // detached. It returns how many it freed.
 func (o *Objects) ReleasePoints(match func(NsflowObsKey) bool) (int, error) {
 	return o.slots.release(match)

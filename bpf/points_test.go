@@ -184,7 +184,9 @@ func TestSlotsPinned(t *testing.T) {
 // The stub counts the packet itself when the parser is missing from
 // account_progs (the tail call fails): totals never miss a packet. The
 // parser run without a stub has no slot: it counts the packet as one the
-// totals could not take (STAT_TOTALS_FULL) and still records the flow.
+// totals could not take (STAT_TOTALS_FULL), and has no point to key a flow
+// by. The hand-off is the pair in cb[0] and cb[1]: a parser handed a slot
+// that way counts into it; a pair that does not match is no hand-off.
 func TestStubAndParserAlone(t *testing.T) {
 	objs := load(t, Options{})
 	udp := build(t, eth(layers.EthernetTypeIPv4), ipv4(layers.IPProtocolUDP), udpDgram(), payload(8))
@@ -206,11 +208,35 @@ func TestStubAndParserAlone(t *testing.T) {
 	clearMaps(t, objs)
 	run(t, objs.NsflowIngress, udp)
 	st = readMaps(t, objs)
-	if len(st.totals) != 0 || len(st.flows) != 1 {
-		t.Errorf("parser alone: totals %v, %d flows; want none, 1", st.totals, len(st.flows))
+	if len(st.totals) != 0 || len(st.flows) != 0 {
+		t.Errorf("parser alone: totals %v, %d flows; want none", st.totals, len(st.flows))
 	}
-	if want := [NsflowStatSTAT_MAX]uint64{NsflowStatSTAT_TOTALS_FULL: 1, NsflowStatSTAT_FLOW_NEW: 1}; st.stats != want {
+	if want := [NsflowStatSTAT_MAX]uint64{NsflowStatSTAT_TOTALS_FULL: 1}; st.stats != want {
 		t.Errorf("parser alone: stats %v, want %v", st.stats, want)
+	}
+
+	skb := loadSkbLayout(t)
+	slot := objs.Slots()[key]
+	w := slot | uint32(LinkEther)<<16
+	for _, c := range []struct {
+		name     string
+		cb0, cb1 uint32
+		handed   bool
+	}{
+		{"handed", w, w ^ uint32(NsflowConstsHANDOFF_MAGIC), true},
+		{"not a pair", w, w ^ uint32(NsflowConstsHANDOFF_MAGIC) ^ 1, false},
+	} {
+		clearMaps(t, objs)
+		runOpts(t, objs.NsflowIngress, &ebpf.RunOptions{Data: udp, Context: skb.context(map[string]uint32{"cb0": c.cb0, "cb1": c.cb1})})
+		st = readMaps(t, objs)
+		wantTotals, wantFlows, wantStats := map[NsflowObsKey]NsflowCounters{}, 0, [NsflowStatSTAT_MAX]uint64{NsflowStatSTAT_TOTALS_FULL: 1}
+		if c.handed {
+			wantTotals[key] = NsflowCounters{Packets: 1, Bytes: n}
+			wantFlows, wantStats = 1, [NsflowStatSTAT_MAX]uint64{NsflowStatSTAT_FLOW_NEW: 1}
+		}
+		if !equalMaps(st.totals, wantTotals) || len(st.flows) != wantFlows || st.stats != wantStats {
+			t.Errorf("%s: totals %v, %d flows, stats %v; want %v, %d, %v", c.name, st.totals, len(st.flows), st.stats, wantTotals, wantFlows, wantStats)
+		}
 	}
 }
 

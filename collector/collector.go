@@ -29,8 +29,13 @@ import (
 type Config struct {
 	// Mode selects the attach mechanism; empty means attach.ModeAuto.
 	Mode attach.Mode
-	// FlowEntries is the flow map's capacity; 0 means bpf.DefaultFlowEntries.
+	// FlowEntries is the flow map's capacity; 0 means
+	// bpf.DefaultFlowEntries for the node's CPUs.
 	FlowEntries uint32
+	// MaxPoints is how many hooks (two per interface) the totals can
+	// count, at most bpf.MaxPointsLimit; 0 means bpf.DefaultMaxPoints for
+	// the node's CPUs.
+	MaxPoints uint32
 	// NoFlows keeps only the exact per-interface totals.
 	NoFlows bool
 	// Events streams new flows (FlowEvents); the stream must then be read.
@@ -57,15 +62,12 @@ type Collector struct {
 	log  *slog.Logger
 	cfg  Config
 
-	mu         sync.Mutex
-	mode       attach.Mode // resolved: ModeTCX or ModeClsact
-	att        attach.Attacher
-	namespaces map[uint64]*namespace
-	hostIno    uint64 // the namespace nsflow runs in (HostVeths)
-	closed     bool
-	// flowsDeleted counts flow entries removed by Prune, so that LRU
-	// evictions can be told apart from deliberate deletions.
-	flowsDeleted uint64
+	mu           sync.Mutex
+	mode         attach.Mode // resolved: ModeTCX or ModeClsact
+	att          attach.Attacher
+	namespaces   map[uint64]*namespace
+	hostIno      uint64 // the namespace nsflow runs in (HostVeths)
+	closed       bool
 	attachErrors map[string]uint64
 	pins         *attach.Pins  // nil without PinPath
 	owner        *attach.Owner // names its clsact filters; holds the pin path's lock
@@ -164,7 +166,7 @@ func New(cfg Config) (*Collector, error) {
 	if err := CheckCapabilities(); err != nil {
 		return nil, err
 	}
-	opts := bpf.Options{FlowEntries: cfg.FlowEntries, NoFlows: cfg.NoFlows, Events: cfg.Events}
+	opts := bpf.Options{FlowEntries: cfg.FlowEntries, MaxPoints: cfg.MaxPoints, NoFlows: cfg.NoFlows, Events: cfg.Events}
 	var pins *attach.Pins
 	var owner *attach.Owner
 	if cfg.PinPath != "" {
@@ -488,7 +490,13 @@ func (c *Collector) attachLocked(ns *namespace, index int, name string) error {
 		i.name = name
 		return nil
 	}
-	progs, ids, err := c.stubsLocked(ns.inode, ns.cookie, index)
+	// What the interface's frames start with (an Ethernet header or the
+	// network header): the stubs hand it to the parser.
+	link := bpf.LinkEther
+	if l, lerr := ns.nl.LinkByIndex(index); lerr == nil {
+		link = bpf.LinkOf(l.Attrs().EncapType)
+	}
+	progs, ids, err := c.stubsLocked(ns.inode, ns.cookie, index, link)
 	var att attach.Attachment
 	if err == nil {
 		att, err = c.att.Attach(ns.handle, ns.nl, ns.cookie, index, progs)
@@ -516,12 +524,12 @@ func (c *Collector) attachLocked(ns *namespace, index int, name string) error {
 // stubsLocked loads the stubs for the two hooks of one interface, each
 // counting into its own observation point's slot of totals (a pinned one
 // only when recorded for the same namespace: cookie).
-func (c *Collector) stubsLocked(inode, cookie uint64, index int) (attach.Programs, []ebpf.ProgramID, error) {
+func (c *Collector) stubsLocked(inode, cookie uint64, index int, link bpf.Link) (attach.Programs, []ebpf.ProgramID, error) {
 	var progs [2]*ebpf.Program
 	var ids []ebpf.ProgramID
 	for _, dir := range []bpf.Direction{bpf.RX, bpf.TX} {
 		key := bpf.NsflowObsKey{Netns: uint32(inode), Ifindex: uint32(index), Dir: uint8(dir)}
-		p, err := c.objs.StubIn(key, cookie)
+		p, err := c.objs.StubFor(bpf.Hook{Point: key, Cookie: cookie, Link: link})
 		if err != nil {
 			if progs[bpf.RX] != nil {
 				progs[bpf.RX].Close()
@@ -639,29 +647,10 @@ func (c *Collector) Prune(before time.Time) error {
 // forget deletes the counters and flows of the matching observation points
 // from the maps.
 func (c *Collector) forget(match func(netns, ifindex uint32) bool) error {
-	var errs []error
+	// Releasing a point deletes its flows too (bpf.Objects.FlowsDeleted
+	// counts them), before its slot can be handed to another point.
 	_, err := c.objs.ReleasePoints(func(k bpf.NsflowObsKey) bool { return match(k.Netns, k.Ifindex) })
-	errs = append(errs, err)
-	var fk bpf.NsflowFlowKey
-	var fkeys []bpf.NsflowFlowKey
-	var fv []bpf.NsflowFlowVal
-	it := c.objs.Flows.Iterate()
-	for it.Next(&fk, &fv) {
-		if match(fk.Netns, fk.Ifindex) {
-			fkeys = append(fkeys, fk)
-		}
-	}
-	errs = append(errs, it.Err())
-	var deleted uint64
-	for _, k := range fkeys {
-		if err := c.objs.Flows.Delete(k); err == nil {
-			deleted++
-		}
-	}
-	c.mu.Lock()
-	c.flowsDeleted += deleted
-	c.mu.Unlock()
-	return errors.Join(errs...)
+	return err
 }
 
 // Rename changes the name a namespace is reported under.

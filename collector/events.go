@@ -55,7 +55,8 @@ func (r *EventReader) Read() (flow.Event, error) {
 	if err := binary.Read(bytes.NewReader(rec.RawSample), binary.NativeEndian, &ev); err != nil {
 		return flow.Event{}, fmt.Errorf("decode flow event: %w", err)
 	}
-	k := decodeKey(&ev.Key)
+	pt, _ := r.c.objs.Point(uint32(ev.Key.Slot))
+	k := decodeKey(&ev.Key, pt)
 	k.Netns, k.Interface = r.c.names(k.NetnsInode, k.Ifindex)
 	return flow.Event{Time: time.Unix(0, int64(ev.TsNs)+int64(r.offset)), Key: k}, nil
 }
@@ -77,12 +78,13 @@ func (c *Collector) names(ino uint64, idx int) (string, string) {
 	return nsName, ifName
 }
 
-// decodeKey turns a map key into a flow key without names.
-func decodeKey(k *bpf.NsflowFlowKey) flow.Key {
+// decodeKey turns a map key into a flow key without names; pt is the
+// observation point its slot names (bpf.Objects.Point).
+func decodeKey(k *bpf.NsflowFlowKey, pt bpf.NsflowObsKey) flow.Key {
 	f := flow.Key{
-		NetnsInode: uint64(k.Netns),
-		Ifindex:    int(k.Ifindex),
-		Direction:  direction(k.Dir),
+		NetnsInode: uint64(pt.Netns),
+		Ifindex:    int(pt.Ifindex),
+		Direction:  direction(pt.Dir),
 		Protocol:   flow.Protocol(k.Proto),
 		SrcPort:    k.Sport,
 		DstPort:    k.Dport,

@@ -61,7 +61,7 @@ func (c *Collector) snapshot(limit int) (*flow.Snapshot, error) {
 			}
 		}
 	}
-	flowsDeleted := c.flowsDeleted
+	flowsDeleted := c.objs.FlowsDeleted()
 	c.mu.Unlock()
 
 	snap := &flow.Snapshot{Time: time.Now()}
@@ -159,6 +159,7 @@ func (c *Collector) readFlows(limit int, name func(ino uint64, idx int) (string,
 		c.mu.Unlock()
 	}
 	n := 0
+	points := c.objs.PointsBySlot() // what each flow key's slot names
 	err := readPerCPU(c.objs.Flows, func(k *bpf.NsflowFlowKey, vals []bpf.NsflowFlowVal) {
 		if !keep {
 			for _, v := range vals {
@@ -169,7 +170,11 @@ func (c *Collector) readFlows(limit int, name func(ino uint64, idx int) (string,
 			}
 			return
 		}
-		f := flow.Flow{Key: decodeKey(k)}
+		pt, ok := points[uint32(k.Slot)]
+		if !ok {
+			return // its point released meanwhile (the flow is being deleted)
+		}
+		f := flow.Flow{Key: decodeKey(k, pt)}
 		f.Netns, f.Interface = name(f.NetnsInode, f.Ifindex)
 		var first, last uint64
 		for _, v := range vals {

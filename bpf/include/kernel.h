@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
- * Minimal CO-RE views of the kernel structures nsflow reads.
+ * Minimal CO-RE views of the kernel structures nsflow reads (through
+ * bpf_probe_read_kernel, for GSO sk_buffs only).
  *
  * A full vmlinux.h is 134k lines; these stubs name only the fields the
  * program dereferences. preserve_access_index makes clang emit CO-RE
@@ -12,21 +13,7 @@
 
 #include <linux/types.h>
 
-struct ns_common {
-	unsigned int inum;
-} __attribute__((preserve_access_index));
-
-struct net {
-	struct ns_common ns;
-} __attribute__((preserve_access_index));
-
-typedef struct {
-	struct net *net;
-} __attribute__((preserve_access_index)) possible_net_t;
-
 struct net_device {
-	possible_net_t nd_net;
-	unsigned short hard_header_len;
 	unsigned int gso_max_size;      /* GSO limit for IPv6 and others */
 	unsigned int gso_ipv4_max_size; /* GSO limit for IPv4 (6.3+) */
 	unsigned short gso_max_segs;    /* u16 in the kernel */
@@ -52,8 +39,5 @@ struct skb_shared_info {
 	struct sk_buff *frag_list;
 	unsigned int gso_type;
 } __attribute__((preserve_access_index));
-
-/* Kernel 6.3+: turns the __sk_buff context into the kernel's sk_buff. */
-extern void *bpf_cast_to_kern_ctx(void *obj) __ksym;
 
 #endif

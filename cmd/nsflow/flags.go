@@ -25,11 +25,19 @@ import (
 type attachFlags struct {
 	mode        string
 	flowEntries uint32
+	maxPoints   uint32
 }
 
 func (a *attachFlags) register(fs *pflag.FlagSet) {
 	fs.StringVar(&a.mode, "attach-mode", string(attach.ModeAuto), "how to attach: auto (TCX if the kernel has it, else clsact), tcx or clsact")
-	fs.Uint32Var(&a.flowEntries, "flow-entries", bpf.DefaultFlowEntries, "capacity of the flow map (flows beyond it are evicted, totals stay exact)")
+	fs.Uint32Var(&a.flowEntries, "flow-entries", 0, "capacity of the flow map (flows beyond it are evicted, totals stay exact); 0: sized for the node's CPUs, at most 65536 (docs/DEPLOY.md)")
+	fs.Uint32Var(&a.maxPoints, "max-hooks", 0, fmt.Sprintf("capacity of the totals in hooks, two per interface (interfaces beyond it are not attached); 0: sized for the node's CPUs; at most %d (docs/DEPLOY.md)", bpf.MaxPointsLimit))
+}
+
+// config returns the map sizes as collector settings.
+func (a *attachFlags) config(c collector.Config) collector.Config {
+	c.FlowEntries, c.MaxPoints = a.flowEntries, a.maxPoints
+	return c
 }
 
 func (a *attachFlags) validate() (attach.Mode, error) {
@@ -37,8 +45,8 @@ func (a *attachFlags) validate() (attach.Mode, error) {
 	if err != nil {
 		return "", usagef("--attach-mode: %v", err)
 	}
-	if a.flowEntries == 0 {
-		return "", usagef("--flow-entries must be at least 1")
+	if a.maxPoints > uint32(bpf.MaxPointsLimit) {
+		return "", usagef("--max-hooks must be at most %d", bpf.MaxPointsLimit)
 	}
 	return m, nil
 }

@@ -134,7 +134,7 @@ func (f *serveFlags) validate() (serveConfig, error) {
 	}
 	dc.Resync = f.resync
 	sc.session = session.Config{
-		Collector:   collector.Config{Mode: mode, FlowEntries: f.attach.flowEntries, HostVeths: dc.HostVeths},
+		Collector:   f.attach.config(collector.Config{Mode: mode, HostVeths: dc.HostVeths}),
 		Discovery:   &dc,
 		CRIInterval: f.cri.interval,
 		Prune:       true,

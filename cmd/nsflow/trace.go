@@ -92,6 +92,7 @@ type traceConfig struct {
 	sel         selection
 	mode        attach.Mode
 	flowEntries uint32
+	maxPoints   uint32
 	criEndpoint string
 	filter      *filter.Filter
 	sort        flow.SortKey
@@ -141,7 +142,7 @@ func (f *traceFlags) validate(args []string) (*traceConfig, error) {
 	if tc.mode, err = f.attach.validate(); err != nil {
 		return nil, err
 	}
-	tc.flowEntries = f.attach.flowEntries
+	tc.flowEntries, tc.maxPoints = f.attach.flowEntries, f.attach.maxPoints
 	if err := f.cri.validate(); err != nil {
 		return nil, err
 	}
@@ -161,7 +162,7 @@ func openSession(ctx context.Context, tc *traceConfig, log *slog.Logger) (*sessi
 	}
 	endpoint := (&criFlags{endpoint: tc.criEndpoint}).resolve()
 	return session.Open(ctx, session.Config{
-		Collector:   collector.Config{Mode: tc.mode, FlowEntries: tc.flowEntries, Logger: log, Events: tc.events, HostVeths: tc.sel.hostVeths},
+		Collector:   collector.Config{Mode: tc.mode, FlowEntries: tc.flowEntries, MaxPoints: tc.maxPoints, Logger: log, Events: tc.events, HostVeths: tc.sel.hostVeths},
 		Targets:     tc.sel.targets,
 		Discovery:   tc.sel.discovery,
 		WaitReady:   true,

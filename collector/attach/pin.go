@@ -20,8 +20,9 @@ import (
 // version whose map keys or values change bumps it; pinned state of another
 // layout is removed at start, with a log line, never misread. v3: points
 // carry their namespace's cookie (the cookies map), links are named after
-// it, clsact filters after their owner.
-const PinLayout = "v3"
+// it, clsact filters after their owner. v4: flows keyed by slot, the
+// stub hands the parser its slot in the packet's cb (no handoff map).
+const PinLayout = "v4"
 
 // DefaultPinPath is where --pin keeps nsflow's state on the bpffs.
 const DefaultPinPath = "/sys/fs/bpf/nsflow"

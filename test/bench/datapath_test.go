@@ -46,18 +46,35 @@ func emptyProgram(b *testing.B) *ebpf.Program {
 }
 
 // udpBlast sends n datagrams of size bytes from pod a; ports cycles the
-// destination port over that many values (1: one flow; more: a new flow per
-// packet until the ports wrap).
+// destination port over that many values (1: one flow). With more, every
+// packet is a new flow in every round: each run of ports packets comes
+// from a socket of its own (a new source port), all kept open until the
+// round ends, so no (source port, destination port) pair repeats, within
+// a round or across rounds (a socket's ephemeral port is never one that
+// another open socket holds).
 func udpBlast(b *testing.B, a *podns.Pod, dst netip.Addr, n, size, ports int) {
 	b.Helper()
-	var conn *net.UDPConn
-	if err := a.Do(func() (err error) { conn, err = net.ListenUDP("udp", nil); return err }); err != nil {
-		b.Fatal(err)
+	var conns []*net.UDPConn
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	open := func() *net.UDPConn {
+		var conn *net.UDPConn
+		if err := a.Do(func() (err error) { conn, err = net.ListenUDP("udp", nil); return err }); err != nil {
+			b.Fatal(err)
+		}
+		conns = append(conns, conn)
+		return conn
 	}
-	defer conn.Close()
+	conn := open()
 	payload := make([]byte, size)
 	deadline := time.Now().Add(60 * time.Second)
 	for i := 0; i < n && time.Now().Before(deadline); i++ {
+		if ports > 1 && i > 0 && i%ports == 0 {
+			conn = open()
+		}
 		port := 20000 + i%ports
 		if _, err := conn.WriteToUDPAddrPort(payload, netip.AddrPortFrom(dst, uint16(port))); err != nil {
 			b.Fatal(err)
