@@ -14,7 +14,10 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
 
+	"github.com/nsflow/nsflow/collector"
+	"github.com/nsflow/nsflow/collector/attach"
 	"github.com/nsflow/nsflow/collector/discovery"
 	"github.com/nsflow/nsflow/collector/flow"
 	"github.com/nsflow/nsflow/test/podns"
@@ -271,5 +274,213 @@ func TestCountOnce(t *testing.T) {
 		{inoA, "eth0", flow.TX}, {inoB, "eth0", flow.RX},
 		{0, a.HostVeth, flow.TX}, {0, a.HostVeth, flow.RX}, {0, b.HostVeth, flow.TX}, {0, b.HostVeth, flow.RX},
 		{0, c.HostVeth, flow.TX},
+	})
+}
+
+// onceRead reads the collector's counters of the pods' namespaces and of
+// the named host interfaces (inode hostIno), bracketed by two equal reads of
+// the kernel's.
+func onceRead(t *testing.T, c *collector.Collector, hostIno uint64, pods []*podns.Pod, host []string) (kernel, ours counts) {
+	t.Helper()
+	paths := map[uint64]string{}
+	for _, p := range pods {
+		paths[inodeOf(t, p)] = p.NetnsPath
+	}
+	read := func() counts {
+		k := kernelCounts(t, paths)
+		for p, v := range hostKernel(t, host) {
+			k[point{hostIno, p.iface, p.dir}] = v
+		}
+		return k
+	}
+	for try := 0; try < 200; try++ {
+		before := read()
+		snap, err := c.Snapshot()
+		if err != nil {
+			t.Fatalf("snapshot: %v", err)
+		}
+		after := read()
+		if !equalCounts(before, after) {
+			continue
+		}
+		ours = nsflowCounts(snap, paths)
+		for _, ns := range snap.Namespaces {
+			if ns.Inode != hostIno {
+				continue
+			}
+			for _, i := range ns.Interfaces {
+				for _, name := range host {
+					if i.Name == name {
+						ours[point{hostIno, name, flow.RX}] = i.RX
+						ours[point{hostIno, name, flow.TX}] = i.TX
+					}
+				}
+			}
+		}
+		return after, ours
+	}
+	t.Fatal("interfaces never quiet for one snapshot")
+	return nil, nil
+}
+
+// hostEndPeer returns the state and the peer the collector reports for a
+// host interface.
+func hostEndPeer(c *collector.Collector, hostIno uint64, name string) (flow.AttachState, string) {
+	for _, ns := range c.Interfaces() {
+		if ns.Inode == hostIno {
+			for _, i := range ns.Interfaces {
+				if i.Name == name {
+					return i.State, i.Peer
+				}
+			}
+		}
+	}
+	return "", ""
+}
+
+// The rule follows the namespaces and links as they change, in the
+// collector: a host end observed before its pod's namespace is left out
+// when the namespace is added (its eth0 attached first), and observed
+// again, exactly, when the namespace is removed (attached before the pod's
+// programs go); a veth made in the host with one end then moved into an
+// observed namespace, as CNI plugins do, has its host end left out once
+// the moved end is attached there (the host end gets no link event: the
+// moved end's DELLINK names it), and observed again when that end moves
+// back.
+func TestCountOnceTransitions(t *testing.T) {
+	testenv.RequireRoot(t)
+	pods := newPods(t, "10.213.218.0/24", "once-t-a", "once-t-b")
+	a, b := pods[0], pods[1]
+	c, err := collector.New(collector.Config{Mode: attach.ModeTCX})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	hostIno, err := c.Add(collector.Target{Name: "host", Path: "/proc/self/ns/net"})
+	if err != nil {
+		t.Logf("host: %v (interfaces of other tests vanish meanwhile)", err)
+	}
+	if st, _ := hostEndPeer(c, hostIno, a.HostVeth); st != flow.StateAttached {
+		t.Fatalf("a's host end before a is observed: %q, want attached", st)
+	}
+	inoA, err := c.Add(collector.Target{Name: a.Name, Path: a.NetnsPath})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st, peer := hostEndPeer(c, hostIno, a.HostVeth); st != flow.StatePeerObserved || peer != a.Name+"/eth0" {
+		t.Errorf("a's host end once a is observed: %q (peer %q), want peer-observed (%s/eth0)", st, peer, a.Name)
+	}
+	if st, _ := hostEndPeer(c, hostIno, b.HostVeth); st != flow.StateAttached {
+		t.Errorf("b's host end (b not observed): %q, want attached", st)
+	}
+	hostLinks := func(name string) int {
+		ids := map[ebpf.ProgramID]bool{}
+		for _, id := range c.ProgramIDs() {
+			ids[id] = true
+		}
+		l, err := netlink.LinkByName(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		n := 0
+		for _, at := range []ebpf.AttachType{ebpf.AttachTCXIngress, ebpf.AttachTCXEgress} {
+			r, err := link.QueryPrograms(link.QueryOptions{Target: l.Attrs().Index, Attach: at})
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, p := range r.Programs {
+				if ids[p.ID] {
+					n++
+				}
+			}
+		}
+		return n
+	}
+	if n := hostLinks(a.HostVeth); n != 0 {
+		t.Errorf("%d of the collector's programs on a's host end left out", n)
+	}
+
+	// Counted once: a's eth0 exact; its host end's counters (from before
+	// a was observed) frozen.
+	k0, o0 := onceRead(t, c, hostIno, []*podns.Pod{a}, []string{a.HostVeth, b.HostVeth})
+	onceTraffic(t, a, b)
+	k1, o1 := onceRead(t, c, hostIno, []*podns.Pod{a}, []string{a.HostVeth, b.HostVeth})
+	assertDeltas(t, "a observed", k0, o0, k1, o1, []point{
+		{inoA, "eth0", flow.TX}, {inoA, "eth0", flow.RX}, {hostIno, b.HostVeth, flow.TX}, {hostIno, b.HostVeth, flow.RX},
+	})
+	if o0[point{hostIno, a.HostVeth, flow.RX}] != o1[point{hostIno, a.HostVeth, flow.RX}] {
+		t.Errorf("a's host end left out still counts: %+v then %+v", o0[point{hostIno, a.HostVeth, flow.RX}], o1[point{hostIno, a.HostVeth, flow.RX}])
+	}
+
+	// a removed: its host end observed again, exactly.
+	c.Remove(inoA)
+	if st, _ := hostEndPeer(c, hostIno, a.HostVeth); st != flow.StateAttached {
+		t.Fatalf("a's host end once a is removed: %q, want attached", st)
+	}
+	if n := hostLinks(a.HostVeth); n != 2 {
+		t.Errorf("%d of the collector's programs on a's host end once a is removed, want 2", n)
+	}
+	k0, o0 = onceRead(t, c, hostIno, nil, []string{a.HostVeth})
+	onceTraffic(t, a, b)
+	k1, o1 = onceRead(t, c, hostIno, nil, []string{a.HostVeth})
+	assertDeltas(t, "a removed", k0, o0, k1, o1, []point{{hostIno, a.HostVeth, flow.TX}, {hostIno, a.HostVeth, flow.RX}})
+
+	// A veth made in the host, one end moved into b (observed).
+	inoB, err := c.Add(collector.Target{Name: b.Name, Path: b.NetnsPath})
+	if err != nil {
+		t.Fatal(err)
+	}
+	veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "once-th"}, PeerName: "once-tp"}
+	if err := netlink.LinkAdd(veth); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if l, err := netlink.LinkByName("once-th"); err == nil {
+			netlink.LinkDel(l)
+		}
+	})
+	waitUntil(t, 5*time.Second, "both ends attached in the host", func() bool {
+		s1, _ := hostEndPeer(c, hostIno, "once-th")
+		s2, _ := hostEndPeer(c, hostIno, "once-tp")
+		return s1 == flow.StateAttached && s2 == flow.StateAttached
+	})
+	tp, err := netlink.LinkByName("once-tp")
+	if err != nil {
+		t.Fatal(err)
+	}
+	hb, err := netns.GetFromPath(b.NetnsPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hb.Close()
+	if err := netlink.LinkSetNsFd(tp, int(hb)); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, 5*time.Second, "once-tp attached in b, once-th left out", func() bool {
+		st, peer := hostEndPeer(c, hostIno, "once-th")
+		return ifaceState(c, inoB, "once-tp") == flow.StateAttached && st == flow.StatePeerObserved && peer == b.Name+"/once-tp"
+	})
+	// Moved back: both ends in the host, both observed.
+	nlb, err := b.Netlink()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nlb.Close()
+	tpb, err := nlb.LinkByName("once-tp")
+	if err != nil {
+		t.Fatal(err)
+	}
+	self, err := netns.Get()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer self.Close()
+	if err := nlb.LinkSetNsFd(tpb, int(self)); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, 5*time.Second, "both ends observed in the host again", func() bool {
+		s1, _ := hostEndPeer(c, hostIno, "once-th")
+		s2, _ := hostEndPeer(c, hostIno, "once-tp")
+		return s1 == flow.StateAttached && s2 == flow.StateAttached
 	})
 }
