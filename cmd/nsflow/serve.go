@@ -74,7 +74,7 @@ the BPF maps at scrape time. SIGTERM or Ctrl-C detaches everything and exits.`,
 	fl.DurationVar(&f.grace, "netns.grace-period", 5*time.Minute, "keep the series of a deleted namespace this long, so its last increments are scraped")
 	fl.DurationVar(&f.resync, "netns.resync-interval", 30*time.Second, "safety-net full rescan interval (discovery is event driven)")
 	f.attach.register(fl)
-	fl.BoolVar(&f.flows, "flows", false, "export per-flow series (nsflow_flow_*_total)")
+	fl.BoolVar(&f.flows, "flows", false, "account and export per-flow series (nsflow_flow_*_total); off, only the exact per-interface totals are counted")
 	fl.IntVar(&f.maxFlowSeries, "flows.max-series", 1000, "at most this many flows per scrape, largest first")
 	f.log.register(fl)
 	f.cri.register(fl, true)
@@ -134,7 +134,9 @@ func (f *serveFlags) validate() (serveConfig, error) {
 	}
 	dc.Resync = f.resync
 	sc.session = session.Config{
-		Collector:   f.attach.config(collector.Config{Mode: mode, HostVeths: dc.HostVeths}),
+		// Without --flows no flow is exported, so none is accounted: the
+		// stubs count the totals alone (docs/BENCHMARKS.md, issue 17).
+		Collector:   f.attach.config(collector.Config{Mode: mode, HostVeths: dc.HostVeths, NoFlows: !f.flows}),
 		Discovery:   &dc,
 		CRIInterval: f.cri.interval,
 		Prune:       true,
