@@ -78,22 +78,33 @@ func (c *Collector) nsidLocked(ns *namespace) int {
 }
 
 // peerLocked returns the observed namespace of host nsid nsid and its
-// attached interface of that index, if any.
+// attached interface of that index, if any. Namespaces whose nsid is not
+// known yet are all asked at once on a miss (not one per miss: a host
+// listed after 1,000 pods would ask O(pods²) times).
 func (c *Collector) peerLocked(nsid, index int) (*namespace, *iface) {
 	host := c.hostLocked()
-	for _, cached := range []bool{true, false} {
+	find := func() *namespace {
 		for _, ns := range c.namespaces {
-			if ns == host || !ns.gone.IsZero() || (cached && ns.nsid < 0) || (!cached && ns.nsid >= 0) {
-				continue
+			if ns != host && ns.gone.IsZero() && ns.nsid == nsid {
+				return ns
 			}
-			if c.nsidLocked(ns) != nsid {
-				continue
-			}
-			if i := ns.ifaces[index]; i != nil && i.state == flow.StateAttached && i.gone.IsZero() {
-				return ns, i
-			}
-			return nil, nil
 		}
+		return nil
+	}
+	p := find()
+	if p == nil {
+		for _, ns := range c.namespaces {
+			if ns != host && ns.gone.IsZero() && ns.nsid < 0 {
+				c.nsidLocked(ns)
+			}
+		}
+		p = find()
+	}
+	if p == nil {
+		return nil, nil
+	}
+	if i := p.ifaces[index]; i != nil && i.state == flow.StateAttached && i.gone.IsZero() {
+		return p, i
 	}
 	return nil, nil
 }
