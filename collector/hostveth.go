@@ -143,11 +143,14 @@ func (c *Collector) skipLocked(ns *namespace, index int, name string, nsid, peer
 		i.name, i.peerNsid, i.peerIndex, i.peer = name, nsid, peerIndex, peer
 		return
 	}
-	if i == nil && (c.pins != nil || c.mode == attach.ModeClsact) {
-		// First sight: a previous process's pinned link or a dead
-		// process's clsact filter may be on it, counting twice (or into a
-		// slot handed to another point). Attaching adopts or sweeps them;
-		// detaching then removes them with ours.
+	if i == nil && c.mode == attach.ModeClsact {
+		// First sight: a dead process's clsact filter, or a previous
+		// pinned process's, may be on it, counting into a slot that is
+		// handed to another point once this one is forgotten. Attaching
+		// sweeps or adopts them; detaching removes them with ours. (A
+		// previous process's pinned TCX link, unclaimed, is released by
+		// DropStalePins after the first scan, and SweepStaleFilters covers
+		// observed namespaces under TCX: no attach needed, none paid for.)
 		if err := c.attachLocked(ns, index, name); err != nil {
 			c.log.Debug("clear hooks of a host end left out", "interface", name, "err", err)
 		}
