@@ -346,12 +346,17 @@ func hostEndPeer(c *collector.Collector, hostIno uint64, name string) (flow.Atta
 // observed namespace, as CNI plugins do, has its host end left out once
 // the moved end is attached there (the host end gets no link event: the
 // moved end's DELLINK names it), and observed again when that end moves
-// back.
+// back. Under TCX and clsact.
 func TestCountOnceTransitions(t *testing.T) {
 	testenv.RequireRoot(t)
 	pods := newPods(t, "10.213.218.0/24", "once-t-a", "once-t-b")
-	a, b := pods[0], pods[1]
-	c, err := collector.New(collector.Config{Mode: attach.ModeTCX})
+	for _, mode := range []attach.Mode{attach.ModeTCX, attach.ModeClsact} {
+		t.Run(string(mode), func(t *testing.T) { testCountOnceTransitions(t, mode, pods[0], pods[1]) })
+	}
+}
+
+func testCountOnceTransitions(t *testing.T, mode attach.Mode, a, b *podns.Pod) {
+	c, err := collector.New(collector.Config{Mode: mode})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -383,6 +388,17 @@ func TestCountOnceTransitions(t *testing.T) {
 			t.Fatal(err)
 		}
 		n := 0
+		if mode == attach.ModeClsact {
+			for _, parent := range []uint32{netlink.HANDLE_MIN_INGRESS, netlink.HANDLE_MIN_EGRESS} {
+				fs, _ := netlink.FilterList(l, parent) // an error: no clsact qdisc
+				for _, f := range fs {
+					if bf, ok := f.(*netlink.BpfFilter); ok && ids[ebpf.ProgramID(bf.Id)] {
+						n++
+					}
+				}
+			}
+			return n
+		}
 		for _, at := range []ebpf.AttachType{ebpf.AttachTCXIngress, ebpf.AttachTCXEgress} {
 			r, err := link.QueryPrograms(link.QueryOptions{Target: l.Attrs().Index, Attach: at})
 			if err != nil {
