@@ -350,12 +350,12 @@ func (s *setup) observe(t *testing.T, cfg collector.Config) *collector.Collector
 		t.Fatalf("collector (%s): %v", cfg.Mode, err)
 	}
 	t.Cleanup(func() { c.Close() })
-	t.Logf("attach mode %s: %s; %d CPUs", cfg.Mode, c.Mode(), runtime.NumCPU())
 	for _, n := range []*ns{s.a, s.b} {
 		if _, err := c.Add(collector.Target{Name: n.name, Path: n.path}); err != nil {
 			t.Fatalf("observe %s: %v", n.name, err)
 		}
 	}
+	t.Logf("attach mode %s: %s; %d CPUs", cfg.Mode, c.Mode(), runtime.NumCPU())
 	return c
 }
 

@@ -10,7 +10,8 @@
 # serial console. A kernel that hangs is killed after a timeout and reported
 # as failed. The running kernel is the matrix's last row: the same binaries,
 # run natively. The per-kernel table goes to stdout; the full serial logs to
-# $NSFLOW_KERNEL_CACHE/logs. Exit status: 0 only if every row passed.
+# $NSFLOW_KERNEL_CACHE/logs/<run>/ (logs/latest). Exit status: 0 only if
+# every row passed.
 #
 # Settings (environment):
 #   NSFLOW_KERNEL_CACHE    cache of packages, extracted kernels and logs
@@ -67,6 +68,13 @@ BUSYBOX=$(command -v busybox)
 mkdir -p "$CACHE/debs" "$CACHE/logs"
 WORK=$(mktemp -d /tmp/nsflow-kernels.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
+# Each run's logs in a directory of its own (runs may overlap), the newest
+# also as logs/latest; the last 20 runs are kept.
+LOGS=$CACHE/logs/$(date -u +%Y%m%dT%H%M%SZ)-$$
+mkdir -p "$LOGS" && ln -sfn "$LOGS" "$CACHE/logs/latest"
+ls -d "$CACHE"/logs/2*-* 2>/dev/null | sort | head -n -20 | xargs -r rm -rf
+# Fetching and extracting a kernel is serialized between runs.
+exec 9>"$CACHE/.lock"
 
 # --- the test binaries, static ---------------------------------------------
 t0=$(date +%s)
@@ -94,6 +102,7 @@ resolve() { # flavour or package -> package name of the unsigned image
 
 fetch() { # package -> extracted dir
 	local pkg=$1 dir=$CACHE/$1
+	flock 9
 	if [ ! -e "$dir/.ok" ]; then
 		local deb
 		deb=$(ls "$CACHE/debs/${pkg}_"*.deb 2>/dev/null | sort -V | tail -n1 || true)
@@ -105,6 +114,7 @@ fetch() { # package -> extracted dir
 		dpkg-deb -x "$deb" "$dir"
 		touch "$dir/.ok"
 	fi
+	flock -u 9
 	echo "$dir"
 }
 
@@ -220,7 +230,7 @@ for k in $KERNELS; do
 	for m in $MODULES; do addmod "$moddir" "$m" "$root/modules" "$root/modules.order"; done
 	write_init "$root"
 	( cd "$root" && find . | cpio -o -H newc --quiet ) | gzip -1 >"$WORK/initrd-$ver.gz"
-	log=$CACHE/logs/$ver.log
+	log=$LOGS/$ver.log
 	say "booting $ver (modules: $(tr '\n' ' ' <"$root/modules.order"); initrd $(du -m "$WORK/initrd-$ver.gz" | cut -f1) MiB; $ACCEL, $SMP vCPUs; log $log)"
 	t0=$(date +%s.%N)
 	rc=0
@@ -237,7 +247,7 @@ done
 # --- the running kernel: the same binaries, natively ------------------------
 if [ "$NATIVE" = 1 ]; then
 	ver=$(uname -r)
-	log=$CACHE/logs/native-$ver.log
+	log=$LOGS/native-$ver.log
 	say "running natively on $ver (log $log)"
 	t0=$(date +%s.%N)
 	{
