@@ -79,19 +79,25 @@ func BenchmarkStubLoad(b *testing.B) {
 // the GSO type through bpf_probe_read_kernel, the headers), against the
 // same frame without GSO (the stub alone). The context carries gso_segs and
 // gso_size (BPF_PROG_TEST_RUN's sk_buff has no GSO type: the decision takes
-// its software-segmentation branch). Wall time of one BPF_PROG_TEST_RUN
-// repeating the program b.N times, per run.
+// its software-segmentation branch). gso_probe_reads: the egress parser
+// of kernels without bpf_cast_to_kern_ctx (a probe read per kernel field).
+// Wall time of one BPF_PROG_TEST_RUN repeating the program b.N times, per
+// run.
 func BenchmarkGSO(b *testing.B) {
 	skb := loadSkbLayout(b)
 	frame := build(b, eth(layers.EthernetTypeIPv4), ipv4(layers.IPProtocolTCP), tcpSeg("A"), payload(1200))
 	stubOff := prog(b, load(b, Options{NoFlows: true}), TX)
+	stubProbe := prog(b, load(b, Options{NoFlows: true, ProbeReads: true}), TX)
 	for _, v := range []struct {
 		name   string
+		prog   *ebpf.Program
 		fields map[string]uint32
 	}{
-		{"not_gso/tcp4", nil},
-		{"gso/tcp4", map[string]uint32{"gso_segs": 3, "gso_size": 400}},
+		{"not_gso/tcp4", stubOff, nil},
+		{"gso/tcp4", stubOff, map[string]uint32{"gso_segs": 3, "gso_size": 400}},
+		{"gso_probe_reads/tcp4", stubProbe, map[string]uint32{"gso_segs": 3, "gso_size": 400}},
 	} {
+		stubOff := v.prog
 		b.Run(v.name, func(b *testing.B) {
 			opts := &ebpf.RunOptions{Data: frame, Context: skb.context(v.fields), Repeat: uint32(b.N)}
 			start := time.Now()

@@ -9,6 +9,8 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/btf"
+	"golang.org/x/sys/unix"
 )
 
 // Direction of an observation point, from the namespace's own view.
@@ -70,6 +72,16 @@ type Options struct {
 	// OnReplace is told about a pinned map that is incompatible with this
 	// version (another key/value layout or size) and is being replaced.
 	OnReplace func(name string, why error)
+	// ProbeReads loads the egress parser that reads the kernel's sk_buff
+	// through bpf_probe_read_kernel, as on kernels without the
+	// bpf_cast_to_kern_ctx kfunc, where the kernel has it too (tests,
+	// benchmarks).
+	ProbeReads bool
+	// NoCommonLRU creates the flow map with BPF_F_NO_COMMON_LRU: an LRU
+	// list per CPU instead of a common one (no shared lock on inserts,
+	// but each CPU holds only FlowEntries / CPUs of the flows it creates).
+	// A benchmark variant (docs/BENCHMARKS.md).
+	NoCommonLRU bool
 }
 
 // PinnedMaps are the maps pinned with Options.PinPath: the counters, what
@@ -94,6 +106,10 @@ type objects struct {
 // (Stub). The caller must Close them.
 type Objects struct {
 	objects
+	// KernCtx says which egress parser was loaded: true, the one that
+	// reads the GSO replay's kernel fields through bpf_cast_to_kern_ctx
+	// (the kernel has it: 6.3+); false, through bpf_probe_read_kernel.
+	KernCtx bool
 	stubs [2]*ebpf.ProgramSpec // by Direction, with map references resolved
 	slots slots
 }
@@ -113,6 +129,9 @@ func Load(opts Options) (*Objects, error) {
 		opts.FlowEntries = DefaultFlowEntries(ncpu)
 	}
 	spec.Maps[NsflowMapFlows].MaxEntries = opts.FlowEntries
+	if opts.NoCommonLRU {
+		spec.Maps[NsflowMapFlows].Flags |= unix.BPF_F_NO_COMMON_LRU
+	}
 	if opts.MaxPoints == 0 {
 		opts.MaxPoints = DefaultMaxPoints(ncpu)
 	}
@@ -166,7 +185,13 @@ func Load(opts Options) (*Objects, error) {
 		}
 		copts = &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: opts.PinPath}}
 	}
-	o := &Objects{}
+	// The egress parser: with bpf_cast_to_kern_ctx where the kernel's BTF
+	// has it (a feature probe, not a version), else with probe reads.
+	o := &Objects{KernCtx: !opts.ProbeReads && haveKernCtx()}
+	if o.KernCtx {
+		spec.Programs[NsflowProgNsflowEgress] = spec.Programs[NsflowProgNsflowEgressK]
+	}
+	delete(spec.Programs, NsflowProgNsflowEgressK)
 	if err := spec.LoadAndAssign(&o.objects, copts); err != nil {
 		var verr *ebpf.VerifierError
 		if errors.As(err, &verr) {
@@ -312,4 +337,15 @@ func preemptRT() bool {
 	}
 	b, err := os.ReadFile("/proc/sys/kernel/version")
 	return err == nil && bytes.Contains(b, []byte("PREEMPT_RT"))
+}
+
+// haveKernCtx says whether the running kernel has the bpf_cast_to_kern_ctx
+// kfunc (6.3+), from its BTF.
+func haveKernCtx() bool {
+	spec, err := btf.LoadKernelSpec()
+	if err != nil {
+		return false
+	}
+	var fn *btf.Func
+	return spec.TypeByName("bpf_cast_to_kern_ctx", &fn) == nil
 }

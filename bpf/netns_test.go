@@ -194,8 +194,21 @@ func TestNetnsFromDevice(t *testing.T) {
 // the limit count segments. Which real GSO packets a device takes whole
 // (TSO on, below gso_max_size) is tested end to end against the kernel's
 // interface counters (test/e2e/offload_test.go).
+//
+// Both egress parsers: the one that reads the kernel's fields through
+// bpf_cast_to_kern_ctx (where the kernel has it) and the one that reads them
+// through bpf_probe_read_kernel (kernels before 6.3).
 func TestGSOSegments(t *testing.T) {
-	objs := load(t, Options{})
+	for _, probe := range []bool{false, true} {
+		t.Run(map[bool]string{false: "kctx", true: "probe_reads"}[probe], func(t *testing.T) {
+			gsoSegments(t, Options{ProbeReads: probe})
+		})
+	}
+}
+
+func gsoSegments(t *testing.T, opts Options) {
+	objs := load(t, opts)
+	t.Logf("egress parser through bpf_cast_to_kern_ctx: %v", objs.KernCtx)
 	skb := loadSkbLayout(t)
 	const ipv4Max, ipv6Max = 1000, 2000 // lo's limits in the test's namespace
 	tcp4 := func(size int, opts ...layers.TCPOption) []byte {

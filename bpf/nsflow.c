@@ -492,14 +492,29 @@ static __always_inline __u64 intersect_features(__u64 f1, __u64 f2)
 }
 
 /*
- * The kernel's sk_buff and net_device fields the GSO replay needs are read
- * through bpf_probe_read_kernel with CO-RE offsets (relocated against the
- * running kernel's BTF), from the context pointer itself: at run time a TC
- * program's context is the sk_buff (the verifier rewrites every __sk_buff
- * access into an access to it). No kfunc (bpf_cast_to_kern_ctx is 6.3+):
- * these reads load on 6.1, and only GSO sk_buffs take them.
+ * The kernel's sk_buff and net_device fields the GSO replay needs, with
+ * CO-RE offsets (relocated against the running kernel's BTF), read one of
+ * two ways, chosen at load time (only GSO sk_buffs at egress read them):
+ *
+ * - kctx (nsflow_egress_k): where the kernel has the bpf_cast_to_kern_ctx
+ *   kfunc (6.3+; the loader looks for it in the kernel's BTF), the context
+ *   becomes a trusted sk_buff pointer and the fields are plain loads;
+ * - otherwise (nsflow_egress; 6.1, 6.2) through bpf_probe_read_kernel from
+ *   the context pointer itself: at run time a TC program's context is the
+ *   sk_buff (the verifier rewrites every __sk_buff access into an access to
+ *   it). A helper call per field: slower, still once per GSO packet.
+ *
+ * trusted is a constant in each program: the compiler keeps one way only.
  */
-#define SKB(ctx) ((struct sk_buff *)(ctx))
+extern void *bpf_cast_to_kern_ctx(void *obj) __ksym __weak;
+
+#define KREAD(trusted, p, f) ((trusted) ? (p)->f : BPF_CORE_READ(p, f))
+#define KREAD_BITFIELD(trusted, p, f) ((trusted) ? BPF_CORE_READ_BITFIELD(p, f) : BPF_CORE_READ_BITFIELD_PROBED(p, f))
+
+static __always_inline struct sk_buff *kskb(struct __sk_buff *ctx, int trusted)
+{
+	return trusted ? bpf_cast_to_kern_ctx(ctx) : (struct sk_buff *)ctx;
+}
 
 /*
  * encap_hdr_len sets the headers each segment of an encapsulated (tunnel)
@@ -509,11 +524,12 @@ static __always_inline __u64 intersect_features(__u64 f1, __u64 f2)
  * the packet starts at the MAC header. Left as parsed (the outer headers)
  * if the inner transport header is not in the linear data.
  */
-static __always_inline void encap_hdr_len(struct __sk_buff *ctx, __u32 gso_type, struct l4_info *l4i)
+static __always_inline void encap_hdr_len(struct __sk_buff *ctx, struct sk_buff *skb, int trusted, __u32 gso_type,
+					  struct l4_info *l4i)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
-	__u32 off = (__u32)BPF_CORE_READ(SKB(ctx), inner_transport_header) - (__u32)BPF_CORE_READ(SKB(ctx), mac_header);
+	__u32 off = (__u32)KREAD(trusted, skb, inner_transport_header) - (__u32)KREAD(trusted, skb, mac_header);
 	__u8 *th;
 
 	if (off > 1024)
@@ -548,10 +564,10 @@ static __always_inline void encap_hdr_len(struct __sk_buff *ctx, __u32 gso_type,
  * extension header checks on the inner headers (they read the outer ones).
  * docs/RELIABILITY.md lists what the tests cover.
  */
-static __always_inline __u32 tx_segments(struct __sk_buff *ctx, struct l4_info *l4i)
+static __always_inline __u32 tx_segments(struct __sk_buff *ctx, struct l4_info *l4i, int trusted)
 {
-	struct sk_buff *skb = SKB(ctx);
-	struct net_device *dev = BPF_CORE_READ(skb, dev);
+	struct sk_buff *skb = kskb(ctx, trusted);
+	struct net_device *dev;
 	struct skb_shared_info *si;
 	__u32 segs = ctx->gso_segs;
 	__u32 gso_type = 0, max;
@@ -559,30 +575,35 @@ static __always_inline __u32 tx_segments(struct __sk_buff *ctx, struct l4_info *
 	__u64 f, gso;
 	__u8 ip_summed, encap;
 
+	if (!skb) {
+		stat_inc(STAT_NO_DEV);
+		return segs;
+	}
+	dev = KREAD(trusted, skb, dev);
 	if (!dev) {
 		stat_inc(STAT_NO_DEV);
 		return segs;
 	}
-	si = (void *)(BPF_CORE_READ(skb, head) + BPF_CORE_READ(skb, end));
-	ip_summed = BPF_CORE_READ_BITFIELD_PROBED(skb, ip_summed);
-	encap = BPF_CORE_READ_BITFIELD_PROBED(skb, encapsulation);
+	si = (void *)(KREAD(trusted, skb, head) + KREAD(trusted, skb, end));
+	ip_summed = KREAD_BITFIELD(trusted, skb, ip_summed);
+	encap = KREAD_BITFIELD(trusted, skb, encapsulation);
 	bpf_core_read(&gso_type, sizeof(gso_type), &si->gso_type);
 	bpf_core_read(&frag_list, sizeof(frag_list), &si->frag_list);
-	f = BPF_CORE_READ(dev, features);
+	f = KREAD(trusted, dev, features);
 
 	/* gso_features_check */
 	/* gso_ipv4_max_size is 6.3+; before, gso_max_size limits both. */
-	max = BPF_CORE_READ(dev, gso_max_size);
+	max = KREAD(trusted, dev, gso_max_size);
 	if (ctx->protocol != bpf_htons(ETH_P_IPV6) && bpf_core_field_exists(dev->gso_ipv4_max_size))
-		max = BPF_CORE_READ(dev, gso_ipv4_max_size);
-	if (segs > BPF_CORE_READ(dev, gso_max_segs) || ctx->len >= max || !gso_type) {
+		max = KREAD(trusted, dev, gso_ipv4_max_size);
+	if (segs > KREAD(trusted, dev, gso_max_segs) || ctx->len >= max || !gso_type) {
 		f &= ~F_GSO_MASK;
 	} else {
 		if (!(gso_type & GSO_PARTIAL))
-			f &= ~BPF_CORE_READ(dev, gso_partial_features);
+			f &= ~KREAD(trusted, dev, gso_partial_features);
 		/* mangleid_features is 6.18.y and 6.19+; before, TSO_MANGLEID. */
 		if ((gso_type & GSO_TCPV4) && !encap && !l4i->ip_df)
-			f &= bpf_core_field_exists(dev->mangleid_features) ? ~BPF_CORE_READ(dev, mangleid_features)
+			f &= bpf_core_field_exists(dev->mangleid_features) ? ~KREAD(trusted, dev, mangleid_features)
 									   : ~F_TSO_MANGLEID;
 		/* NETIF_F_IPV6_CSUM (and TSO that depends on it) cannot handle
 		 * IPv6 extension headers. */
@@ -592,11 +613,11 @@ static __always_inline __u32 tx_segments(struct __sk_buff *ctx, struct l4_info *
 			f &= ~(F_IPV6_CSUM | F_TSO6 | F_GSO_UDP_L4);
 	}
 	if (encap)
-		f &= BPF_CORE_READ(dev, hw_enc_features);
+		f &= KREAD(trusted, dev, hw_enc_features);
 	if (ctx->vlan_present || ctx->protocol == bpf_htons(ETH_P_8021Q_) || ctx->protocol == bpf_htons(ETH_P_8021AD_))
 		/* The VLAN TX offload bits the kernel adds back change no GSO
 		 * or checksum bit: left out. */
-		f = intersect_features(f, BPF_CORE_READ(dev, vlan_features));
+		f = intersect_features(f, KREAD(trusted, dev, vlan_features));
 	/* harmonize_features */
 	if (ip_summed != CSUM_NONE && !can_checksum(f, l4i->l3_proto))
 		f &= ~(F_CSUM_MASK | F_GSO_MASK);
@@ -611,7 +632,7 @@ static __always_inline __u32 tx_segments(struct __sk_buff *ctx, struct l4_info *
 	/* Software GSO. Each segment of an encapsulated packet repeats the
 	 * inner headers too. */
 	if (encap)
-		encap_hdr_len(ctx, gso_type, l4i);
+		encap_hdr_len(ctx, skb, trusted, gso_type, l4i);
 	/* gso_segs segments; an untrusted source's (DODGY) count is
 	 * recomputed, as qdisc_pkt_len_init does. */
 	if ((gso_type & GSO_DODGY) && ctx->gso_size && l4i->hdr_len < ctx->len)
@@ -710,8 +731,9 @@ static __always_inline struct handoff take_handoff(struct __sk_buff *ctx)
 	return h;
 }
 
-/* The parser: totals with GSO segments, then the flow. */
-static __always_inline int account(struct __sk_buff *ctx, __u8 dir)
+/* The parser: totals with GSO segments, then the flow. trusted: the GSO
+ * replay reads through bpf_cast_to_kern_ctx (KREAD). */
+static __always_inline int account(struct __sk_buff *ctx, __u8 dir, int trusted)
 {
 	struct handoff h = take_handoff(ctx);
 	__u64 bytes = ctx->len;
@@ -731,7 +753,7 @@ static __always_inline int account(struct __sk_buff *ctx, __u8 dir)
 	packets = 1;
 	if (ctx->gso_size) {
 		res = parse(ctx, h.link, &fkey, &l4i);
-		packets = dir == DIR_TX ? tx_segments(ctx, &l4i) : rx_segments(ctx);
+		packets = dir == DIR_TX ? tx_segments(ctx, &l4i, trusted) : rx_segments(ctx);
 		if (!packets)
 			packets = 1;
 		/* Each segment repeats the headers (qdisc_pkt_len_init). */
@@ -755,13 +777,22 @@ static __always_inline int account(struct __sk_buff *ctx, __u8 dir)
 SEC("tc")
 int nsflow_ingress(struct __sk_buff *ctx)
 {
-	return account(ctx, DIR_RX);
+	return account(ctx, DIR_RX, 0);
 }
 
+/* The egress parser for kernels without bpf_cast_to_kern_ctx (probe reads). */
 SEC("tc")
 int nsflow_egress(struct __sk_buff *ctx)
 {
-	return account(ctx, DIR_TX);
+	return account(ctx, DIR_TX, 0);
+}
+
+/* The egress parser where the kernel has bpf_cast_to_kern_ctx: the loader
+ * loads it as nsflow_egress's replacement. */
+SEC("tc")
+int nsflow_egress_k(struct __sk_buff *ctx)
+{
+	return account(ctx, DIR_TX, 1);
 }
 
 /*

@@ -111,6 +111,7 @@ const (
 	NsflowMapStats              = "stats"
 	NsflowMapTotals             = "totals"
 	NsflowProgNsflowEgress      = "nsflow_egress"
+	NsflowProgNsflowEgressK     = "nsflow_egress_k"
 	NsflowProgNsflowIngress     = "nsflow_ingress"
 	NsflowProgNsflowStubEgress  = "nsflow_stub_egress"
 	NsflowProgNsflowStubIngress = "nsflow_stub_ingress"
@@ -169,6 +170,7 @@ type NsflowSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type NsflowProgramSpecs struct {
 	NsflowEgress      *ebpf.ProgramSpec `ebpf:"nsflow_egress"`
+	NsflowEgressK     *ebpf.ProgramSpec `ebpf:"nsflow_egress_k"`
 	NsflowIngress     *ebpf.ProgramSpec `ebpf:"nsflow_ingress"`
 	NsflowStubEgress  *ebpf.ProgramSpec `ebpf:"nsflow_stub_egress"`
 	NsflowStubIngress *ebpf.ProgramSpec `ebpf:"nsflow_stub_ingress"`
@@ -262,6 +264,7 @@ type NsflowVariables struct {
 // It can be passed to LoadNsflowObjects or ebpf.CollectionSpec.LoadAndAssign.
 type NsflowPrograms struct {
 	NsflowEgress      *ebpf.Program `ebpf:"nsflow_egress"`
+	NsflowEgressK     *ebpf.Program `ebpf:"nsflow_egress_k"`
 	NsflowIngress     *ebpf.Program `ebpf:"nsflow_ingress"`
 	NsflowStubEgress  *ebpf.Program `ebpf:"nsflow_stub_egress"`
 	NsflowStubIngress *ebpf.Program `ebpf:"nsflow_stub_ingress"`
@@ -270,6 +273,7 @@ type NsflowPrograms struct {
 func (p *NsflowPrograms) Close() error {
 	return _NsflowClose(
 		p.NsflowEgress,
+		p.NsflowEgressK,
 		p.NsflowIngress,
 		p.NsflowStubEgress,
 		p.NsflowStubIngress,

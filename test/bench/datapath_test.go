@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"sort"
 	"testing"
 	"time"
@@ -16,6 +17,7 @@ import (
 	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 
+	"github.com/nsflow/nsflow/bpf"
 	"github.com/nsflow/nsflow/collector"
 	"github.com/nsflow/nsflow/test/podns"
 	"github.com/nsflow/nsflow/test/testenv"
@@ -126,7 +128,10 @@ func BenchmarkDataPath(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer stats.Close()
-	pods := newPods(b, "10.213.150.0/24", "bench-dp-a", "bench-dp-b")
+	// Names of this run's own: a concurrent run elsewhere on the machine
+	// never shares its pods.
+	pre := fmt.Sprintf("dp%d", os.Getpid()%100000)
+	pods := newPods(b, "10.213.150.0/24", pre+"-a", pre+"-b")
 	a, bb := pods[0], pods[1]
 	var sink *net.UDPConn
 	if err := bb.Do(func() (err error) {
@@ -155,7 +160,14 @@ func BenchmarkDataPath(b *testing.B) {
 			}
 			// The stubs on the hooks measured (their run time includes the
 			// parser they tail-call): as the kernel lists them.
-			ing, egr := hookProgram(b, bb, "eth0", ebpf.AttachTCXIngress), hookProgram(b, a, "eth0", ebpf.AttachTCXEgress)
+			// Another observer on the machine (a trace --all, a serve)
+			// may attach its own stubs to these pods too: ours are the
+			// ones among the collector's programs.
+			ours := map[ebpf.ProgramID]bool{}
+			for _, id := range c.ProgramIDs() {
+				ours[id] = true
+			}
+			ing, egr := hookProgram(b, bb, "eth0", ebpf.AttachTCXIngress, ours), hookProgram(b, a, "eth0", ebpf.AttachTCXEgress, ours)
 			return ing, egr, func() {
 				ing.Close()
 				egr.Close()
@@ -163,6 +175,30 @@ func BenchmarkDataPath(b *testing.B) {
 					c.Remove(ino)
 				}
 			}
+		}
+	}
+	// bpfVariant loads nsflow's objects with opts and attaches the stubs
+	// of the two measured hooks alone (no collector).
+	bpfVariant := func(opts bpf.Options) func(b *testing.B) (*ebpf.Program, *ebpf.Program, func()) {
+		objs, err := bpf.Load(opts)
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { objs.Close() })
+		ing, err := objs.Stub(bpf.NsflowObsKey{Netns: 1, Ifindex: 1, Dir: uint8(bpf.RX)})
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { ing.Close() })
+		egr, err := objs.Stub(bpf.NsflowObsKey{Netns: 1, Ifindex: 2, Dir: uint8(bpf.TX)})
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { egr.Close() })
+		return func(b *testing.B) (*ebpf.Program, *ebpf.Program, func()) {
+			le := attachTCXLink(b, a, "eth0", egr, ebpf.AttachTCXEgress)
+			li := attachTCXLink(b, bb, "eth0", ing, ebpf.AttachTCXIngress)
+			return ing, egr, func() { le.Close(); li.Close() }
 		}
 	}
 	variants := []variant{
@@ -173,6 +209,10 @@ func BenchmarkDataPath(b *testing.B) {
 		}},
 		{"totals", collectorVariant(collector.Config{NoFlows: true})},
 		{"flows", collectorVariant(collector.Config{})},
+		// The stubs alone on the measured hooks (no collector, nothing on
+		// the pods' other hooks): the control for the map variant after it.
+		{"flows_direct", bpfVariant(bpf.Options{})},
+		{"flows_nocommonlru", bpfVariant(bpf.Options{NoCommonLRU: true})},
 	}
 
 	for _, tc := range []struct {
@@ -198,17 +238,27 @@ func BenchmarkDataPath(b *testing.B) {
 			for _, dir := range []string{"egress", "ingress"} {
 				e := median(rounds["empty_"+dir])
 				b.ReportMetric(e, "ns/empty_"+dir)
-				b.ReportMetric(median(rounds["totals_"+dir])-e, "ns_above_empty/totals_"+dir)
-				b.ReportMetric(median(rounds["flows_"+dir])-e, "ns_above_empty/flows_"+dir)
+				for _, v := range variants[1:] {
+					r := rounds[v.name+"_"+dir]
+					b.ReportMetric(median(r)-e, "ns_above_empty/"+v.name+"_"+dir)
+					// The spread: the lowest and highest round.
+					lo, hi := r[0], r[0]
+					for _, x := range r {
+						lo, hi = min(lo, x), max(hi, x)
+					}
+					b.ReportMetric(lo-e, "ns_above_empty_min/"+v.name+"_"+dir)
+					b.ReportMetric(hi-e, "ns_above_empty_max/"+v.name+"_"+dir)
+				}
 			}
 			fmt.Printf("%s: ns/run per round: %v\n", tc.name, rounds)
 		})
 	}
 }
 
-// hookProgram opens the one program the kernel lists on a TCX hook of pod
+// hookProgram opens the one program of ours (by ID) the kernel lists on a
+// TCX hook of pod
 // p's interface.
-func hookProgram(b *testing.B, p *podns.Pod, iface string, at ebpf.AttachType) *ebpf.Program {
+func hookProgram(b *testing.B, p *podns.Pod, iface string, at ebpf.AttachType, ours map[ebpf.ProgramID]bool) *ebpf.Program {
 	b.Helper()
 	var prog *ebpf.Program
 	if err := p.Do(func() error {
@@ -220,10 +270,16 @@ func hookProgram(b *testing.B, p *podns.Pod, iface string, at ebpf.AttachType) *
 		if err != nil {
 			return err
 		}
-		if len(q.Programs) != 1 {
-			return fmt.Errorf("%d programs on %s %s, want 1", len(q.Programs), iface, at)
+		var mine []ebpf.ProgramID
+		for _, qp := range q.Programs {
+			if ours[qp.ID] {
+				mine = append(mine, qp.ID)
+			}
 		}
-		prog, err = ebpf.NewProgramFromID(q.Programs[0].ID)
+		if len(mine) != 1 {
+			return fmt.Errorf("%d of our programs on %s %s (of %d), want 1", len(mine), iface, at, len(q.Programs))
+		}
+		prog, err = ebpf.NewProgramFromID(mine[0])
 		return err
 	}); err != nil {
 		b.Fatal(err)
