@@ -129,8 +129,8 @@ func (c *Collector) placeLocked(ns *namespace, l netlink.Link) error {
 		}
 	}
 	err := c.attachLocked(ns, a.Index, a.Name)
-	if i := ns.ifaces[a.Index]; i != nil && paired {
-		i.peerNsid, i.peerIndex = nsid, index
+	if i := ns.ifaces[a.Index]; i != nil {
+		i.peerNsid, i.peerIndex = nsid, index // a peer that moved back: none
 	}
 	return err
 }
