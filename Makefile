@@ -15,7 +15,7 @@ export BPF_CLANG
 export BPF2GO_CC := $(BPF_CLANG)
 # Debian packages the build, the tests and the demo need (clang-14 and llvm-14
 # only for `make generate`: exactly the pinned compiler, not Debian's default clang).
-DEB_PKGS  := clang-14 llvm-14 libbpf-dev linux-libc-dev bpftool iproute2 iputils-ping iperf3 ethtool tcpdump prometheus procps tmux libcap2-bin util-linux systemd docker.io iptables containerd runc containernetworking-plugins qemu-system-x86 busybox-static cpio
+DEB_PKGS  := clang-14 llvm-14 libbpf-dev linux-libc-dev bpftool iproute2 iputils-ping iperf3 ethtool tcpdump prometheus procps tmux libcap2-bin util-linux systemd docker.io iptables containerd runc containernetworking-plugins qemu-system-x86 busybox-static cpio softflowd pmacct
 TEST_TIMEOUT ?= 25m
 # Packages are tested one at a time: the end-to-end tests observe every
 # namespace of the node (serve's defaults, trace --all), so another
@@ -23,7 +23,7 @@ TEST_TIMEOUT ?= 25m
 # measure something else than they mean to.
 TEST_FLAGS   ?= -count=1 -p 1 -timeout $(TEST_TIMEOUT)
 
-.PHONY: bench-deps all build bpf-clang generate check-generate deps lint test test-kernels test-unit bench fuzz soak image demo clean
+.PHONY: bench-deps bench-throughput all build bpf-clang generate check-generate deps lint test test-kernels test-unit bench fuzz soak image demo clean
 
 all: build
 
@@ -109,9 +109,17 @@ bench-deps: deps
 bench: bench-deps
 	$(GO) test -run '^$$' -bench Program -benchtime 200000x -count 5 ./bpf/ | tee docs/bench/bpf.txt
 	$(GO) test -run '^$$' -bench StubLoad -benchtime 2000x -count 5 ./bpf/ | tee -a docs/bench/bpf.txt
-	$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 60m ./test/bench/ | tee docs/bench/macro.txt
+	$(GO) test -run '^$$' -bench . -skip Throughput -benchtime 1x -timeout 60m ./test/bench/ | tee docs/bench/macro.txt
 	./test/bench/plot.sh docs/bench/macro.txt docs/scale.png
 	$(GO) test -run '^$$' -bench ScrapeLoad -benchtime 300x ./exporter/ | tee docs/bench/scrape-load.raw
+	$(MAKE) bench-throughput
+
+## bench-throughput: CPU per packet at a fixed load and the rate at saturation,
+## nsflow serve next to tcpdump, softflowd and pmacctd, 20 interleaved rounds
+## (~20 min, as root, on a quiet machine); raw lines and table kept in
+## docs/bench/throughput.raw (docs/BENCHMARKS.md)
+bench-throughput: bench-deps
+	$(GO) test -run '^$$' -bench Throughput -benchtime 1x -timeout 90m ./test/bench/ | tee docs/bench/throughput.raw
 
 ## fuzz: bounded fuzzing of every parser (FUZZTIME per target; a count such
 ## as 100000x, because time budgets hit a race in Go 1.26's fuzz coordinator)

@@ -31,7 +31,7 @@ var (
 	buildErr  error
 )
 
-func nsflowBinary(b *testing.B) string {
+func nsflowBinary(b testing.TB) string {
 	buildOnce.Do(func() {
 		dir, err := os.MkdirTemp("", "nsflow-bench-")
 		if err != nil {
