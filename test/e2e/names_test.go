@@ -116,6 +116,11 @@ func TestHostileNames(t *testing.T) {
 	removeRawNetns(t, nsPath)
 	vethUp()
 	newRawNetns(t, nsPath)
+	// Counts are exact from the moment both hooks are attached: wait for
+	// them (nsflow list reads them back from the kernel).
+	waitHooks(t, a.NetnsPath, hostileA)
+	waitHooks(t, b.NetnsPath, hostileB)
+	waitHooks(t, nsPath, "lo")
 	pingIn(a, 3, "10.213.191.2")
 	pingNS(2)
 	// A namespace made on the inode of one just gone is a new namespace:
@@ -259,6 +264,55 @@ func removeRawNetns(t *testing.T, path string) {
 	if err := os.Remove(path); err != nil {
 		t.Errorf("remove %q: %v", path, err)
 	}
+}
+
+// waitHooks waits until both hooks of a namespace's interface hold an
+// nsflow program, as `nsflow list` reads them back from the kernel
+// (identified by inode and ifindex: JSON cannot carry a name that is not
+// UTF-8 exactly).
+func waitHooks(t *testing.T, nsPath, name string) {
+	t.Helper()
+	ino := nsInode(t, nsPath)
+	h, err := netns.GetFromPath(nsPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nl, err := netlink.NewHandleAt(h)
+	h.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := nl.LinkByName(name)
+	nl.Close()
+	if err != nil {
+		t.Fatalf("%q in %q: %v", name, nsPath, err)
+	}
+	idx := l.Attrs().Index
+	waitUntil(t, 20*time.Second, fmt.Sprintf("both hooks of %q attached", name), func() bool {
+		out, err := exec.Command(nsflowBin, "list", "-o", "json", "--cri.endpoint", "none").Output()
+		if err != nil {
+			return false
+		}
+		var nss []struct {
+			Inode      uint64 `json:"inode"`
+			Interfaces []struct {
+				Index   int    `json:"ifindex"`
+				Attach  string `json:"attach"`
+				Partial bool   `json:"partial"`
+			} `json:"interfaces"`
+		}
+		if json.Unmarshal(out, &nss) != nil {
+			return false
+		}
+		for _, ns := range nss {
+			for _, i := range ns.Interfaces {
+				if ns.Inode == ino && i.Index == idx {
+					return i.Attach != "none" && !i.Partial
+				}
+			}
+		}
+		return false
+	})
 }
 
 // nsInode is the inode of a namespace file.
