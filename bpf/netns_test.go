@@ -80,19 +80,19 @@ func inNewNetns(t *testing.T, fn func(netns uint32) error) {
 	}
 }
 
-// A flow's observation point is the packet's device: its namespace's inode
-// and its ifindex. Packets on the loopback device of another namespace, on
-// a veth and on a device without a link-layer header (tun) of that
-// namespace all land under that namespace, none under the test's own. (The
-// totals count into the slot of each hook's stub, by construction.)
+// A flow's observation point is its hook's: the stub's slot, which names
+// the namespace, interface and direction it was loaded for (the programs
+// read no device). Packets on the loopback device of another namespace, on
+// a veth and on a device without a link-layer header (tun, its stubs
+// loaded with LinkNone) of that namespace all land under their hooks'
+// points in that namespace, none under the test's own.
 func TestNetnsFromDevice(t *testing.T) {
 	objs := load(t, Options{})
 	skb := loadSkbLayout(t)
 	self := selfNetns(t)
 	udp4 := build(t, eth(layers.EthernetTypeIPv4), ipv4(layers.IPProtocolUDP), udpDgram(), payload(8))
-	// A tun device has no link-layer header (hard_header_len 0): the
-	// program takes the protocol from the sk_buff and parses from the first
-	// byte. BPF_PROG_TEST_RUN still derives skb->protocol from bytes 12-13
+	// A tun device has no link-layer header (ARPHRD_NONE: its stubs hand
+	// the parser LinkNone): the program parses from the first byte. BPF_PROG_TEST_RUN still derives skb->protocol from bytes 12-13
 	// as if they were an ethertype: 0x0800 (0x86dd) is put there, in the
 	// IPv4 (IPv6) source address.
 	src4, src6 := net.IP{8, 0, 0, 1}, net.ParseIP("2001:db8:86dd::1")
