@@ -58,14 +58,15 @@ func TestAddWhileInterfacesVanish(t *testing.T) {
 
 	start := time.Now()
 	n := 0
-	for ; n < 50 && time.Since(start) < 1500*time.Millisecond; n++ {
+	// Bounded by count, not by a time a loaded machine may not meet.
+	for ; n < 20 && time.Since(start) < 30*time.Second; n++ {
 		ino, err := c.Add(collector.Target{Name: name, Path: p.NetnsPath})
 		if err != nil {
 			t.Fatalf("Add #%d, %v into the churn: %v", n, time.Since(start), err)
 		}
 		c.Remove(ino)
 	}
-	if n < 10 {
+	if n < 20 {
 		t.Fatalf("only %d Adds in %v", n, time.Since(start))
 	}
 }

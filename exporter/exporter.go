@@ -138,12 +138,21 @@ func (e *Exporter) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
 	}
 
-	// Interfaces that share a label set are summed: an interface deleted
-	// and re-created under its name (or a namespace under its name) while
-	// the old one awaits its grace period, so that no two series share a
-	// label set, which would fail the whole scrape.
+	// No two series may share a label set (the whole scrape would fail):
+	// an interface deleted and re-created under its name (or a namespace
+	// under its name) while the old one awaits its grace period gives two
+	// points one label set. The live one is exported alone: its series
+	// restarts from its own count (a counter reset, which rate() and
+	// increase() handle), and the gone twin's last increments since the
+	// previous scrape are given up. Summing them would look continuous but
+	// drop by the gone one's count when it is pruned, a reset after which
+	// increase() counts the live interface's whole total a second time.
+	// Points that are all gone are summed.
 	type point = pointKey
-	type sum struct{ rx, tx flow.Counters }
+	type sum struct {
+		rx, tx flow.Counters
+		live   bool // the sum holds only live points
+	}
 	index := map[point]int{}
 	var points []point
 	var sums []sum
@@ -169,6 +178,13 @@ func (e *Exporter) Collect(ch chan<- prometheus.Metric) {
 				sums = append(sums, sum{})
 			}
 			s := &sums[k]
+			live := !ns.Gone && i.State != flow.StateDetached && i.State != ""
+			switch {
+			case live && !s.live:
+				*s = sum{live: true} // the live one replaces gone twins
+			case !live && s.live:
+				continue // a gone twin of a live one
+			}
 			s.rx.Packets += i.RX.Packets
 			s.rx.Bytes += i.RX.Bytes
 			s.tx.Packets += i.TX.Packets

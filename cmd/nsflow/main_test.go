@@ -129,6 +129,10 @@ func TestValidation(t *testing.T) {
 		{[]string{"serve", "extra"}, 2, "unknown command"},
 		{[]string{"serve", "--pin", "--pin.path", "/tmp/x"}, 2, "--pin.path"},
 		{[]string{"serve", "--pin", "--pin.path", "/sys/fs/bpf/x"}, 0, ""},
+		{[]string{"serve", "--web.max-requests", "0"}, 0, ""},
+		{[]string{"serve", "--web.max-requests", "-1"}, 2, "--web.max-requests"},
+		{[]string{"serve", "--web.scrape-timeout", "-1s"}, 2, "--web.scrape-timeout"},
+		{[]string{"serve", "--web.scrape-timeout", "0s"}, 0, ""},
 		// list
 		{[]string{"list"}, 0, ""},
 		{[]string{"list", "-o", "yaml"}, 2, "--output"},

@@ -252,6 +252,10 @@ loop:
 		select {
 		case <-wait.Done():
 			break loop
+		case err := <-sess.Done():
+			if err != nil {
+				return fmt.Errorf("discovery: %w", err)
+			}
 		case <-statusTick.C:
 			if status.enabled {
 				if snap, err := c.Snapshot(); err == nil {

@@ -134,6 +134,8 @@ func (d *Discovery) Run(ctx context.Context) error {
 	if d.cfg.Proc {
 		procEvents = make(chan netlink.ProcEvent, 1024)
 		procErrs := make(chan error, 16)
+		var wg sync.WaitGroup
+		defer wg.Wait() // after close(done) below: defers run last first
 		done := make(chan struct{})
 		defer close(done)
 		if err := netlink.ProcEventMonitor(procEvents, done, procErrs); err != nil {
@@ -142,10 +144,18 @@ func (d *Discovery) Run(ctx context.Context) error {
 			d.log.Warn("proc connector unavailable: process namespaces found by rescan only", "err", err)
 			procEvents = nil
 		} else {
+			// The monitor never closes procErrs: stop on done.
+			wg.Add(1)
 			go func() {
-				for err := range procErrs {
-					d.log.Debug("proc events", "err", err)
-					d.trigger() // events may be lost: rescan
+				defer wg.Done()
+				for {
+					select {
+					case <-done:
+						return
+					case err := <-procErrs:
+						d.log.Debug("proc events", "err", err)
+						d.trigger() // events may be lost: rescan
+					}
 				}
 			}()
 		}

@@ -81,7 +81,11 @@ func (w *Watch) Run(fn func(netlink.LinkUpdate)) error {
 				rerr = err
 				return true
 			}
-			msgs, rerr = syscall.ParseNetlinkMessage((*bp)[:n])
+			// The messages are read after the buffer went back to the
+			// pool (another namespace's watch may receive into it at once),
+			// and the links decoded from them keep slices of their bytes:
+			// parse a copy of what arrived.
+			msgs, rerr = syscall.ParseNetlinkMessage(append([]byte(nil), (*bp)[:n]...))
 			return true
 		})
 		if err == nil {

@@ -8,6 +8,7 @@ package session
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"sync"
 	"sync/atomic"
@@ -150,6 +151,13 @@ func Open(ctx context.Context, cfg Config) (*Session, error) {
 	if cfg.WaitReady {
 		select {
 		case <-s.ready:
+		case err := <-s.errc:
+			if err == nil { // stopped by ctx
+				break
+			}
+			// Discovery failed before its first scan was done (e.g. no
+			// inotify instance left): say so rather than wait forever.
+			return nil, errors.Join(fmt.Errorf("discovery: %w", err), s.Close())
 		case <-ctx.Done():
 		}
 	}

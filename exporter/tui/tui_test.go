@@ -79,3 +79,40 @@ func TestModel(t *testing.T) {
 		t.Error("q does not quit")
 	}
 }
+
+// Names a tenant chose reach the screen escaped: the view holds no control
+// character but the line ends (and no byte that is not UTF-8), whatever
+// the namespace, pod and interface are called.
+func TestHostileNamesOnScreen(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	hostile := func(at time.Time) *flow.Snapshot {
+		s := snap(at, 5, 5)
+		s.Namespaces[0].Name = "w\x1b[2J\xff"
+		s.Namespaces[0].Interfaces[0].Name = "\x1b[31mred"
+		s.Namespaces = append(s.Namespaces, flow.NamespaceStats{Name: "p", Inode: 8,
+			Pod:        &flow.PodInfo{Name: "x\u202ey", Namespace: "n\x07"},
+			Interfaces: []flow.InterfaceStats{{Name: "lo", Index: 1}}})
+		for i := range s.Flows {
+			s.Flows[i].Netns, s.Flows[i].Interface = s.Namespaces[0].Name, s.Namespaces[0].Interfaces[0].Name
+		}
+		return s
+	}
+	m, err := New(Config{Interval: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.Update(tea.WindowSizeMsg{Width: 200, Height: 40})
+	m.Update(snapMsg{snap: hostile(t0)})
+	m.Update(snapMsg{snap: hostile(t0.Add(time.Second))})
+	v := m.View()
+	for _, r := range v {
+		if (r < 0x20 && r != '\n') || r == 0x7f || (r >= 0x80 && r <= 0x9f) || r == 0x202e || r == 0xfffd {
+			t.Fatalf("view holds %U:\n%q", r, v)
+		}
+	}
+	for _, want := range []string{flow.SafeName("\x1b[31mred"), flow.SafeName("w\x1b[2J\xff")[:10]} {
+		if !strings.Contains(v, want) {
+			t.Errorf("view lacks %q:\n%s", want, v)
+		}
+	}
+}
