@@ -110,8 +110,8 @@ type Objects struct {
 	// reads the GSO replay's kernel fields through bpf_cast_to_kern_ctx
 	// (the kernel has it: 6.3+); false, through bpf_probe_read_kernel.
 	KernCtx bool
-	stubs [2]*ebpf.ProgramSpec // by Direction, with map references resolved
-	slots slots
+	stubs   [2]*ebpf.ProgramSpec // by Direction, with map references resolved
+	slots   slots
 }
 
 // Load loads nsflow's programs and maps into the kernel. The caller owns the

@@ -8,27 +8,27 @@ import (
 
 // Kernel memory. Per-CPU maps cost their values once per *possible* CPU,
 // charged to the memory cgroup of the process that creates them: at
-// 65,536 points and 65,536 flows the totals and the flows cost ~3.5 MiB per
-// CPU, 230 MiB on a 64-CPU node. The default capacities are therefore
-// derived from the node's possible CPUs so that the maps stay within a
-// fixed budget whatever the CPU count (TestKernelMemory): the totals within
-// TotalsBudget, the flows within FlowsBudget.
+// 65,536 points the totals cost 1 MiB per CPU, 64 MiB on a 64-CPU node.
+// The default capacities are therefore derived from the node's possible
+// CPUs so that the maps stay within a fixed budget whatever the CPU count
+// (TestKernelMemory): the totals within TotalsBudget, the flows (shared
+// values, not per-CPU: ~9.4 MiB at 65,536 on any node) within FlowsBudget.
 const (
 	// TotalsBudget bounds the default totals map (per-CPU array).
-	TotalsBudget = 16 << 20
-	// FlowsBudget bounds the default flow map (LRU per-CPU hash).
+	TotalsBudget = 32 << 20
+	// FlowsBudget bounds the default flow map (LRU hash).
 	FlowsBudget = 32 << 20
 	// defaultCap is the largest default capacity of either map.
 	defaultCap = 65536
 	// minCap is the smallest: a node with more CPUs than the budgets
-	// allow for (over 1,024 for the totals) still gets this many.
+	// allow for (over 2,000 for the totals) still gets this many.
 	minCap = 1024
 )
 
 // DefaultMaxPoints is the totals' capacity for a node of ncpu possible
 // CPUs: the most observation points (a power of two, at most 65,536) whose
-// per-CPU counters fit TotalsBudget: 65,536 at 2 CPUs, 8,192 (4,096
-// interfaces) at 64, 2,048 at 256 (TestKernelMemory).
+// per-CPU counters fit TotalsBudget: 65,536 at 2 CPUs, 16,384 (8,192
+// interfaces) at 64, 4,096 at 256 (TestKernelMemory).
 func DefaultMaxPoints(ncpu int) uint32 {
 	n := uint32(defaultCap)
 	for n > minCap && MapMemory(totalsShape(n), ncpu) > TotalsBudget {
@@ -38,9 +38,9 @@ func DefaultMaxPoints(ncpu int) uint32 {
 }
 
 // DefaultFlowEntries is the flow map's capacity for a node of ncpu possible
-// CPUs: the most flows (a multiple of 1,024, at most 65,536) whose
-// elements and per-CPU values fit FlowsBudget: 65,536 at 2 CPUs, 12,288
-// at 64, 3,072 at 256 (TestKernelMemory).
+// CPUs: the most flows (a multiple of 1,024, at most 65,536) that fit
+// FlowsBudget: 65,536 on any node of up to ~700,000 CPUs (only the bucket
+// locks grow with the CPUs; TestKernelMemory).
 func DefaultFlowEntries(ncpu int) uint32 {
 	n := uint32(defaultCap)
 	for n > minCap && MapMemory(flowsShape(n), ncpu) > FlowsBudget {
@@ -62,7 +62,7 @@ func totalsShape(n uint32) MapShape {
 }
 
 func flowsShape(n uint32) MapShape {
-	return MapShape{ebpf.LRUCPUHash, 40, 40, n}
+	return MapShape{ebpf.LRUHash, 40, 40, n}
 }
 
 func roundUp8(n uint64) uint64 { return (n + 7) &^ 7 }

@@ -59,7 +59,7 @@ func TestKernelMemory(t *testing.T) {
 		ncpu   int
 		points uint32
 		flows  uint32
-	}{{2, 65536, 65536}, {64, 8192, 12288}, {256, 2048, 3072}} {
+	}{{2, 65536, 65536}, {64, 16384, 65536}, {256, 4096, 65536}} {
 		t.Run(fmt.Sprint(c.ncpu), func(t *testing.T) {
 			if p, f := DefaultMaxPoints(c.ncpu), DefaultFlowEntries(c.ncpu); p != c.points || f != c.flows {
 				t.Errorf("defaults at %d CPUs: %d points, %d flows; want %d, %d", c.ncpu, p, f, c.points, c.flows)
@@ -82,5 +82,20 @@ func TestKernelMemory(t *testing.T) {
 				}
 			}
 		})
+	}
+	// Whatever the CPU count: the totals within their budget, the flows
+	// within theirs, all of it within 43 MiB (docs/DEPLOY.md).
+	for ncpu := 1; ncpu <= 1024; ncpu++ {
+		m, err := KernelMemory(Options{Events: true}, ncpu)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var total uint64
+		for _, v := range m {
+			total += v
+		}
+		if m[NsflowMapTotals] > TotalsBudget || m[NsflowMapFlows] > FlowsBudget || total > 43<<20 {
+			t.Fatalf("%d CPUs: totals %d, flows %d, all %d bytes", ncpu, m[NsflowMapTotals], m[NsflowMapFlows], total)
+		}
 	}
 }

@@ -108,7 +108,7 @@ struct flow_key {
 struct flow_val {
 	__u64 packets;
 	__u64 bytes;
-	__u64 first_ns; /* CLOCK_MONOTONIC_COARSE, 0 on CPUs that never saw it */
+	__u64 first_ns; /* CLOCK_MONOTONIC_COARSE */
 	__u64 last_ns;
 	__u8 tcp_flags; /* OR of the TCP flags seen */
 	__u8 pad[7];
@@ -177,8 +177,12 @@ struct {
 	__type(value, __u32);
 } account_progs SEC(".maps");
 
+/* The flows: one value shared by every CPU, updated with atomic adds (not
+ * per-CPU: a per-CPU value costs its size once per possible CPU, and the
+ * kernel initializes every CPU's copy at each insert, so both the memory
+ * and a new flow's cost would grow with the CPU count; docs/BENCHMARKS.md). */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_PERCPU_HASH);
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
 	__type(key, struct flow_key);
 	__type(value, struct flow_val);
@@ -278,19 +282,23 @@ static __always_inline void count_flow(struct flow_key *key, __u32 packets, __u6
 				emit_flow_event(key);
 			return;
 		}
+		/* Another CPU inserted it meanwhile. */
 		v = bpf_map_lookup_elem(&flows, key);
 		if (!v) {
 			stat_inc(STAT_FLOW_ERR);
 			return;
 		}
-		/* Per-CPU LRU: this CPU's slot of an entry another CPU created. */
-		if (!v->first_ns)
-			v->first_ns = now;
 	}
-	add(&v->packets, packets);
-	add(&v->bytes, len);
-	v->last_ns = now;
-	v->tcp_flags |= tcp_flags;
+	/* Shared by every CPU: the counts are added atomically. The clock
+	 * and the flags are written only when they change (a flow's packets
+	 * rarely run on two CPUs at the same instant; two CPUs setting
+	 * different new flags at once could lose one of them). */
+	__sync_fetch_and_add(&v->packets, packets);
+	__sync_fetch_and_add(&v->bytes, len);
+	if (v->last_ns != now)
+		v->last_ns = now;
+	if ((v->tcp_flags | tcp_flags) != v->tcp_flags)
+		v->tcp_flags |= tcp_flags;
 }
 
 /* What the parser learns beyond the flow key. */

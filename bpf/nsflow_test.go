@@ -158,20 +158,9 @@ func readMaps(t testing.TB, objs *Objects) mapState {
 		}
 	}
 	var fk NsflowFlowKey
-	var fv []NsflowFlowVal
+	var sum NsflowFlowVal // one value shared by every CPU
 	it := objs.Flows.Iterate()
-	for it.Next(&fk, &fv) {
-		var sum NsflowFlowVal
-		for _, v := range fv {
-			sum.Packets += v.Packets
-			sum.Bytes += v.Bytes
-			sum.TcpFlags |= v.TcpFlags
-			// A CPU's slot of a flow another CPU created keeps first_ns 0.
-			if v.FirstNs != 0 && (sum.FirstNs == 0 || v.FirstNs < sum.FirstNs) {
-				sum.FirstNs = v.FirstNs
-			}
-			sum.LastNs = max(sum.LastNs, v.LastNs)
-		}
+	for it.Next(&fk, &sum) {
 		ok, found := objs.Point(uint32(fk.Slot))
 		if !found {
 			t.Fatalf("flow %+v: its slot names no point", fk)
@@ -206,7 +195,7 @@ func clearMaps(t testing.TB, objs *Objects) {
 		}
 	}
 	var fk NsflowFlowKey
-	var fv []NsflowFlowVal
+	var fv NsflowFlowVal
 	var fkeys []NsflowFlowKey
 	it := objs.Flows.Iterate()
 	for it.Next(&fk, &fv) {
@@ -432,7 +421,7 @@ func TestLayout(t *testing.T) {
 			check(t, NsflowMapTotals, objs.Totals, shape{ebpf.PerCPUArray, 4, 16, c.points})
 			check(t, NsflowMapPoints, objs.Points, shape{ebpf.Array, 4, 12, c.points})
 			check(t, NsflowMapAccountProgs, objs.AccountProgs, shape{ebpf.ProgramArray, 4, 4, 2})
-			check(t, NsflowMapFlows, objs.Flows, shape{ebpf.LRUCPUHash, 40, 40, c.entries})
+			check(t, NsflowMapFlows, objs.Flows, shape{ebpf.LRUHash, 40, 40, c.entries})
 			check(t, NsflowMapStats, objs.Stats, shape{ebpf.PerCPUArray, 4, 8, uint32(NsflowStatSTAT_MAX)})
 			check(t, NsflowMapFlowEvents, objs.FlowEvents, shape{ebpf.RingBuf, 0, 0, 256 * 1024})
 		})

@@ -245,7 +245,7 @@ func (s *slots) releaseWhere(match func(slot uint32, key NsflowObsKey) bool) (in
 // counting them in flowsDeleted.
 func (s *slots) deleteFlows(free map[uint32]NsflowObsKey) error {
 	var fk NsflowFlowKey
-	var fv []NsflowFlowVal
+	var fv NsflowFlowVal
 	var del []NsflowFlowKey
 	it := s.flows.Iterate()
 	for it.Next(&fk, &fv) {
