@@ -1,7 +1,9 @@
 package bpf
 
 import (
+	"bytes"
 	"fmt"
+	"os"
 	"testing"
 
 	"github.com/cilium/ebpf"
@@ -97,5 +99,28 @@ func TestKernelMemory(t *testing.T) {
 		if m[NsflowMapTotals] > TotalsBudget || m[NsflowMapFlows] > FlowsBudget || total > 43<<20 {
 			t.Fatalf("%d CPUs: totals %d, flows %d, all %d bytes", ncpu, m[NsflowMapTotals], m[NsflowMapFlows], total)
 		}
+	}
+}
+
+// On a PREEMPT_RT kernel (its version says so) the loaded programs add
+// their per-CPU counters atomically (atomic_counts set in .rodata);
+// elsewhere they do not. make test-kernels runs this on 6.1 PREEMPT_RT.
+func TestAtomicCountsOnRT(t *testing.T) {
+	objs := load(t, Options{})
+	spec, err := LoadNsflow()
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := spec.Variables[NsflowVarAtomicCounts]
+	rodata := make([]byte, objs.Rodata.ValueSize())
+	if err := objs.Rodata.Lookup(uint32(0), &rodata); err != nil {
+		t.Fatal(err)
+	}
+	got := rodata[v.Offset] == 1
+	version, _ := os.ReadFile("/proc/sys/kernel/version")
+	rt := bytes.Contains(version, []byte("PREEMPT_RT"))
+	t.Logf("kernel %q: PREEMPT_RT %v, atomic counts %v", bytes.TrimSpace(version), rt, got)
+	if got != preemptRT() || (rt && !got) {
+		t.Errorf("atomic_counts %v on a kernel whose version is %q", got, version)
 	}
 }
