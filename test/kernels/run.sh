@@ -61,7 +61,7 @@ die() { say "$*"; exit 1; }
 
 [ "$(id -u)" -eq 0 ] || die "needs root (BPF, namespaces; apt for the kernel packages)"
 for c in qemu-system-x86_64 busybox cpio gzip dpkg-deb apt-get; do
-	command -v "$c" >/dev/null || die "$c not found: make test-kernels-deps installs qemu-system-x86, busybox-static and cpio"
+	command -v "$c" >/dev/null || die "$c not found: make deps installs qemu-system-x86, busybox-static and cpio"
 done
 BUSYBOX=$(command -v busybox)
 
@@ -180,6 +180,7 @@ EOF
 
 # --- the table -------------------------------------------------------------
 ROWS=()
+NOTES=()
 FAILED=0
 FMT='%-24s %-9s %-6s %-11s %-11s %-11s %-7s %-7s %s'
 secs() { awk -v s="$1" -v e="$2" 'BEGIN{printf "%.1f", e-s}'; }
@@ -203,6 +204,9 @@ summarize() {
 	case "$harness $bpf $count" in *FAIL*|*NOT-RUN*) status=FAIL;; esac
 	grep -aq NSFLOW-DONE "$log" || status=FAIL
 	[ "$status" = PASS ] || FAILED=1
+	local skips
+	skips=$(grep -a -E '^\s*--- SKIP: ' "$log" | awk '{print $3}' | tr '\n' ' ' || true)
+	[ -z "$skips" ] || NOTES+=("$name: skipped: ${skips}(log: $log)")
 	ROWS+=("$(printf "$FMT" "$name" "$where" "${boot:--}" "$harness" "$bpf" "$count" "${mode:--}" "${wall}s" "$status")")
 	if [ "$status" != PASS ]; then
 		say "$name: FAILED (log: $log)"
@@ -271,5 +275,6 @@ fi
 echo
 printf "$FMT\n" KERNEL WHERE BOOT HARNESS BPF-TESTS COUNT-TEST MODE WALL RESULT
 for r in "${ROWS[@]}"; do echo "$r"; done
+for n in "${NOTES[@]}"; do echo "$n"; done
 echo
 exit $FAILED
