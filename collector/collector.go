@@ -196,7 +196,7 @@ func New(cfg Config) (*Collector, error) {
 	if err != nil {
 		pins.ReleasePending()
 		owner.Close()
-		return nil, fmt.Errorf("%w (nsflow needs Linux 6.3+ with BTF)", err)
+		return nil, fmt.Errorf("%w (nsflow needs Linux 6.1+ with BTF)", err)
 	}
 	c := &Collector{
 		objs:         objs,
@@ -313,7 +313,7 @@ func (c *Collector) Add(t Target) (uint64, error) {
 		}
 	}
 	c.releaseOtherNamespacesLocked(ino, cookie)
-	nl, err := netlink.NewHandleAt(h)
+	nl, err := netlink.NewHandleAt(h, unix.NETLINK_ROUTE)
 	if err != nil {
 		h.Close()
 		return 0, fmt.Errorf("netlink in netns %s: %w", t.Name, err)

@@ -89,7 +89,7 @@ func (c *Collector) SweepStaleFilters(targets []Target) int {
 			observed := ns != nil && ns.gone.IsZero()
 			c.mu.Unlock()
 			if !observed || sweepObserved {
-				if nl, err := netlink.NewHandleAt(h); err == nil {
+				if nl, err := netlink.NewHandleAt(h, unix.NETLINK_ROUTE); err == nil {
 					k, err := c.owner.Sweep(nl)
 					if err != nil {
 						c.log.Warn("remove stale clsact filters", "netns", t.Name, "err", err)

@@ -3,6 +3,7 @@ package discovery
 import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 
 	"github.com/nsflow/nsflow/collector"
 	"github.com/nsflow/nsflow/collector/flow"
@@ -45,7 +46,7 @@ func markPeers(nss []ListedNamespace, cfg Config) {
 		return
 	}
 	defer h.Close()
-	nl, err := netlink.NewHandleAt(h)
+	nl, err := netlink.NewHandleAt(h, unix.NETLINK_ROUTE)
 	if err != nil {
 		return
 	}
