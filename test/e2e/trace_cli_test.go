@@ -3,6 +3,7 @@ package e2e
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -193,7 +194,7 @@ func TestCLIBadInput(t *testing.T) {
 		{[]string{"trace", "--netns", "host", "--duration", "soon"}, "invalid argument", 2},
 		{[]string{"trace", "--netns", "host", "--attach-mode", "xdp"}, "attach mode", 2},
 		{[]string{"trace", "--netns", "host", "--top", "-5"}, "--top", 2},
-		{[]string{"trace", "--netns", "host", "--flow-entries", "0"}, "--flow-entries", 2},
+		{[]string{"trace", "--netns", "host", "--max-hooks", "65537"}, "--max-hooks", 2},
 		{[]string{"trace", "--bogus"}, "unknown flag", 2},
 		{[]string{"trace", "extra-arg", "--netns", "host"}, "unknown primitive", 2},
 		{[]string{"trace", "--netns", "host", "--filter", "tcp", "udp"}, "not both", 2},
@@ -237,7 +238,11 @@ func TestCLIBadInput(t *testing.T) {
 			tc.code = 2
 		}
 		t.Run(strings.Join(tc.args, "_"), func(t *testing.T) {
-			out, err := exec.Command(nsflowBin, tc.args...).CombinedOutput()
+			// Bounded: a case that is accepted by mistake would trace until
+			// interrupted.
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			out, err := exec.CommandContext(ctx, nsflowBin, tc.args...).CombinedOutput()
 			var ee *exec.ExitError
 			if !errors.As(err, &ee) || ee.ExitCode() != tc.code {
 				t.Fatalf("exit %v, want status %d\n%s", err, tc.code, out)
