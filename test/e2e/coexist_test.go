@@ -10,7 +10,6 @@ import (
 
 	"github.com/cilium/ebpf/link"
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 
 	"github.com/nsflow/nsflow/collector/flow"
 	"github.com/nsflow/nsflow/exporter/report"
@@ -264,15 +263,7 @@ func checkTrace(t *testing.T, what string, out []byte, mode string, pods map[uin
 // interface of the namespace at path, by name.
 func bpfFilters(t *testing.T, path string) map[string]int {
 	t.Helper()
-	h, err := netns.GetFromPath(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
-	nl, err := netlink.NewHandleAt(h)
-	if err != nil {
-		t.Fatal(err)
-	}
+	nl := openNetlinkAt(t, path)
 	defer nl.Close()
 	links, err := nl.LinkList()
 	if err != nil {

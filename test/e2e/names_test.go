@@ -262,15 +262,7 @@ func removeRawNetns(t *testing.T, path string) {
 func waitHooks(t *testing.T, nsPath, name string) {
 	t.Helper()
 	ino := nsInode(t, nsPath)
-	h, err := netns.GetFromPath(nsPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	nl, err := netlink.NewHandleAt(h)
-	h.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
+	nl := openNetlinkAt(t, nsPath)
 	l, err := nl.LinkByName(name)
 	nl.Close()
 	if err != nil {
@@ -304,6 +296,22 @@ func waitHooks(t *testing.T, nsPath, name string) {
 	})
 }
 
+// openNetlinkAt opens a netlink handle (rtnetlink) inside the namespace at
+// path; the caller closes it soon: its socket holds the namespace alive.
+func openNetlinkAt(t *testing.T, path string) *netlink.Handle {
+	t.Helper()
+	h, err := netns.GetFromPath(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close() // the handle's socket stays in the namespace
+	nl, err := netlink.NewHandleAt(h, unix.NETLINK_ROUTE)
+	if err != nil {
+		t.Fatalf("netlink in %s: %v", path, err)
+	}
+	return nl
+}
+
 // nsInode is the inode of a namespace file.
 func nsInode(t *testing.T, path string) uint64 {
 	t.Helper()
@@ -317,15 +325,7 @@ func nsInode(t *testing.T, path string) uint64 {
 // kernelLink reads a link's own counters inside a namespace.
 func kernelLink(t *testing.T, nsPath, name string) *netlink.LinkStatistics {
 	t.Helper()
-	h, err := netns.GetFromPath(nsPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
-	nl, err := netlink.NewHandleAt(h)
-	if err != nil {
-		t.Fatal(err)
-	}
+	nl := openNetlinkAt(t, nsPath)
 	defer nl.Close()
 	l, err := nl.LinkByName(name)
 	if err != nil {

@@ -12,7 +12,6 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
 	"github.com/nsflow/nsflow/collector/attach"
@@ -255,15 +254,7 @@ func makeNetns(t *testing.T, path string, loUp bool) {
 
 func setLoUp(t *testing.T, path string) {
 	t.Helper()
-	h, err := netns.GetFromPath(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
-	nl, err := netlink.NewHandleAt(h)
-	if err != nil {
-		t.Fatal(err)
-	}
+	nl := openNetlinkAt(t, path)
 	defer nl.Close()
 	lo, err := nl.LinkByName("lo")
 	if err == nil {
