@@ -97,6 +97,11 @@ func TestHostileNames(t *testing.T) {
 		}
 	}
 
+	// Counts are exact from the moment both hooks are attached: the veth
+	// and the namespace were made after serve started.
+	waitHooks(t, a.NetnsPath, hostileA)
+	waitHooks(t, b.NetnsPath, hostileB)
+	waitHooks(t, nsPath, "lo")
 	pingIn(a, 5, "10.213.191.2")
 	pingNS(4)
 	waitUntil(t, 10*time.Second, "serve to observe the hostile names", func() bool {
