@@ -132,6 +132,12 @@ func TestImageWithDaemonSetSettings(t *testing.T) {
 	hostPaths := map[string]string{}
 	for _, v := range spec.Volumes {
 		hostPaths[v.Name] = v.HostPath.Path
+		// docker run -v creates a missing source directory: remove it
+		// afterwards (if still empty), as the machine is reused.
+		if _, err := os.Stat(v.HostPath.Path); err != nil {
+			p := v.HostPath.Path
+			t.Cleanup(func() { os.Remove(p) })
+		}
 	}
 	for _, m := range c.VolumeMounts {
 		opt := "rw"
