@@ -3,6 +3,7 @@ package bpf
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"math/bits"
 	"os"
 	"path/filepath"
@@ -280,11 +281,7 @@ func (o *Objects) PointsBySlot() map[uint32]NsflowObsKey {
 	s := &o.slots
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	out := make(map[uint32]NsflowObsKey, len(s.bySlot))
-	for slot, k := range s.bySlot {
-		out[slot] = k
-	}
-	return out
+	return maps.Clone(s.bySlot)
 }
 
 // Point returns the observation point of a slot.
@@ -332,11 +329,7 @@ func (o *Objects) Slots() map[NsflowObsKey]uint32 {
 	s := &o.slots
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	out := make(map[NsflowObsKey]uint32, len(s.byKey))
-	for k, v := range s.byKey {
-		out[k] = v
-	}
-	return out
+	return maps.Clone(s.byKey)
 }
 
 // totalsChunk is how many slots one BPF_MAP_LOOKUP_BATCH call reads: the

@@ -3,11 +3,7 @@ package e2e
 import (
 	"encoding/json"
 	"net/netip"
-	"os"
 	"os/exec"
-	"path/filepath"
-	"strconv"
-	"strings"
 	"testing"
 	"time"
 
@@ -23,33 +19,6 @@ import (
 	"github.com/nsflow/nsflow/test/podns"
 	"github.com/nsflow/nsflow/test/testenv"
 )
-
-// processLinkIDs returns the ids of the BPF links a process holds (its
-// bpf_link fds, fdinfo link_id): a serve's TCX links, told apart from those
-// of other nsflow processes on the same interface.
-func processLinkIDs(t *testing.T, pid int) map[link.ID]bool {
-	t.Helper()
-	dir := filepath.Join("/proc", strconv.Itoa(pid), "fdinfo")
-	ents, err := os.ReadDir(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	out := map[link.ID]bool{}
-	for _, e := range ents {
-		b, err := os.ReadFile(filepath.Join(dir, e.Name()))
-		if err != nil {
-			continue // closed meanwhile
-		}
-		for _, line := range strings.Split(string(b), "\n") {
-			if v, ok := strings.CutPrefix(line, "link_id:"); ok {
-				if id, err := strconv.ParseUint(strings.TrimSpace(v), 10, 32); err == nil {
-					out[link.ID(id)] = true
-				}
-			}
-		}
-	}
-	return out
-}
 
 // linksOn counts the TCX links of a process (by its link ids) on a host
 // interface, both directions.
@@ -197,7 +166,7 @@ func TestCountOnce(t *testing.T) {
 		}
 		return hasHostSeries(s, c.HostVeth)
 	})
-	ids := processLinkIDs(t, srv.cmd.Process.Pid)
+	ids := heldLinks(t, srv.cmd.Process.Pid)
 	for _, p := range []*podns.Pod{a, b} {
 		if n := linksOn(t, ids, p.HostVeth); n != 0 {
 			t.Errorf("defaults: %d TCX links of serve on %s's host end %s, want 0", n, p.Name, p.HostVeth)
@@ -263,7 +232,7 @@ func TestCountOnce(t *testing.T) {
 		s, _ := srv.scrape(t)
 		return hasHostSeries(s, a.HostVeth) && hasHostSeries(s, b.HostVeth)
 	})
-	ids = processLinkIDs(t, srv.cmd.Process.Pid)
+	ids = heldLinks(t, srv.cmd.Process.Pid)
 	if n := linksOn(t, ids, a.HostVeth); n != 2 {
 		t.Errorf("--netns.host-veths: %d TCX links of serve on %s, want 2", n, a.HostVeth)
 	}
