@@ -32,6 +32,34 @@ const (
 	ModeClsact Mode = "clsact"
 )
 
+// For returns the mechanism m uses for one namespace: host is the host's
+// own namespace. ModeTCX and ModeClsact are the same everywhere; ModeAuto
+// is TCX in the host namespace and clsact elsewhere (a caller falls back to
+// clsact where the kernel has no TCX).
+//
+// Why: a TCX attach swaps the hook's bpf_mprog_entry and waits a normal
+// RCU grace period under RTNL before it returns (kernel/bpf/tcx.c
+// tcx_link_attach → include/net/tcx.h tcx_entry_sync → synchronize_rcu),
+// 15–19 ms per hook at this VM's default (non-expedited) grace periods, one
+// hook after another since RTNL serializes them. A cls_bpf filter changes
+// a hook's filter chain head through mini_qdisc_pair_swap
+// (net/sched/sch_generic.c), which on a non-RT kernel waits only when the
+// miniq it is about to reuse was active less than a grace period ago, and
+// then with synchronize_rcu_expedited; clsact_init (net/sched/sch_ingress.c)
+// waits for none. A pod namespace gains nothing from TCX's head-of-chain
+// position over clsact (nothing else attaches there as a rule), while the
+// host's interfaces are where other tools' TCX programs sit and are few, so
+// the host keeps TCX (BenchmarkAttach, docs/BENCHMARKS.md "Scale").
+func (m Mode) For(host bool) Mode {
+	if m != ModeAuto {
+		return m
+	}
+	if host {
+		return ModeTCX
+	}
+	return ModeClsact
+}
+
 // ParseMode parses a --attach-mode value.
 func ParseMode(s string) (Mode, error) {
 	switch m := Mode(strings.ToLower(s)); m {

@@ -16,3 +16,22 @@ func TestParseMode(t *testing.T) {
 		t.Error("xdp accepted")
 	}
 }
+
+func TestModeFor(t *testing.T) {
+	for _, c := range []struct {
+		m    attach.Mode
+		host bool
+		want attach.Mode
+	}{
+		{attach.ModeAuto, true, attach.ModeTCX},
+		{attach.ModeAuto, false, attach.ModeClsact},
+		{attach.ModeTCX, true, attach.ModeTCX},
+		{attach.ModeTCX, false, attach.ModeTCX},
+		{attach.ModeClsact, true, attach.ModeClsact},
+		{attach.ModeClsact, false, attach.ModeClsact},
+	} {
+		if got := c.m.For(c.host); got != c.want {
+			t.Errorf("%s.For(host=%v) = %s, want %s", c.m, c.host, got, c.want)
+		}
+	}
+}
