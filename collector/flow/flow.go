@@ -34,6 +34,23 @@ type Flow struct {
 	TCPFlags  TCPFlags  `json:"tcp_flags,omitempty"`
 	FirstSeen time.Time `json:"first_seen"`
 	LastSeen  time.Time `json:"last_seen"`
+	// SrcCgroup and DstCgroup are the cgroup v2 ids of the sending and the
+	// receiving socket (0 unknown), filled only with attribution on
+	// (collector.Config.Attribution): the sender's from the flow's egress
+	// hooks, the receiver's from the ingress socket lookup or the reverse
+	// flow's sender (collector/snapshot.go, joinCgroups).
+	SrcCgroup uint64 `json:"src_cgroup,omitempty"`
+	DstCgroup uint64 `json:"dst_cgroup,omitempty"`
+	// SrcContainer and DstContainer name those cgroups (collector/cgroup):
+	// a CRI container's name, else the cgroup path's last element (e.g.
+	// "sshd.service", or "web" for `nsflow pod exec --container web`); ""
+	// unknown. Renderers pass them through SafeName.
+	SrcContainer string `json:"src_container"`
+	DstContainer string `json:"dst_container"`
+	// SrcPod and DstPod are "namespace/name" of the Kubernetes pod of that
+	// container (CRI only), "" otherwise.
+	SrcPod string `json:"src_pod,omitempty"`
+	DstPod string `json:"dst_pod,omitempty"`
 }
 
 // Event is the start of a flow at an observation point: the first packet

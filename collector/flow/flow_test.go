@@ -19,7 +19,12 @@ func TestJSONFlattensKey(t *testing.T) {
 	}{
 		{Flow{Key: k, Packets: 3, Bytes: 180, TCPFlags: 0x12, FirstSeen: t0, LastSeen: t0.Add(time.Second)},
 			`{"netns":"web","netns_inode":7,"interface":"eth0","ifindex":2,"direction":"tx","protocol":"tcp","src":"10.0.0.1","dst":"fd00::2","src_port":40000,"dst_port":80,` +
-				`"packets":3,"bytes":180,"tcp_flags":"SYN|ACK","first_seen":"2026-11-24T12:00:00Z","last_seen":"2026-11-24T12:00:01Z"}`},
+				`"packets":3,"bytes":180,"tcp_flags":"SYN|ACK","first_seen":"2026-11-24T12:00:00Z","last_seen":"2026-11-24T12:00:01Z",` +
+				`"src_container":"","dst_container":""}`},
+		{Flow{Key: k, Packets: 1, Bytes: 60, FirstSeen: t0, LastSeen: t0, SrcCgroup: 11, DstCgroup: 12, SrcContainer: "web", DstContainer: "sidecar", SrcPod: "default/p", DstPod: "default/p"},
+			`{"netns":"web","netns_inode":7,"interface":"eth0","ifindex":2,"direction":"tx","protocol":"tcp","src":"10.0.0.1","dst":"fd00::2","src_port":40000,"dst_port":80,` +
+				`"packets":1,"bytes":60,"first_seen":"2026-11-24T12:00:00Z","last_seen":"2026-11-24T12:00:00Z",` +
+				`"src_cgroup":11,"dst_cgroup":12,"src_container":"web","dst_container":"sidecar","src_pod":"default/p","dst_pod":"default/p"}`},
 		{Event{Time: t0, Key: k},
 			`{"time":"2026-11-24T12:00:00Z","netns":"web","netns_inode":7,"interface":"eth0","ifindex":2,"direction":"tx","protocol":"tcp","src":"10.0.0.1","dst":"fd00::2","src_port":40000,"dst_port":80}`},
 	} {

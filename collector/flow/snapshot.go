@@ -8,7 +8,25 @@ type Snapshot struct {
 	Time       time.Time        `json:"time"`
 	Namespaces []NamespaceStats `json:"namespaces"`
 	Flows      []Flow           `json:"flows"`
+	// Containers are the totals per observation point and sending or
+	// receiving cgroup, with collector.Config.Containers only.
+	Containers []ContainerStats `json:"containers,omitempty"`
 	Stats      Stats            `json:"stats"`
+}
+
+// ContainerStats are the totals of one cgroup (a container, or a host
+// process's cgroup) at one observation point: at tx the packets its sockets
+// sent, at rx those its sockets received (ingress socket lookup).
+type ContainerStats struct {
+	Netns      string    `json:"netns"`
+	NetnsInode uint64    `json:"netns_inode"`
+	Interface  string    `json:"interface"`
+	Direction  Direction `json:"direction"`
+	Cgroup     uint64    `json:"cgroup"`
+	// Container names the cgroup as Flow.SrcContainer does ("" unknown).
+	Container string   `json:"container"`
+	Pod       *PodInfo `json:"pod,omitempty"`
+	Counters
 }
 
 // NamespaceStats are the totals of one namespace, per interface.
