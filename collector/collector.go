@@ -6,6 +6,7 @@
 package collector
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -51,9 +52,19 @@ type Config struct {
 	// are left out (state peer-observed), so that each packet between pods
 	// is counted once, on the pod side (see hostveth.go).
 	HostVeths bool
+	// MaxInterfaces is how many interfaces of one namespace (the host's
+	// excepted) are attached; 0 means DefaultMaxInterfaces. Those over it
+	// are not attached (state refused) and counted (Refused).
+	MaxInterfaces int
+	// ReservedPoints is how many slots of the totals only ClassNamed and
+	// ClassHost namespaces may take; 0 means MaxPoints/8, < 0 none.
+	ReservedPoints int
 	// Logger receives one line per lifecycle event; nil discards them.
 	Logger *slog.Logger
 }
+
+// DefaultMaxInterfaces is Config.MaxInterfaces's default.
+const DefaultMaxInterfaces = 64
 
 // Collector owns the loaded BPF objects and everything attached with them.
 // It is safe for concurrent use.
@@ -69,9 +80,10 @@ type Collector struct {
 	hostIno      uint64 // the namespace nsflow runs in (HostVeths)
 	closed       bool
 	attachErrors map[string]uint64
-	pins         *attach.Pins  // nil without PinPath
-	owner        *attach.Owner // names its clsact filters; holds the pin path's lock
-	lastFlows    int           // flows in the last snapshot: the next one's capacity
+	refused      map[string]uint64 // by RefusedReasons
+	pins         *attach.Pins      // nil without PinPath
+	owner        *attach.Owner     // names its clsact filters; holds the pin path's lock
+	lastFlows    int               // flows in the last snapshot: the next one's capacity
 	// adds counts the namespaces Add registered: each one's seq (pod
 	// identities are only taken by namespaces registered before the
 	// runtime was asked, PodGeneration).
@@ -206,6 +218,7 @@ func New(cfg Config) (*Collector, error) {
 		owner:        owner,
 		namespaces:   map[uint64]*namespace{},
 		attachErrors: map[string]uint64{},
+		refused:      map[string]uint64{},
 		orphans:      map[bpf.NsflowObsKey]time.Time{},
 	}
 	c.setMode(cfg.Mode)
@@ -266,6 +279,18 @@ func (c *Collector) Mode() attach.Mode {
 		return attach.ModeTCX
 	}
 	return c.mode
+}
+
+// AddAsync registers the namespace t refers to and queues its attach work
+// by t.Class; it returns its inode at once (WaitIdle waits for the work).
+func (c *Collector) AddAsync(t Target) (uint64, error) {
+	return c.Add(t) // TODO(H1): queued work
+}
+
+// WaitIdle returns once no attach work is queued or running, or ctx is
+// done (its error then).
+func (c *Collector) WaitIdle(ctx context.Context) error {
+	return ctx.Err()
 }
 
 // Add starts observing the namespace t refers to: every interface in it now,

@@ -37,3 +37,20 @@ func (c *Collector) AttachErrors() map[string]uint64 {
 	}
 	return out
 }
+
+// RefusedReasons are the values of the attach-refused metric's reason
+// label: "interfaces" (over Config.MaxInterfaces in one namespace),
+// "reserve" (a ClassProcess namespace at the reserved slots).
+var RefusedReasons = []string{"interfaces", "reserve"}
+
+// Refused returns how many interfaces were refused so far, by reason
+// (RefusedReasons, every one present).
+func (c *Collector) Refused() map[string]uint64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := make(map[string]uint64, len(RefusedReasons))
+	for _, r := range RefusedReasons {
+		out[r] = c.refused[r]
+	}
+	return out
+}

@@ -32,6 +32,38 @@ const HostName = "host"
 type Target struct {
 	Name string
 	Path string
+	// Class orders the namespace's attach work (zero: ClassNamed).
+	Class Class
+}
+
+// Class orders attach work: lower first. Namespaces of one class are
+// attached in the order they were added.
+type Class int
+
+const (
+	// ClassNamed: an explicit selection (trace --netns, Targets), a
+	// bind-mounted namespace (ip netns, CNI, Docker) or one the container
+	// runtime knows.
+	ClassNamed Class = iota
+	// ClassHost: the host's own namespace.
+	ClassHost
+	// ClassProcess: a namespace found only through a process
+	// (/proc/PID/ns/net); it may not take the reserved slots
+	// (Config.ReservedPoints).
+	ClassProcess
+)
+
+// String names the class in logs.
+func (c Class) String() string {
+	switch c {
+	case ClassNamed:
+		return "named"
+	case ClassHost:
+		return "host"
+	case ClassProcess:
+		return "process"
+	}
+	return fmt.Sprintf("class(%d)", int(c))
 }
 
 // ParseTarget resolves a namespace selector:

@@ -100,6 +100,9 @@ const (
 	// attached in an observed namespace, where each packet is counted
 	// once (collector.Config.HostVeths).
 	StatePeerObserved AttachState = "peer-observed"
+	// StateRefused: not attached, over a limit (collector.Config
+	// MaxInterfaces, ReservedPoints).
+	StateRefused AttachState = "refused"
 )
 
 // AttachErrorReasons are the values of the attach-errors metric's reason
