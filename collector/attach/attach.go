@@ -24,7 +24,8 @@ import (
 type Mode string
 
 const (
-	// ModeAuto uses TCX where the kernel has it (6.6+) and clsact otherwise.
+	// ModeAuto uses TCX in the host namespace and clsact in every other
+	// (Mode.For), and clsact wherever the kernel has no TCX (before 6.6).
 	ModeAuto Mode = "auto"
 	// ModeTCX attaches with TCX links (bpf_link, kernel 6.6+).
 	ModeTCX Mode = "tcx"
@@ -221,20 +222,36 @@ func clsactQdisc(ifindex int) *netlink.GenericQdisc {
 func (a *clsactAttacher) Attach(_ netns.NsHandle, nl *netlink.Handle, _ uint64, ifindex int, progs Programs) (Attachment, error) {
 	att := &clsactAttachment{nl: nl, ifindex: ifindex, keep: a.owner.pinned}
 	// Another tool's clsact qdisc is shared, never replaced or removed.
+	fresh := false
 	switch err := nl.QdiscAdd(clsactQdisc(ifindex)); {
 	case err == nil:
-		att.ownsQdisc = true
+		att.ownsQdisc, fresh = true, true
 	case errors.Is(err, unix.EEXIST):
 	default:
 		return nil, fmt.Errorf("add clsact qdisc: %w", err)
 	}
 	link := &netlink.Dummy{LinkAttrs: netlink.LinkAttrs{Index: ifindex}}
-	for _, h := range []struct {
+	hooks := [2]struct {
 		prog   *ebpf.Program
 		parent uint32
 		name   string
-	}{{progs.Ingress, netlink.HANDLE_MIN_INGRESS, "ingress"}, {progs.Egress, netlink.HANDLE_MIN_EGRESS, "egress"}} {
-		f, err := a.attach(nl, link, h.parent, h.prog)
+		adopt  *netlink.BpfFilter
+	}{{progs.Ingress, netlink.HANDLE_MIN_INGRESS, "ingress", nil}, {progs.Egress, netlink.HANDLE_MIN_EGRESS, "egress", nil}}
+	// A qdisc this call created holds no filter: nothing to adopt or sweep
+	// (no dump). On an existing one, both hooks are read and swept first, so
+	// that the two filters are added back to back: the window in which one
+	// direction is counted and the other not is one netlink round trip.
+	if !fresh {
+		for i := range hooks {
+			adopt, err := a.prepare(nl, link, hooks[i].parent)
+			if err != nil {
+				return nil, fmt.Errorf("cls_bpf %s: %w", hooks[i].name, err)
+			}
+			hooks[i].adopt = adopt
+		}
+	}
+	for _, h := range hooks {
+		f, err := a.add(nl, ifindex, h.parent, h.prog, h.adopt)
 		if err != nil {
 			_ = att.Close()
 			return nil, fmt.Errorf("add cls_bpf filter %s: %w", h.name, err)
@@ -244,11 +261,10 @@ func (a *clsactAttacher) Attach(_ netns.NsHandle, nl *netlink.Handle, _ uint64, 
 	return att, nil
 }
 
-// attach puts prog on one hook as the owner's filter: in place of the one
-// a previous process of a pinned owner left (replaced atomically: no packet
-// goes uncounted), or as a new filter with a handle nobody uses. Filters of
-// dead nsflow processes on the hook are removed on the way.
-func (a *clsactAttacher) attach(nl *netlink.Handle, link netlink.Link, parent uint32, prog *ebpf.Program) (*netlink.BpfFilter, error) {
+// prepare reads one hook's filters: it returns the owner's filter a
+// previous process of a pinned owner left there, to adopt, and removes the
+// filters of dead nsflow processes (and the owner's own duplicates).
+func (a *clsactAttacher) prepare(nl *netlink.Handle, link netlink.Link, parent uint32) (*netlink.BpfFilter, error) {
 	existing, err := nl.FilterList(link, parent)
 	if err != nil {
 		return nil, fmt.Errorf("list filters: %w", err)
@@ -271,9 +287,16 @@ func (a *clsactAttacher) attach(nl *netlink.Handle, link netlink.Link, parent ui
 			a.owner.log.Info("removed a clsact filter of a dead nsflow process", "filter", bf.Name, "ifindex", link.Attrs().Index)
 		}
 	}
+	return adopt, nil
+}
+
+// add puts prog on one hook as the owner's filter: in place of adopt (the
+// one a previous process of a pinned owner left, replaced atomically: no
+// packet goes uncounted), or as a new filter with a handle nobody uses.
+func (a *clsactAttacher) add(nl *netlink.Handle, ifindex int, parent uint32, prog *ebpf.Program, adopt *netlink.BpfFilter) (*netlink.BpfFilter, error) {
 	f := &netlink.BpfFilter{
 		FilterAttrs: netlink.FilterAttrs{
-			LinkIndex: link.Attrs().Index,
+			LinkIndex: ifindex,
 			Parent:    parent,
 			Priority:  clsactPriority,
 			Protocol:  unix.ETH_P_ALL,
@@ -331,10 +354,7 @@ func (a *clsactAttachment) Release() error {
 // qdiscUnused reports whether no other filter sits on the clsact qdisc that
 // nsflow created (another tool may have added one meanwhile).
 func (a *clsactAttachment) qdiscUnused() bool {
-	l, err := a.nl.LinkByIndex(a.ifindex)
-	if err != nil {
-		return false
-	}
+	l := &netlink.Dummy{LinkAttrs: netlink.LinkAttrs{Index: a.ifindex}}
 	for _, parent := range []uint32{netlink.HANDLE_MIN_INGRESS, netlink.HANDLE_MIN_EGRESS} {
 		fs, err := a.nl.FilterList(l, parent)
 		if err != nil || len(fs) > 0 {
