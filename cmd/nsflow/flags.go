@@ -91,8 +91,8 @@ func (c *criFlags) resolve() string {
 // netnsFlags select namespaces for discovery by regular expressions (serve,
 // list).
 type netnsFlags struct {
-	host, proc, hostVeths bool
-	include, exclude      string
+	host, proc, hostVeths, userns bool
+	include, exclude              string
 }
 
 func (n *netnsFlags) register(fs *pflag.FlagSet) {
@@ -101,6 +101,12 @@ func (n *netnsFlags) register(fs *pflag.FlagSet) {
 	fs.StringVar(&n.include, "netns.include", "", "observe only namespaces whose name matches this regular expression")
 	fs.StringVar(&n.exclude, "netns.exclude", "", "skip namespaces whose name matches this regular expression")
 	registerHostVeths(fs, &n.hostVeths)
+	registerUserns(fs, &n.userns)
+}
+
+// registerUserns adds --netns.userns (serve, list, trace, top).
+func registerUserns(fs *pflag.FlagSet, v *bool) {
+	fs.BoolVar(v, "netns.userns", false, "also observe namespaces found only through a process and owned by a user namespace other than the initial one (any unprivileged user can create thousands with unshare -Urn; by default they are skipped and counted, reason \"userns\"); bind-mounted namespaces are observed whoever owns them")
 }
 
 // registerHostVeths adds --netns.host-veths (serve, list, trace, top).
@@ -109,7 +115,7 @@ func registerHostVeths(fs *pflag.FlagSet, v *bool) {
 }
 
 func (n *netnsFlags) validate() (discovery.Config, error) {
-	dc := discovery.Config{Host: n.host, Proc: n.proc, HostVeths: n.hostVeths}
+	dc := discovery.Config{Host: n.host, Proc: n.proc, HostVeths: n.hostVeths, UserNamespaces: n.userns}
 	for _, re := range []struct {
 		flag, expr string
 		dst        **regexp.Regexp
@@ -132,6 +138,7 @@ type selectFlags struct {
 	exclude   []string
 	all       bool
 	hostVeths bool
+	userns    bool
 }
 
 func (s *selectFlags) register(fs *pflag.FlagSet) {
@@ -139,6 +146,7 @@ func (s *selectFlags) register(fs *pflag.FlagSet) {
 	fs.BoolVarP(&s.all, "all", "A", false, "observe every namespace on the node, also those that appear meanwhile (the default when no --netns is given)")
 	fs.StringArrayVarP(&s.exclude, "exclude", "x", nil, "with --all or patterns: skip namespaces whose name matches this glob pattern (repeatable)")
 	registerHostVeths(fs, &s.hostVeths)
+	registerUserns(fs, &s.userns)
 }
 
 // selection is what selectFlags resolve to: namespaces opened at start, and
@@ -170,7 +178,7 @@ func (s *selectFlags) validate() (selection, error) {
 	if !all && len(patterns) == 0 {
 		return sel, nil
 	}
-	dc := &discovery.Config{Host: all, Proc: true}
+	dc := &discovery.Config{Host: all, Proc: true, UserNamespaces: s.userns}
 	var err error
 	if !all {
 		if dc.Include, err = globsRegexp(patterns); err != nil {

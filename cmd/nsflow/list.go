@@ -100,14 +100,29 @@ func nsflowCell(i discovery.ListedIface) string {
 	return i.Attach
 }
 
-// reportSkipped tells, on stderr, which namespaces the list cannot show:
-// the references it could not read (names escaped: a tenant picks them).
+// reportSkipped tells, on stderr, which namespaces the list does not show:
+// those skipped for their user namespace, and the references it could not
+// read (names escaped: a tenant picks them).
 func reportSkipped(w io.Writer, skipped []discovery.Skipped) {
-	if len(skipped) == 0 {
+	var unread, userns []discovery.Skipped
+	for _, s := range skipped {
+		if s.Reason == discovery.SkipUserns {
+			userns = append(userns, s)
+		} else {
+			unread = append(unread, s)
+		}
+	}
+	if len(userns) > 0 {
+		fmt.Fprintf(w, "nsflow: %d namespace(s) found only through a process and owned by a user namespace other than the initial one are not listed (--netns.userns lists them):\n", len(userns))
+		for _, s := range userns {
+			fmt.Fprintf(w, "  %s: pid %d uid %d (%s): %s: inode %d: %s\n", s.Reason, s.Pid, s.Uid, flow.SafeName(s.Comm), flow.SafeName(s.Path), s.Inode, flow.SafeName(s.Err))
+		}
+	}
+	if len(unread) == 0 {
 		return
 	}
-	fmt.Fprintf(w, "nsflow: %d namespace reference(s) could not be read, their namespaces are not listed (a process of another user, or with capabilities nsflow lacks, needs CAP_SYS_PTRACE; otherwise an LSM denies it):\n", len(skipped))
-	for _, s := range skipped {
+	fmt.Fprintf(w, "nsflow: %d namespace reference(s) could not be read, their namespaces are not listed (a process of another user, or with capabilities nsflow lacks, needs CAP_SYS_PTRACE; otherwise an LSM denies it):\n", len(unread))
+	for _, s := range unread {
 		if s.Pid != 0 {
 			fmt.Fprintf(w, "  %s: pid %d uid %d (%s): %s: %s\n", s.Reason, s.Pid, s.Uid, flow.SafeName(s.Comm), flow.SafeName(s.Path), flow.SafeName(s.Err))
 		} else {

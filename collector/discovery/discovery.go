@@ -44,6 +44,14 @@ type Config struct {
 	// Exclude skips those whose name matches. Names: the ip netns name,
 	// pid:PID, or host.
 	Include, Exclude *regexp.Regexp
+	// UserNamespaces observes the namespaces found only through a process
+	// (no bind mount) whose owning user namespace is not the initial one
+	// (that of PID 1 under ProcDir). Without it they are skipped (reason
+	// SkipUserns): any unprivileged user can create thousands
+	// (`unshare -Urn`), each of which would take attach work and totals
+	// slots before the pods'. Bind-mounted namespaces and the host's are
+	// observed whoever owns them.
+	UserNamespaces bool
 	// HostVeths: the host ends of veths whose peer is in a selected
 	// namespace are observed too (collector.Config.HostVeths); List shows
 	// which ones are left out without it.
@@ -80,8 +88,12 @@ type Discovery struct {
 	mu    sync.Mutex
 	known map[uint64]string // inode → name it is observed under
 	pids  map[int]uint64    // processes that keep a process-found namespace alive
-	scans uint64
-	skips skips
+	// userns are the namespaces the last scan skipped for their user
+	// namespace: an exec in one is no news (their pids are in pids too,
+	// so that an exit rescans: the inode may be reused).
+	userns map[uint64]bool
+	scans  uint64
+	skips  skips
 
 	// Only Run uses these.
 	watched     map[dirID]bool
@@ -102,7 +114,7 @@ func New(o Observer, cfg Config) (*Discovery, error) {
 	return &Discovery{
 		o: o, sc: sc, cfg: sc.cfg, log: sc.cfg.Logger,
 		kick: make(chan struct{}, 1), ready: make(chan struct{}),
-		known: map[uint64]string{}, pids: map[int]uint64{},
+		known: map[uint64]string{}, pids: map[int]uint64{}, userns: map[uint64]bool{},
 		skips: newSkips(),
 	}, nil
 }
@@ -278,6 +290,7 @@ func (d *Discovery) procEvent(ev netlink.ProcEvent) {
 		}
 		d.mu.Lock()
 		_, known := d.known[ino]
+		known = known || d.userns[ino]
 		d.mu.Unlock()
 		if !known {
 			d.trigger()
@@ -308,8 +321,13 @@ type Found struct {
 type scanner struct {
 	cfg     Config
 	hostIno uint64
-	// nsInode is the package's nsInode; tests replace it.
+	// initUserns is the inode of the initial user namespace (0 with
+	// Config.UserNamespaces: not needed).
+	initUserns uint64
+	// nsInode is the package's nsInode, nsOwner its nsOwner; tests
+	// replace them.
 	nsInode func(path string) (uint64, error)
+	nsOwner func(path string) (uint64, error)
 }
 
 func newScanner(cfg Config) (*scanner, error) {
@@ -329,7 +347,28 @@ func newScanner(cfg Config) (*scanner, error) {
 	if err != nil {
 		return nil, fmt.Errorf("own network namespace: %w", err)
 	}
-	return &scanner{cfg: cfg, hostIno: host, nsInode: nsInode}, nil
+	sc := &scanner{cfg: cfg, hostIno: host, nsInode: nsInode, nsOwner: nsOwner}
+	if cfg.Proc && !cfg.UserNamespaces {
+		if sc.initUserns, err = initialUserns(cfg.ProcDir); err != nil {
+			return nil, err
+		}
+	}
+	return sc, nil
+}
+
+// initialUserns returns the inode of the initial user namespace: PID 1's
+// under procDir, else (PID 1 not readable: nsflow without CAP_SYS_PTRACE,
+// or a PID 1 it may not trace) nsflow's own, the initial one unless nsflow
+// itself runs in a user namespace.
+func initialUserns(procDir string) (uint64, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(filepath.Join(procDir, "1/ns/user"), &st); err == nil {
+		return st.Ino, nil
+	}
+	if err := unix.Stat("/proc/self/ns/user", &st); err != nil {
+		return 0, fmt.Errorf("own user namespace: %w", err)
+	}
+	return st.Ino, nil
 }
 
 // Scan lists the namespaces cfg selects once, sorted by name, without
@@ -428,15 +467,66 @@ func (s *scanner) scan() (map[uint64]*Found, []Skipped) {
 		// ReadDir sorts by name: "10" before "9". A namespace found only
 		// through its processes is named after the lowest pid.
 		sort.Ints(f.Pids)
-		if f.Target.Name == "" {
+		procOnly := f.Target.Name == ""
+		if procOnly {
 			pid := strconv.Itoa(f.Pids[0])
 			f.Target = collector.Target{Name: "pid:" + pid, Path: filepath.Join(s.cfg.ProcDir, pid, "ns/net")}
 		}
 		if !s.selected(f.Target.Name) {
 			delete(out, ino)
+			continue
+		}
+		if procOnly && !s.cfg.UserNamespaces {
+			if sk, skip := s.checkOwner(f); skip {
+				delete(out, ino)
+				if sk.Reason != "" {
+					skipped = append(skipped, sk)
+				}
+			}
 		}
 	}
 	return out, skipped
+}
+
+// checkOwner reports whether a namespace found only through its processes
+// is to be skipped for its owning user namespace, and, unless the processes
+// are gone (Reason ""), what to report. The owner is asked through each
+// process in turn until one answers (the lowest may have exited).
+func (s *scanner) checkOwner(f *Found) (Skipped, bool) {
+	for _, pid := range f.Pids {
+		path := filepath.Join(s.cfg.ProcDir, strconv.Itoa(pid), "ns/net")
+		own, err := s.nsOwner(path)
+		if err == nil && own == s.initUserns {
+			return Skipped{}, false
+		}
+		var reason, msg string
+		switch {
+		case err == nil:
+			reason = SkipUserns
+			msg = fmt.Sprintf("owned by user namespace %d, not the initial one (%d)", own, s.initUserns)
+		case errors.Is(err, unix.EPERM):
+			// The kernel's answer for an owner outside nsflow's own user
+			// namespace: not the initial one either.
+			reason, msg = SkipUserns, err.Error()
+		default:
+			if reason = refReason(err); reason == "" {
+				continue // this process is gone
+			}
+			msg = err.Error()
+		}
+		uid, comm, start, ok := procInfo(s.cfg.ProcDir, pid)
+		if !ok {
+			continue
+		}
+		key := fmt.Sprintf("pid:%d@%s", pid, start)
+		if reason == SkipUserns {
+			key = "userns:" + strconv.FormatUint(f.Inode, 10)
+		}
+		return Skipped{Key: key, Path: path, Pid: pid, Uid: uid, Comm: comm, Inode: f.Inode, Reason: reason, Err: msg, pids: f.Pids}, true
+	}
+	// Every process is gone: so is the namespace, most likely; the next
+	// scan settles it.
+	return Skipped{}, true
 }
 
 func (s *scanner) selected(name string) bool {
@@ -460,6 +550,15 @@ func (d *Discovery) reconcile() {
 		if strings.HasPrefix(f.Target.Name, "pid:") {
 			for _, pid := range f.Pids {
 				d.pids[pid] = ino
+			}
+		}
+	}
+	clear(d.userns)
+	for _, sk := range skipped {
+		if sk.Reason == SkipUserns {
+			d.userns[sk.Inode] = true
+			for _, pid := range sk.pids {
+				d.pids[pid] = sk.Inode
 			}
 		}
 	}
@@ -519,6 +618,27 @@ var errNotNamespace = errors.New("not a namespace")
 
 // nsfsMagic is the filesystem magic of namespace files (NSFS_MAGIC).
 const nsfsMagic = 0x6e736673
+
+// nsOwner returns the inode of the user namespace that owns the namespace
+// path refers to (ioctl NS_GET_USERNS; EPERM when that user namespace is
+// not nsflow's own or one of its descendants).
+func nsOwner(path string) (uint64, error) {
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return 0, &os.PathError{Op: "open", Path: path, Err: err}
+	}
+	defer unix.Close(fd)
+	u, err := unix.IoctlRetInt(fd, unix.NS_GET_USERNS)
+	if err != nil {
+		return 0, &os.PathError{Op: "NS_GET_USERNS", Path: path, Err: err}
+	}
+	defer unix.Close(u)
+	var st unix.Stat_t
+	if err := unix.Fstat(u, &st); err != nil {
+		return 0, &os.PathError{Op: "stat user namespace of", Path: path, Err: err}
+	}
+	return st.Ino, nil
+}
 
 // nsInode returns the inode of the network namespace path refers to, or an
 // error if it refers to none (an unmounted bind-mount target, a gone

@@ -43,6 +43,7 @@ func TestScanNamesProcessNamespaceByLowestPid(t *testing.T) {
 		}
 		return strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64)
 	}
+	sc.nsOwner = func(string) (uint64, error) { return sc.initUserns, nil }
 	got, skipped := sc.scan()
 	if len(skipped) != 0 {
 		t.Errorf("skipped: %+v", skipped)

@@ -33,10 +33,14 @@ const (
 	SkipGone = "gone"
 	// SkipOther: any other error opening a namespace or a reference to one.
 	SkipOther = "other"
+	// SkipUserns: a namespace found only through its processes, owned by
+	// a user namespace other than the initial one (Config.UserNamespaces
+	// observes it), counted once per namespace.
+	SkipUserns = "userns"
 )
 
 // SkipReasons are the reasons, in the order they are reported.
-var SkipReasons = []string{SkipPermission, SkipGone, SkipOther}
+var SkipReasons = []string{SkipPermission, SkipGone, SkipOther, SkipUserns}
 
 // Skipped is a namespace, or a reference to one, that could not be
 // observed.
@@ -52,6 +56,8 @@ type Skipped struct {
 	Inode  uint64 `json:"inode,omitempty"` // when known
 	Reason string `json:"reason"`
 	Err    string `json:"error"`
+
+	pids []int // SkipUserns: every process of the namespace
 }
 
 func (s Skipped) logAttrs() []any {
@@ -100,17 +106,26 @@ func procSkip(procDir string, pid int, err error) (Skipped, bool) {
 	if reason == "" {
 		return Skipped{}, false
 	}
-	dir := filepath.Join(procDir, strconv.Itoa(pid))
-	start, ok := procStart(dir)
+	uid, comm, start, ok := procInfo(procDir, pid)
 	if !ok {
 		return Skipped{}, false // gone
 	}
-	comm, _ := os.ReadFile(filepath.Join(dir, "comm"))
 	return Skipped{
 		Key:  fmt.Sprintf("pid:%d@%s", pid, start),
-		Path: filepath.Join(dir, "ns/net"), Pid: pid, Uid: procUid(dir),
-		Comm: strings.TrimSpace(string(comm)), Reason: reason, Err: err.Error(),
+		Path: filepath.Join(procDir, strconv.Itoa(pid), "ns/net"), Pid: pid, Uid: uid,
+		Comm: comm, Reason: reason, Err: err.Error(),
 	}, true
+}
+
+// procInfo returns a process's real uid, command and start time, or ok
+// false when it is gone.
+func procInfo(procDir string, pid int) (uid int, comm, start string, ok bool) {
+	dir := filepath.Join(procDir, strconv.Itoa(pid))
+	if start, ok = procStart(dir); !ok {
+		return 0, "", "", false
+	}
+	b, _ := os.ReadFile(filepath.Join(dir, "comm"))
+	return procUid(dir), strings.TrimSpace(string(b)), start, true
 }
 
 // procStart returns a process's start time (field 22 of /proc/PID/stat,
@@ -158,6 +173,7 @@ type skips struct {
 	counts map[string]uint64
 	seen   map[string]uint64 // key → the last scan that found it
 	warned int               // permission skips logged as warnings
+	userns int               // user-namespace skips logged
 }
 
 // maxPermissionWarnings bounds the warnings about references nsflow may not
@@ -198,6 +214,15 @@ func (k *skips) record(s Skipped, scan uint64, log *slog.Logger) {
 			log.Warn(msg+"; further ones are logged at debug level only, and counted", s.logAttrs()...)
 		default:
 			log.Debug(msg, s.logAttrs()...)
+		}
+	case SkipUserns:
+		// Any user can make thousands: one line says what happens to
+		// them all, the rest are counted (and logged at debug level).
+		k.userns++
+		if k.userns == 1 {
+			log.Warn("namespace not observed: owned by a user namespace other than the initial one, as any unprivileged user can create thousands (unshare -Urn); --netns.userns observes them; this one and every further one are counted in nsflow_namespaces_skipped_total{reason=\"userns\"} and logged at debug level only", s.logAttrs()...)
+		} else {
+			log.Debug("namespace not observed: owned by another user namespace", s.logAttrs()...)
 		}
 	default:
 		log.Warn("namespace not observed", s.logAttrs()...)

@@ -51,6 +51,40 @@ func (f *fakeProc) process(pid int, ns, start string, uid int, comm string) {
 	}
 }
 
+// fakeInitUserns is the initial user namespace of a fakeProc.
+const fakeInitUserns = 4026531837
+
+// owned makes the namespace of process pid owned by user namespace owner
+// (or fail with that errno's name: "EPERM").
+func (f *fakeProc) owned(pid int, owner string) {
+	f.write(filepath.Join(f.proc, strconv.Itoa(pid), "ns/netowner"), owner)
+}
+
+// nsOwner answers for a process's ns/net what owned said, else the
+// initial user namespace.
+func (f *fakeProc) nsOwner(path string) (uint64, error) {
+	b, err := os.ReadFile(filepath.Join(filepath.Dir(path), "netowner"))
+	if os.IsNotExist(err) {
+		if _, err := os.Stat(path); err != nil {
+			return 0, err
+		}
+		return fakeInitUserns, nil
+	}
+	if err != nil {
+		return 0, err
+	}
+	v := strings.TrimSpace(string(b))
+	if v == "EPERM" {
+		return 0, unix.EPERM
+	}
+	return strconv.ParseUint(v, 10, 64)
+}
+
+// fake makes sc read this fake /proc.
+func (f *fakeProc) fake(sc *scanner) {
+	sc.nsInode, sc.nsOwner, sc.initUserns = f.nsInode, f.nsOwner, fakeInitUserns
+}
+
 func (f *fakeProc) nsInode(path string) (uint64, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
@@ -90,7 +124,7 @@ func TestScanReportsUnreadableReferences(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	sc.nsInode = f.nsInode
+	f.fake(sc)
 	found, skipped := sc.scan()
 	if len(found) != 2 || found[1001] == nil || found[1002] == nil {
 		t.Errorf("found %+v, want inodes 1001 and 1002", found)
@@ -150,14 +184,14 @@ func TestDiscoveryCountsSkipsOnce(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	d.sc.nsInode = f.nsInode
-	want := map[string]uint64{SkipPermission: 0, SkipGone: 0, SkipOther: 0}
+	f.fake(d.sc)
+	want := map[string]uint64{SkipPermission: 0, SkipGone: 0, SkipOther: 0, SkipUserns: 0}
 	if got := d.Skipped(); !reflect.DeepEqual(got, want) {
 		t.Fatalf("before any scan: %v, want every reason at 0", got)
 	}
 	check := func(when string, perm, gone, other uint64) {
 		t.Helper()
-		want := map[string]uint64{SkipPermission: perm, SkipGone: gone, SkipOther: other}
+		want := map[string]uint64{SkipPermission: perm, SkipGone: gone, SkipOther: other, SkipUserns: 0}
 		if got := d.Skipped(); !reflect.DeepEqual(got, want) {
 			t.Errorf("%s: %v, want %v", when, got, want)
 		}

@@ -235,7 +235,8 @@ func listed(t *testing.T, caps []string, args ...string) (map[string]struct {
 // missed: list names them on stderr, serve logs each (with its pid and
 // uid) and counts it in nsflow_namespaces_skipped_total{reason="permission"},
 // including one that starts after serve (the proc connector's exec event,
-// not a rescan: the rescan interval is an hour).
+// not a rescan: the rescan interval is an hour). The other user's namespace
+// is owned by its user namespace: --netns.userns observes it.
 func TestCapsObserveOtherUser(t *testing.T) {
 	testenv.RequireRoot(t)
 	for _, tool := range []string{"setpriv", "useradd", "userdel", "unshare", "nsenter"} {
@@ -258,7 +259,7 @@ func TestCapsObserveOtherUser(t *testing.T) {
 	include := fmt.Sprintf("^pid:(%d|%d)$", user.pid, root.pid)
 
 	t.Run("list", func(t *testing.T) {
-		got, stderr := listed(t, caps, "--netns.include", include)
+		got, stderr := listed(t, caps, "--netns.userns", "--netns.include", include)
 		for name, tn := range map[string]tenant{"pid:" + strconv.Itoa(user.pid): user, "pid:" + strconv.Itoa(root.pid): root} {
 			ns, ok := got[name]
 			if !ok || ns.Inode != tn.inode || len(ns.Interfaces) != 1 || ns.Interfaces[0].Name != "lo" {
@@ -271,7 +272,7 @@ func TestCapsObserveOtherUser(t *testing.T) {
 			}
 		}
 
-		got, stderr = listed(t, without(caps, "CAP_SYS_PTRACE"), "--netns.include", include)
+		got, stderr = listed(t, without(caps, "CAP_SYS_PTRACE"), "--netns.userns", "--netns.include", include)
 		if len(got) != 0 {
 			t.Errorf("without CAP_SYS_PTRACE, list shows %v: the kernel should have refused", got)
 		}
@@ -287,7 +288,7 @@ func TestCapsObserveOtherUser(t *testing.T) {
 	})
 
 	t.Run("serve", func(t *testing.T) {
-		srv := startServeCaps(t, caps, "--netns.host=false", "--netns.include", include)
+		srv := startServeCaps(t, caps, "--netns.host=false", "--netns.userns", "--netns.include", include)
 		waitUntil(t, 10*time.Second, "both tenants' lo in /metrics", func() bool {
 			s, _ := srv.scrape(t)
 			for name := range names {
@@ -326,7 +327,7 @@ func TestCapsObserveOtherUser(t *testing.T) {
 	})
 
 	t.Run("serve without CAP_SYS_PTRACE", func(t *testing.T) {
-		srv := startServeCaps(t, without(caps, "CAP_SYS_PTRACE"), "--netns.host=false", "--netns.include", include,
+		srv := startServeCaps(t, without(caps, "CAP_SYS_PTRACE"), "--netns.host=false", "--netns.userns", "--netns.include", include,
 			"--netns.resync-interval", "1h")
 		s, _ := srv.scrape(t)
 		before := s[skippedSeries("permission")]
