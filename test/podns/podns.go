@@ -487,8 +487,8 @@ func deleteBridgeIfUnused(cfg Config, bridge, except string) error {
 	return deleteLink(bridge)
 }
 
-// Delete removes a pod: veth, namespace, state, and its bridge when no other
-// pod uses it. A missing pod is not an error (existed reports it). Without a
+// Delete removes a pod: its containers' processes (killed) and cgroups,
+// veth, namespace, state, and its bridge when no other pod uses it. A missing pod is not an error (existed reports it). Without a
 // state file, the deterministic names of a half-created pod are cleaned up.
 func Delete(cfg Config, name string) (existed bool, err error) {
 	if err := ValidateName(name); err != nil {
@@ -505,6 +505,9 @@ func Delete(cfg Config, name string) (existed bool, err error) {
 	}
 	existed = p != nil
 	var errs []error
+	// Its containers first (`pod exec --container`): killed, their
+	// cgroups removed.
+	errs = append(errs, removePodCgroups(name))
 	hostVeth := HostVethName(name)
 	if _, lerr := netlink.LinkByName(hostVeth); lerr == nil {
 		existed = true
