@@ -6,4 +6,4 @@
 // rather than compiling with whatever clang is first on the PATH.
 package bpf
 
-//go:generate go tool bpf2go -cc $BPF_CLANG -tags linux -target bpfel -type obs_key -type counters -type flow_key -type flow_val -type flow_event -type direction -type link -type stat -type parse_result -type consts Nsflow nsflow.c -- -I./include -I/usr/include/x86_64-linux-gnu -I/usr/include/aarch64-linux-gnu -O2 -g -Wall -Werror
+//go:generate go tool bpf2go -cc $BPF_CLANG -tags linux -target bpfel -type obs_key -type counters -type flow_key -type flow_val -type container_key -type flow_event -type direction -type link -type stat -type parse_result -type consts Nsflow nsflow.c -- -I./include -I/usr/include/x86_64-linux-gnu -I/usr/include/aarch64-linux-gnu -O2 -g -Wall -Werror

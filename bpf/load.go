@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
@@ -82,12 +83,28 @@ type Options struct {
 	// but each CPU holds only FlowEntries / CPUs of the flows it creates).
 	// A benchmark variant (docs/BENCHMARKS.md).
 	NoCommonLRU bool
+	// Attribution records in each egress flow the cgroup v2 id of its
+	// sending socket (NsflowFlowVal.Cgroup; bpf_skb_cgroup_id): at the
+	// flow's insert, or at a later packet while it is 0. Ignored with
+	// NoFlows.
+	Attribution bool
+	// SocketLookup records in each ingress flow the cgroup v2 id of the
+	// socket that receives it in the namespace (bpf_sk_lookup_tcp/udp at
+	// the flow's first packet; TCP and UDP only). Ignored with NoFlows.
+	SocketLookup bool
+	// ContainerEntries > 0 keeps per (observation point, cgroup) totals
+	// in a map of that many entries (ReadContainers): egress packets under
+	// their socket's cgroup, ingress ones under their flow's (SocketLookup),
+	// 0 when unknown. It needs the flows (an error with NoFlows).
+	ContainerEntries uint32
 }
 
 // PinnedMaps are the maps pinned with Options.PinPath: the counters, what
 // their slots count, and what the stubs of a previous process need to keep
 // counting until a new process adopts them (the parser they tail-call and
-// the slot they hand it).
+// the slot they hand it). The containers map is pinned too when it is on
+// (Options.ContainerEntries); a process with it off removes a pinned one,
+// whose counts it would not keep up to date when it frees slots.
 var PinnedMaps = []string{NsflowMapTotals, NsflowMapPoints, NsflowMapFlows, NsflowMapStats,
 	NsflowMapAccountProgs}
 
@@ -150,6 +167,21 @@ func Load(opts Options) (*Objects, error) {
 			return nil, fmt.Errorf("set %s: %w", NsflowVarEventsEnabled, err)
 		}
 	}
+	if opts.ContainerEntries > 0 && opts.NoFlows {
+		return nil, errors.New("per-container totals need the flows: ContainerEntries with NoFlows")
+	}
+	// The containers map is created in any case (the parser references
+	// it), of one entry when off: the programs never touch it then.
+	spec.Maps[NsflowMapContainers].MaxEntries = max(opts.ContainerEntries, 1)
+	for name, on := range map[string]bool{NsflowVarAttribution: opts.Attribution && !opts.NoFlows,
+		NsflowVarSkLookup: opts.SocketLookup && !opts.NoFlows, NsflowVarContainersEnabled: opts.ContainerEntries > 0} {
+		if !on {
+			continue
+		}
+		if err := spec.Variables[name].Set(uint8(1)); err != nil {
+			return nil, fmt.Errorf("set %s: %w", name, err)
+		}
+	}
 	if preemptRT() {
 		if err := spec.Variables[NsflowVarAtomicCounts].Set(uint8(1)); err != nil {
 			return nil, fmt.Errorf("set %s: %w", NsflowVarAtomicCounts, err)
@@ -162,7 +194,13 @@ func Load(opts Options) (*Objects, error) {
 	}
 	var copts *ebpf.CollectionOptions
 	if opts.PinPath != "" {
-		for _, name := range PinnedMaps {
+		pinned := PinnedMaps
+		if opts.ContainerEntries > 0 {
+			pinned = append(slices.Clip(pinned), NsflowMapContainers)
+		} else if err := os.Remove(filepath.Join(opts.PinPath, NsflowMapContainers)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("remove pinned map %s: %w", NsflowMapContainers, err)
+		}
+		for _, name := range pinned {
 			ms := spec.Maps[name]
 			ms.Pinning = ebpf.PinByName
 			path := filepath.Join(opts.PinPath, name)
@@ -250,7 +288,7 @@ func (o *Objects) init(spec *ebpf.CollectionSpec, pinPath string, onReplace func
 	if err != nil {
 		return err
 	}
-	return o.slots.init(o.Totals, o.Points, cookies, o.Flows)
+	return o.slots.init(o.Totals, o.Points, cookies, o.Flows, o.Containers)
 }
 
 // template says which template immediate ins moves, if any.

@@ -62,7 +62,7 @@ func totalsShape(n uint32) MapShape {
 }
 
 func flowsShape(n uint32) MapShape {
-	return MapShape{ebpf.LRUHash, 40, 40, n}
+	return MapShape{ebpf.LRUHash, 40, 48, n}
 }
 
 func roundUp8(n uint64) uint64 { return (n + 7) &^ 7 }
@@ -138,6 +138,8 @@ func KernelMemory(opts Options, ncpu int) (map[string]uint64, error) {
 			s.MaxEntries = opts.FlowEntries
 		case NsflowMapTotals, NsflowMapPoints:
 			s.MaxEntries = opts.MaxPoints
+		case NsflowMapContainers:
+			s.MaxEntries = max(opts.ContainerEntries, 1)
 		}
 		if s.KeySize == 0 && ms.Key != nil {
 			return nil, fmt.Errorf("map %s: key size unknown", name)

@@ -105,13 +105,29 @@ struct flow_key {
 	__u8 daddr[16];
 };
 
+/* 48 bytes. */
 struct flow_val {
 	__u64 packets;
 	__u64 bytes;
 	__u64 first_ns; /* CLOCK_MONOTONIC_COARSE */
 	__u64 last_ns;
+	/* The cgroup (v2 id: the inode of its directory) of the flow's socket
+	 * in this namespace, 0 unknown. At egress (attribution) the sending
+	 * socket's (bpf_skb_cgroup_id), written at the flow's insert, or at a
+	 * later packet while it is still 0 (the first packets of a flow may
+	 * carry no socket); at ingress (sk_lookup) the receiving socket's,
+	 * looked up at the flow's first packet only (socket_cgroup). */
+	__u64 cgroup;
 	__u8 tcp_flags; /* OR of the TCP flags seen */
 	__u8 pad[7];
+};
+
+/* A key of the containers map: an observation point's slot and a cgroup
+ * (0: no socket, or unknown). */
+struct container_key {
+	__u64 cgroup;
+	__u32 slot;
+	__u32 pad;
 };
 
 /* Per-CPU event counters, indexed by enum stat. */
@@ -151,6 +167,13 @@ volatile const __u8 events_enabled = 0;
 volatile const __u32 napi_id_min = 0xffffffff;
 /* Set on PREEMPT_RT kernels: counters are added atomically (below). */
 volatile const __u8 atomic_counts = 0;
+/* Per-container attribution (Options.Attribution, SocketLookup,
+ * ContainerEntries), all off by default: the verifier then removes their
+ * branches, and the programs are the ones without them (the loads of these
+ * constants aside; docs/BENCHMARKS.md). */
+volatile const __u8 attribution = 0;        /* egress: the sending socket's cgroup into the flow */
+volatile const __u8 sk_lookup = 0;          /* ingress: the receiving socket's cgroup, at a flow's first packet */
+volatile const __u8 containers_enabled = 0; /* per (slot, cgroup) counters (containers map) */
 
 /* Exact totals, one slot per observation point, assigned by user space. */
 struct {
@@ -188,6 +211,20 @@ struct {
 	__type(value, struct flow_val);
 } flows SEC(".maps");
 
+/* Packets and bytes per observation point and cgroup (containers_enabled,
+ * which needs flows_enabled): at egress the sending socket's cgroup, at
+ * ingress the flow's (the receiving socket's, with sk_lookup), 0 when
+ * unknown or not IP. Every packet the parser counts in totals counts in one
+ * entry, so that per slot the entries add up to the slot's totals (until
+ * the LRU evicts one). Shared values, atomic adds (as flows). The loader
+ * sizes it (Options.ContainerEntries; 1 when off). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 1);
+	__type(key, struct container_key);
+	__type(value, struct counters);
+} containers SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 256 * 1024);
@@ -207,6 +244,7 @@ const enum stat *unused_stat __attribute__((unused));
 const enum parse_result *unused_parse_result __attribute__((unused));
 const enum consts *unused_consts __attribute__((unused));
 const struct flow_event *unused_flow_event __attribute__((unused));
+const struct container_key *unused_container_key __attribute__((unused));
 
 /*
  * add adds to a per-CPU counter. On a standard kernel TC programs run with
@@ -260,7 +298,68 @@ static __always_inline void emit_flow_event(struct flow_key *key)
 	bpf_ringbuf_submit(e, 0);
 }
 
-static __always_inline void count_flow(struct flow_key *key, __u32 packets, __u64 len, __u8 tcp_flags)
+/*
+ * socket_cgroup returns the cgroup of the socket in this namespace that
+ * receives a packet of flow key (the one the stack will deliver it to: for
+ * TCP an established socket, else a listener; for UDP a connected or bound
+ * one), 0 when there is none or the protocol has no socket lookup. The
+ * socket's cgroup is read through bpf_probe_read_kernel: TC programs have no
+ * bpf_sk_cgroup_id (cgroup_skb programs do), and the verifier forbids any
+ * arithmetic on the socket pointer the lookup returns, so the pointer is
+ * first copied out of the stack as a plain number. A helper call and four
+ * probe reads: done once per flow, at its first packet.
+ */
+static __always_inline __u64 socket_cgroup(struct __sk_buff *ctx, struct flow_key *key)
+{
+	struct bpf_sock_tuple t = {};
+	struct bpf_sock *sk;
+	__u32 size;
+	__u64 cg = 0, addr = 0;
+
+	if (key->family == 4) {
+		__builtin_memcpy(&t.ipv4.saddr, key->saddr, 4);
+		__builtin_memcpy(&t.ipv4.daddr, key->daddr, 4);
+		t.ipv4.sport = bpf_htons(key->sport);
+		t.ipv4.dport = bpf_htons(key->dport);
+		size = sizeof(t.ipv4);
+	} else {
+		__builtin_memcpy(t.ipv6.saddr, key->saddr, 16);
+		__builtin_memcpy(t.ipv6.daddr, key->daddr, 16);
+		t.ipv6.sport = bpf_htons(key->sport);
+		t.ipv6.dport = bpf_htons(key->dport);
+		size = sizeof(t.ipv6);
+	}
+	if (key->proto == IPPROTO_TCP)
+		sk = bpf_sk_lookup_tcp(ctx, &t, size, BPF_F_CURRENT_NETNS, 0);
+	else if (key->proto == IPPROTO_UDP)
+		sk = bpf_sk_lookup_udp(ctx, &t, size, BPF_F_CURRENT_NETNS, 0);
+	else
+		return 0;
+	if (!sk)
+		return 0;
+	{
+		struct bpf_sock *volatile slot = sk;
+
+		bpf_probe_read_kernel(&addr, sizeof(addr), (void *)&slot);
+	}
+	if (addr)
+		cg = BPF_CORE_READ((struct sock *)addr, sk_cgrp_data.cgroup, kn, id);
+	bpf_sk_release(sk);
+	return cg;
+}
+
+/* The cgroup a flow is attributed to at one of its packets (flow_val.cgroup):
+ * skb_cg, when not 0, is the packet's, already read. */
+static __always_inline __u64 flow_cgroup(struct __sk_buff *ctx, struct flow_key *key, __u8 dir, __u64 skb_cg)
+{
+	if (dir == DIR_TX)
+		return !attribution ? 0 : skb_cg ? skb_cg : bpf_skb_cgroup_id(ctx);
+	return sk_lookup ? socket_cgroup(ctx, key) : 0;
+}
+
+/* Counts a packet in its flow; returns the flow's cgroup. */
+static __always_inline __u64 count_flow(struct __sk_buff *ctx, struct flow_key *key, __u32 packets, __u64 len,
+					__u8 tcp_flags, __u8 dir, __u64 skb_cg)
 {
 	__u64 now = bpf_ktime_get_coarse_ns();
 	struct flow_val *v = bpf_map_lookup_elem(&flows, key);
@@ -271,6 +370,7 @@ static __always_inline void count_flow(struct flow_key *key, __u32 packets, __u6
 			.bytes = len,
 			.first_ns = now,
 			.last_ns = now,
+			.cgroup = flow_cgroup(ctx, key, dir, skb_cg),
 			.tcp_flags = tcp_flags,
 		};
 		long err = bpf_map_update_elem(&flows, key, &init, BPF_NOEXIST);
@@ -280,13 +380,13 @@ static __always_inline void count_flow(struct flow_key *key, __u32 packets, __u6
 			/* Only the CPU whose insert won reports the flow: once. */
 			if (events_enabled)
 				emit_flow_event(key);
-			return;
+			return init.cgroup;
 		}
 		/* Another CPU inserted it meanwhile. */
 		v = bpf_map_lookup_elem(&flows, key);
 		if (!v) {
 			stat_inc(STAT_FLOW_ERR);
-			return;
+			return init.cgroup;
 		}
 	}
 	/* Shared by every CPU: the counts are added atomically. The clock
@@ -299,6 +399,42 @@ static __always_inline void count_flow(struct flow_key *key, __u32 packets, __u6
 		v->last_ns = now;
 	if ((v->tcp_flags | tcp_flags) != v->tcp_flags)
 		v->tcp_flags |= tcp_flags;
+	/* An egress flow whose first packets had no socket (or no cgroup)
+	 * takes the first one a later packet has; once set, it is only read. */
+	if (dir == DIR_TX && attribution && !v->cgroup) {
+		__u64 cg = skb_cg ? skb_cg : bpf_skb_cgroup_id(ctx);
+
+		if (cg)
+			v->cgroup = cg;
+		return cg;
+	}
+	return v->cgroup;
+}
+
+/* Counts a packet under its observation point and cgroup (containers). */
+static __always_inline void count_container(__u32 slot, __u64 cgroup, __u32 packets, __u64 len)
+{
+	struct container_key k = {
+		.cgroup = cgroup,
+		.slot = slot,
+	};
+	struct counters *c = bpf_map_lookup_elem(&containers, &k);
+
+	if (!c) {
+		struct counters init = {
+			.packets = packets,
+			.bytes = len,
+		};
+
+		if (!bpf_map_update_elem(&containers, &k, &init, BPF_NOEXIST))
+			return;
+		/* Another CPU inserted it meanwhile. */
+		c = bpf_map_lookup_elem(&containers, &k);
+		if (!c)
+			return;
+	}
+	__sync_fetch_and_add(&c->packets, packets);
+	__sync_fetch_and_add(&c->bytes, len);
 }
 
 /* What the parser learns beyond the flow key. */
@@ -772,13 +908,23 @@ static __always_inline int account(struct __sk_buff *ctx, __u8 dir, int trusted)
 
 	if (!flows_enabled)
 		return TC_NEXT;
+	/* The containers map counts an egress packet under its own socket's
+	 * cgroup (read once, for the flow too). */
+	__u64 skb_cg = 0, cg;
+
+	if (containers_enabled && dir == DIR_TX)
+		skb_cg = bpf_skb_cgroup_id(ctx);
 	if (res == PARSE_NOT_YET)
 		res = parse(ctx, h.link, &fkey, &l4i);
 	if (res != PARSE_FLOW) {
 		stat_inc(parse_stat(res));
+		if (containers_enabled)
+			count_container(h.slot, skb_cg, packets, bytes);
 		return TC_NEXT;
 	}
-	count_flow(&fkey, packets, bytes, l4i.tcp_flags);
+	cg = count_flow(ctx, &fkey, packets, bytes, l4i.tcp_flags, dir, skb_cg);
+	if (containers_enabled)
+		count_container(h.slot, dir == DIR_TX ? skb_cg : cg, packets, bytes);
 	return TC_NEXT;
 }
 

@@ -23,6 +23,13 @@ const (
 	NsflowConstsIPV6MAX_EXT_HEADERS NsflowConsts = 6
 )
 
+type NsflowContainerKey struct {
+	_      structs.HostLayout
+	Cgroup uint64
+	Slot   uint32
+	Pad    uint32
+}
+
 type NsflowCounters struct {
 	_       structs.HostLayout
 	Packets uint64
@@ -59,6 +66,7 @@ type NsflowFlowVal struct {
 	Bytes    uint64
 	FirstNs  uint64
 	LastNs   uint64
+	Cgroup   uint64
 	TcpFlags uint8
 	Pad      [7]uint8
 }
@@ -105,6 +113,7 @@ const (
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	NsflowMapAccountProgs       = "account_progs"
+	NsflowMapContainers         = "containers"
 	NsflowMapFlowEvents         = "flow_events"
 	NsflowMapFlows              = "flows"
 	NsflowMapPoints             = "points"
@@ -116,10 +125,14 @@ const (
 	NsflowProgNsflowStubEgress  = "nsflow_stub_egress"
 	NsflowProgNsflowStubIngress = "nsflow_stub_ingress"
 	NsflowVarAtomicCounts       = "atomic_counts"
+	NsflowVarAttribution        = "attribution"
+	NsflowVarContainersEnabled  = "containers_enabled"
 	NsflowVarEventsEnabled      = "events_enabled"
 	NsflowVarFlowsEnabled       = "flows_enabled"
 	NsflowVarNapiIdMin          = "napi_id_min"
+	NsflowVarSkLookup           = "sk_lookup"
 	NsflowVarUnusedConsts       = "unused_consts"
+	NsflowVarUnusedContainerKey = "unused_container_key"
 	NsflowVarUnusedDirection    = "unused_direction"
 	NsflowVarUnusedFlowEvent    = "unused_flow_event"
 	NsflowVarUnusedLink         = "unused_link"
@@ -181,6 +194,7 @@ type NsflowProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type NsflowMapSpecs struct {
 	AccountProgs *ebpf.MapSpec `ebpf:"account_progs"`
+	Containers   *ebpf.MapSpec `ebpf:"containers"`
 	FlowEvents   *ebpf.MapSpec `ebpf:"flow_events"`
 	Flows        *ebpf.MapSpec `ebpf:"flows"`
 	Points       *ebpf.MapSpec `ebpf:"points"`
@@ -192,16 +206,20 @@ type NsflowMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type NsflowVariableSpecs struct {
-	AtomicCounts      *ebpf.VariableSpec `ebpf:"atomic_counts"`
-	EventsEnabled     *ebpf.VariableSpec `ebpf:"events_enabled"`
-	FlowsEnabled      *ebpf.VariableSpec `ebpf:"flows_enabled"`
-	NapiIdMin         *ebpf.VariableSpec `ebpf:"napi_id_min"`
-	UnusedConsts      *ebpf.VariableSpec `ebpf:"unused_consts"`
-	UnusedDirection   *ebpf.VariableSpec `ebpf:"unused_direction"`
-	UnusedFlowEvent   *ebpf.VariableSpec `ebpf:"unused_flow_event"`
-	UnusedLink        *ebpf.VariableSpec `ebpf:"unused_link"`
-	UnusedParseResult *ebpf.VariableSpec `ebpf:"unused_parse_result"`
-	UnusedStat        *ebpf.VariableSpec `ebpf:"unused_stat"`
+	AtomicCounts       *ebpf.VariableSpec `ebpf:"atomic_counts"`
+	Attribution        *ebpf.VariableSpec `ebpf:"attribution"`
+	ContainersEnabled  *ebpf.VariableSpec `ebpf:"containers_enabled"`
+	EventsEnabled      *ebpf.VariableSpec `ebpf:"events_enabled"`
+	FlowsEnabled       *ebpf.VariableSpec `ebpf:"flows_enabled"`
+	NapiIdMin          *ebpf.VariableSpec `ebpf:"napi_id_min"`
+	SkLookup           *ebpf.VariableSpec `ebpf:"sk_lookup"`
+	UnusedConsts       *ebpf.VariableSpec `ebpf:"unused_consts"`
+	UnusedContainerKey *ebpf.VariableSpec `ebpf:"unused_container_key"`
+	UnusedDirection    *ebpf.VariableSpec `ebpf:"unused_direction"`
+	UnusedFlowEvent    *ebpf.VariableSpec `ebpf:"unused_flow_event"`
+	UnusedLink         *ebpf.VariableSpec `ebpf:"unused_link"`
+	UnusedParseResult  *ebpf.VariableSpec `ebpf:"unused_parse_result"`
+	UnusedStat         *ebpf.VariableSpec `ebpf:"unused_stat"`
 }
 
 // NsflowObjects contains all objects after they have been loaded into the kernel.
@@ -225,6 +243,7 @@ func (o *NsflowObjects) Close() error {
 // It can be passed to LoadNsflowObjects or ebpf.CollectionSpec.LoadAndAssign.
 type NsflowMaps struct {
 	AccountProgs *ebpf.Map `ebpf:"account_progs"`
+	Containers   *ebpf.Map `ebpf:"containers"`
 	FlowEvents   *ebpf.Map `ebpf:"flow_events"`
 	Flows        *ebpf.Map `ebpf:"flows"`
 	Points       *ebpf.Map `ebpf:"points"`
@@ -235,6 +254,7 @@ type NsflowMaps struct {
 func (m *NsflowMaps) Close() error {
 	return _NsflowClose(
 		m.AccountProgs,
+		m.Containers,
 		m.FlowEvents,
 		m.Flows,
 		m.Points,
@@ -247,16 +267,20 @@ func (m *NsflowMaps) Close() error {
 //
 // It can be passed to LoadNsflowObjects or ebpf.CollectionSpec.LoadAndAssign.
 type NsflowVariables struct {
-	AtomicCounts      *ebpf.Variable `ebpf:"atomic_counts"`
-	EventsEnabled     *ebpf.Variable `ebpf:"events_enabled"`
-	FlowsEnabled      *ebpf.Variable `ebpf:"flows_enabled"`
-	NapiIdMin         *ebpf.Variable `ebpf:"napi_id_min"`
-	UnusedConsts      *ebpf.Variable `ebpf:"unused_consts"`
-	UnusedDirection   *ebpf.Variable `ebpf:"unused_direction"`
-	UnusedFlowEvent   *ebpf.Variable `ebpf:"unused_flow_event"`
-	UnusedLink        *ebpf.Variable `ebpf:"unused_link"`
-	UnusedParseResult *ebpf.Variable `ebpf:"unused_parse_result"`
-	UnusedStat        *ebpf.Variable `ebpf:"unused_stat"`
+	AtomicCounts       *ebpf.Variable `ebpf:"atomic_counts"`
+	Attribution        *ebpf.Variable `ebpf:"attribution"`
+	ContainersEnabled  *ebpf.Variable `ebpf:"containers_enabled"`
+	EventsEnabled      *ebpf.Variable `ebpf:"events_enabled"`
+	FlowsEnabled       *ebpf.Variable `ebpf:"flows_enabled"`
+	NapiIdMin          *ebpf.Variable `ebpf:"napi_id_min"`
+	SkLookup           *ebpf.Variable `ebpf:"sk_lookup"`
+	UnusedConsts       *ebpf.Variable `ebpf:"unused_consts"`
+	UnusedContainerKey *ebpf.Variable `ebpf:"unused_container_key"`
+	UnusedDirection    *ebpf.Variable `ebpf:"unused_direction"`
+	UnusedFlowEvent    *ebpf.Variable `ebpf:"unused_flow_event"`
+	UnusedLink         *ebpf.Variable `ebpf:"unused_link"`
+	UnusedParseResult  *ebpf.Variable `ebpf:"unused_parse_result"`
+	UnusedStat         *ebpf.Variable `ebpf:"unused_stat"`
 }
 
 // NsflowPrograms contains all programs after they have been loaded into the kernel.

@@ -388,7 +388,8 @@ func TestLayout(t *testing.T) {
 		{"obs_key", NsflowObsKey{}, 12},
 		{"flow_key", NsflowFlowKey{}, 40},
 		{"counters", NsflowCounters{}, 16},
-		{"flow_val", NsflowFlowVal{}, 40},
+		{"flow_val", NsflowFlowVal{}, 48},
+		{"container_key", NsflowContainerKey{}, 16},
 		{"flow_event", NsflowFlowEvent{}, 48},
 	} {
 		if got := binary.Size(c.v); got != c.want {
@@ -412,16 +413,18 @@ func TestLayout(t *testing.T) {
 		name            string
 		opts            Options
 		entries, points uint32
+		containers      uint32
 	}{
-		{"default", Options{}, DefaultFlowEntries(ncpu), DefaultMaxPoints(ncpu)},
-		{"sizes", Options{FlowEntries: 1234, MaxPoints: 100}, 1234, 100},
+		{"default", Options{}, DefaultFlowEntries(ncpu), DefaultMaxPoints(ncpu), 1},
+		{"sizes", Options{FlowEntries: 1234, MaxPoints: 100, ContainerEntries: 777}, 1234, 100, 777},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			objs := load(t, c.opts)
 			check(t, NsflowMapTotals, objs.Totals, shape{ebpf.PerCPUArray, 4, 16, c.points})
 			check(t, NsflowMapPoints, objs.Points, shape{ebpf.Array, 4, 12, c.points})
 			check(t, NsflowMapAccountProgs, objs.AccountProgs, shape{ebpf.ProgramArray, 4, 4, 2})
-			check(t, NsflowMapFlows, objs.Flows, shape{ebpf.LRUHash, 40, 40, c.entries})
+			check(t, NsflowMapFlows, objs.Flows, shape{ebpf.LRUHash, 40, 48, c.entries})
+			check(t, NsflowMapContainers, objs.Containers, shape{ebpf.LRUHash, 16, 16, c.containers})
 			check(t, NsflowMapStats, objs.Stats, shape{ebpf.PerCPUArray, 4, 8, uint32(NsflowStatSTAT_MAX)})
 			check(t, NsflowMapFlowEvents, objs.FlowEvents, shape{ebpf.RingBuf, 0, 0, 256 * 1024})
 		})

@@ -69,6 +69,7 @@ func loadCookies(maxPoints uint32, pinPath string, onReplace func(string, error)
 // high.
 type slots struct {
 	totals, points, cookies, flows *ebpf.Map
+	containers                     *ebpf.Map // per (slot, cgroup)
 	ncpu                           int
 
 	mu       sync.Mutex
@@ -81,12 +82,12 @@ type slots struct {
 	flowsDeleted uint64 // flows deleted with their points
 }
 
-func (s *slots) init(totals, points, cookies, flows *ebpf.Map) error {
+func (s *slots) init(totals, points, cookies, flows, containers *ebpf.Map) error {
 	ncpu, err := ebpf.PossibleCPU()
 	if err != nil {
 		return err
 	}
-	*s = slots{totals: totals, points: points, cookies: cookies, flows: flows, ncpu: ncpu,
+	*s = slots{totals: totals, points: points, cookies: cookies, flows: flows, containers: containers, ncpu: ncpu,
 		bySlot: map[uint32]NsflowObsKey{}, byKey: map[NsflowObsKey]uint32{}, cookieOf: map[uint32]uint64{},
 		used: make([]uint64, (totals.MaxEntries()+63)/64)}
 	// A pinned points map names the slots a previous process assigned.
@@ -243,7 +244,8 @@ func (s *slots) releaseWhere(match func(slot uint32, key NsflowObsKey) bool) (in
 }
 
 // deleteFlows deletes the flows of the slots in free from the flow map,
-// counting them in flowsDeleted.
+// counting them in flowsDeleted, and their per-cgroup totals from the
+// containers map.
 func (s *slots) deleteFlows(free map[uint32]NsflowObsKey) error {
 	var fk NsflowFlowKey
 	var fv NsflowFlowVal
@@ -262,6 +264,24 @@ func (s *slots) deleteFlows(free map[uint32]NsflowObsKey) error {
 	}
 	if err != nil {
 		return fmt.Errorf("read flows: %w", err)
+	}
+	if s.containers == nil || s.containers.MaxEntries() <= 1 {
+		return nil // off: the programs write nothing there
+	}
+	var ck NsflowContainerKey
+	var cv NsflowCounters
+	var cdel []NsflowContainerKey
+	cit := s.containers.Iterate()
+	for cit.Next(&ck, &cv) {
+		if _, ok := free[ck.Slot]; ok {
+			cdel = append(cdel, ck)
+		}
+	}
+	for _, k := range cdel {
+		s.containers.Delete(k)
+	}
+	if err := cit.Err(); err != nil {
+		return fmt.Errorf("read containers: %w", err)
 	}
 	return nil
 }
@@ -368,6 +388,29 @@ func (o *Objects) ReadTotals(fn func(key NsflowObsKey, perCPU []NsflowCounters))
 		if err != nil {
 			return fmt.Errorf("read totals: %w", err)
 		}
+	}
+	return nil
+}
+
+// ReadContainers calls fn with the per-cgroup totals of every observation
+// point that has a slot (Options.ContainerEntries): cgroup is the cgroup v2
+// id (0: no socket, or unknown), c the packets and bytes counted under it
+// (one value shared by every CPU). No slot changes hands meanwhile. With
+// the map off it calls fn for nothing.
+func (o *Objects) ReadContainers(fn func(slot uint32, key NsflowObsKey, cgroup uint64, c NsflowCounters)) error {
+	s := &o.slots
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var k NsflowContainerKey
+	var v NsflowCounters
+	it := o.Containers.Iterate()
+	for it.Next(&k, &v) {
+		if key, ok := s.bySlot[k.Slot]; ok {
+			fn(k.Slot, key, k.Cgroup, v)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("read containers: %w", err)
 	}
 	return nil
 }

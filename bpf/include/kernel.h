@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
  * Minimal CO-RE views of the kernel structures nsflow reads (through
- * bpf_probe_read_kernel, for GSO sk_buffs only).
+ * bpf_probe_read_kernel: for GSO sk_buffs, and a receiving socket's cgroup
+ * at a flow's first packet).
  *
  * A full vmlinux.h is 134k lines; these stubs name only the fields the
  * program dereferences. preserve_access_index makes clang emit CO-RE
@@ -38,6 +39,24 @@ struct sk_buff {
 struct skb_shared_info {
 	struct sk_buff *frag_list;
 	unsigned int gso_type;
+} __attribute__((preserve_access_index));
+
+/* A socket's cgroup v2 id (socket_cgroup in nsflow.c): the id of the
+ * kernfs node of the cgroup the socket was created in (cgroup_id()). */
+struct kernfs_node {
+	__u64 id;
+} __attribute__((preserve_access_index));
+
+struct cgroup {
+	struct kernfs_node *kn;
+} __attribute__((preserve_access_index));
+
+struct sock_cgroup_data {
+	struct cgroup *cgroup; /* v2 */
+} __attribute__((preserve_access_index));
+
+struct sock {
+	struct sock_cgroup_data sk_cgrp_data;
 } __attribute__((preserve_access_index));
 
 #endif
