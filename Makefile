@@ -23,7 +23,7 @@ TEST_TIMEOUT ?= 25m
 # measure something else than they mean to.
 TEST_FLAGS   ?= -count=1 -p 1 -timeout $(TEST_TIMEOUT)
 
-.PHONY: bench-deps bench-throughput all build bpf-clang generate check-generate deps lint test test-kernels test-unit bench fuzz soak image demo clean
+.PHONY: bench-deps bench-scale bench-throughput all build bpf-clang generate check-generate deps lint test test-kernels test-unit bench fuzz soak image demo clean
 
 all: build
 
@@ -113,6 +113,13 @@ bench: bench-deps
 	./test/bench/plot.sh docs/bench/macro.txt docs/scale.png
 	$(GO) test -run '^$$' -bench ScrapeLoad -benchtime 300x ./exporter/ | tee docs/bench/scrape-load.raw
 	$(MAKE) bench-throughput
+
+## bench-scale: serve as deployed over 10, 100 and 1,000 pods, default attach mode
+## then --attach-mode tcx, at the kernel's RCU mode (docs/bench/scale*.raw,
+## docs/BENCHMARKS.md "Scale")
+bench-scale:
+	$(GO) test -run '^$$' -bench 'Scale$$' -benchtime 1x -timeout 60m ./test/bench/ | tee docs/bench/scale.raw
+	NSFLOW_BENCH_ATTACH_MODE=tcx $(GO) test -run '^$$' -bench 'Scale$$' -benchtime 1x -timeout 60m ./test/bench/ | tee docs/bench/scale-tcx.raw
 
 ## bench-throughput: CPU per packet at a fixed load and the rate at saturation,
 ## nsflow serve next to tcpdump, softflowd and pmacctd, 20 interleaved rounds
