@@ -7,7 +7,9 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"os/signal"
 	"runtime"
+	"syscall"
 	"text/tabwriter"
 
 	"github.com/spf13/cobra"
@@ -160,18 +162,33 @@ func printPods(cmd *cobra.Command, pods []*podns.Pod) {
 }
 
 func newPodExecCmd(cfg *podns.Config) *cobra.Command {
-	return &cobra.Command{
-		Use:   "exec NAME -- CMD [ARGS...]",
+	var container string
+	cmd := &cobra.Command{
+		Use:   "exec NAME [--container C] -- CMD [ARGS...]",
 		Short: "Run a command inside a pod (one of its containers)",
+		Long: `exec runs a command in a pod's network namespace. Without --container,
+nsflow replaces itself with the command. With --container C, the command
+starts in the pod's namespace and in the cgroup of container C,
+<cgroup v2 mount>/nsflow-pods/NAME/C (made on demand), so that its sockets
+carry that cgroup's id and nsflow's attribution names its traffic C;
+nsflow waits for it, passes signals on, exits with its status, and removes
+the cgroup once no process is left in it ("pod delete" kills what still
+runs in the pod's containers and removes their cgroups).`,
 		Example: `  nsflow pod exec web -- ping -c 3 127.0.0.1
-  nsflow pod exec web -- iperf3 --server`,
+  nsflow pod exec web --container server -- iperf3 --server
+  nsflow pod exec web --container client -- iperf3 -c 127.0.0.1`,
 		Args: checkArgs(cobra.MinimumNArgs(2)),
 		PreRunE: func(cmd *cobra.Command, args []string) error {
 			if cmd.ArgsLenAtDash() != 1 {
-				return usagef("usage: nsflow pod exec NAME -- CMD [ARGS...]")
+				return usagef("usage: nsflow pod exec NAME [--container C] -- CMD [ARGS...]")
 			}
 			if err := podns.ValidateName(args[0]); err != nil {
 				return usageError{err}
+			}
+			if cmd.Flags().Changed("container") {
+				if err := podns.ValidateContainerName(container); err != nil {
+					return usageError{fmt.Errorf("--container: %w", err)}
+				}
 			}
 			return nil
 		},
@@ -183,6 +200,9 @@ func newPodExecCmd(cfg *podns.Config) *cobra.Command {
 			path, err := exec.LookPath(args[1])
 			if err != nil {
 				return fmt.Errorf("%s: %w", args[1], err)
+			}
+			if container != "" {
+				return runContainer(p, container, path, args[1:])
 			}
 			ns, err := netns.GetFromPath(p.NetnsPath)
 			if err != nil {
@@ -198,4 +218,42 @@ func newPodExecCmd(cfg *podns.Config) *cobra.Command {
 			return fmt.Errorf("exec %s: %w", path, unix.Exec(path, args[1:], os.Environ()))
 		},
 	}
+	cmd.Flags().StringVar(&container, "container", "", "run in this container's own cgroup (for per-container attribution)")
+	return cmd
+}
+
+// runContainer runs the command as container c of pod p, waits for it
+// (passing signals on), removes the container's cgroup once empty, and
+// exits with the command's status.
+func runContainer(p *podns.Pod, c, path string, argv []string) error {
+	cmd := &exec.Cmd{Path: path, Args: argv, Stdin: os.Stdin, Stdout: os.Stdout, Stderr: os.Stderr}
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, unix.SIGINT, unix.SIGTERM, unix.SIGHUP, unix.SIGQUIT, unix.SIGUSR1, unix.SIGUSR2)
+	defer signal.Stop(sigs)
+	if err := p.StartContainer(c, cmd); err != nil {
+		podns.RemoveContainer(p.Name, c)
+		return fmt.Errorf("start %s in container %s of pod %s: %w", path, c, p.Name, err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	var werr error
+wait:
+	for {
+		select {
+		case s := <-sigs:
+			cmd.Process.Signal(s)
+		case werr = <-done:
+			break wait
+		}
+	}
+	podns.RemoveContainer(p.Name, c) // busy: another process still runs in it
+	var ee *exec.ExitError
+	if errors.As(werr, &ee) {
+		code := ee.ExitCode()
+		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+			code = 128 + int(ws.Signal())
+		}
+		os.Exit(code)
+	}
+	return werr
 }
