@@ -12,7 +12,7 @@ import (
 // The default capacities are therefore derived from the node's possible
 // CPUs so that the maps stay within a fixed budget whatever the CPU count
 // (TestKernelMemory): the totals within TotalsBudget, the flows (shared
-// values, not per-CPU: ~9.4 MiB at 65,536 on any node) within FlowsBudget.
+// values, not per-CPU: 9.5 MiB at 65,536 on any node) within FlowsBudget.
 const (
 	// TotalsBudget bounds the default totals map (per-CPU array).
 	TotalsBudget = 32 << 20
