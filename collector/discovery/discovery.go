@@ -65,9 +65,14 @@ type Config struct {
 
 // Observer is what a Discovery drives: a *collector.Collector.
 type Observer interface {
-	// Add starts observing a namespace and returns its inode (0 when it
-	// could not be opened).
-	Add(collector.Target) (uint64, error)
+	// AddAsync starts observing a namespace: it registers it, queues its
+	// attach work by Target.Class and returns its inode at once (0 when
+	// it could not be opened). Adding a namespace again under a lower
+	// class raises its priority.
+	AddAsync(collector.Target) (uint64, error)
+	// WaitIdle returns once no attach work is queued or running (or ctx
+	// is done, with its error).
+	WaitIdle(ctx context.Context) error
 	// Remove stops observing the namespace of that inode.
 	Remove(inode uint64)
 	// Rename changes the name the namespace is reported under.
@@ -119,7 +124,8 @@ func New(o Observer, cfg Config) (*Discovery, error) {
 	}, nil
 }
 
-// Ready is closed once the first scan has attached to every namespace found.
+// Ready is closed once the first scan has added every namespace it found
+// and the observer's attach work has drained (Observer.WaitIdle).
 func (d *Discovery) Ready() <-chan struct{} { return d.ready }
 
 // Scans returns how many full scans have run (for tests and metrics).
@@ -174,7 +180,20 @@ func (d *Discovery) Run(ctx context.Context) error {
 	}
 
 	d.reconcile()
-	close(d.ready)
+	// Ready once the first scan's attach work is done; meanwhile events
+	// are handled (a pod that appears now is queued before the rest of a
+	// flood of process namespaces).
+	rctx, cancel := context.WithCancel(ctx)
+	var readyWg sync.WaitGroup
+	defer readyWg.Wait()
+	defer cancel()
+	readyWg.Add(1)
+	go func() {
+		defer readyWg.Done()
+		if d.o.WaitIdle(rctx) == nil {
+			close(d.ready)
+		}
+	}()
 
 	rewatch := func() {
 		if d.watchDirs(w) {
@@ -411,7 +430,7 @@ func (s *scanner) scan() (map[uint64]*Found, []Skipped) {
 	out := map[uint64]*Found{}
 	var skipped []Skipped
 	if s.cfg.Host {
-		out[s.hostIno] = &Found{Target: collector.Target{Name: collector.HostName, Path: "/proc/self/ns/net"}, Inode: s.hostIno}
+		out[s.hostIno] = &Found{Target: collector.Target{Name: collector.HostName, Path: "/proc/self/ns/net", Class: collector.ClassHost}, Inode: s.hostIno}
 	}
 	for _, dir := range s.cfg.NetnsDirs {
 		ents, err := os.ReadDir(dir)
@@ -433,7 +452,7 @@ func (s *scanner) scan() (map[uint64]*Found, []Skipped) {
 				continue
 			}
 			if _, ok := out[ino]; !ok {
-				out[ino] = &Found{Target: collector.Target{Name: e.Name(), Path: p}, Inode: ino}
+				out[ino] = &Found{Target: collector.Target{Name: e.Name(), Path: p, Class: collector.ClassNamed}, Inode: ino}
 			}
 		}
 	}
@@ -470,7 +489,7 @@ func (s *scanner) scan() (map[uint64]*Found, []Skipped) {
 		procOnly := f.Target.Name == ""
 		if procOnly {
 			pid := strconv.Itoa(f.Pids[0])
-			f.Target = collector.Target{Name: "pid:" + pid, Path: filepath.Join(s.cfg.ProcDir, pid, "ns/net")}
+			f.Target = collector.Target{Name: "pid:" + pid, Path: filepath.Join(s.cfg.ProcDir, pid, "ns/net"), Class: collector.ClassProcess}
 		}
 		if !s.selected(f.Target.Name) {
 			delete(out, ino)
@@ -569,25 +588,35 @@ func (d *Discovery) reconcile() {
 			delete(d.known, ino)
 		}
 	}
-	var added []*Found
+	var added, promoted []*Found
 	for ino, f := range now {
 		name, ok := d.known[ino]
 		switch {
 		case !ok:
 			added = append(added, f)
 		case strings.HasPrefix(name, "pid:") && !strings.HasPrefix(f.Target.Name, "pid:"):
-			// A process namespace that got a name (bind-mounted later).
+			// A process namespace that got a name (bind-mounted later):
+			// renamed, and its attach work, if still queued, moves up
+			// to its new class.
 			d.o.Rename(ino, f.Target.Name)
 			d.known[ino] = f.Target.Name
+			promoted = append(promoted, f)
 		}
 	}
 	d.mu.Unlock()
+	for _, f := range promoted {
+		d.o.AddAsync(f.Target)
+	}
+	// Named namespaces and the host's first: the observer queues by
+	// class, but registering a flood of process namespaces before a pod's
+	// would still delay the pod's.
+	sort.SliceStable(added, func(a, b int) bool { return added[a].Target.Class < added[b].Target.Class })
 
 	for _, ino := range gone {
 		d.o.Remove(ino)
 	}
 	for _, f := range added {
-		ino, err := d.o.Add(f.Target)
+		ino, err := d.o.AddAsync(f.Target)
 		if ino == 0 {
 			// The namespace vanished between the scan and the attach, or
 			// cannot be opened: counted once, and the next event or

@@ -7,12 +7,15 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+
+	"github.com/nsflow/nsflow/collector"
 )
 
 // A namespace found through its processes is named after the numerically
 // lowest pid (pid:9, not pid:10 that /proc lists first), with that
 // process's path, and lists its pids in numeric order; a namespace that
-// also has a bind mount keeps the mount's name. The namespace files are
+// also has a bind mount keeps the mount's name. Their attach classes:
+// process, and named for the bind-mounted one. The namespace files are
 // fakes holding their inode, so the test runs without root.
 func TestScanNamesProcessNamespaceByLowestPid(t *testing.T) {
 	root := t.TempDir()
@@ -53,9 +56,9 @@ func TestScanNamesProcessNamespaceByLowestPid(t *testing.T) {
 		1002: {Inode: 1002, Pids: []int{8, 70}},
 		1003: {Inode: 1003, Pids: []int{5}},
 	}
-	want[1001] = withTarget(want[1001], "pid:9", filepath.Join(proc, "9/ns/net"))
-	want[1002] = withTarget(want[1002], "pid:8", filepath.Join(proc, "8/ns/net"))
-	want[1003] = withTarget(want[1003], "web", filepath.Join(netnsDir, "web"))
+	want[1001] = withTarget(want[1001], "pid:9", filepath.Join(proc, "9/ns/net"), collector.ClassProcess)
+	want[1002] = withTarget(want[1002], "pid:8", filepath.Join(proc, "8/ns/net"), collector.ClassProcess)
+	want[1003] = withTarget(want[1003], "web", filepath.Join(netnsDir, "web"), collector.ClassNamed)
 	if len(got) != len(want) {
 		t.Fatalf("found %d namespaces, want %d: %+v", len(got), len(want), got)
 	}
@@ -66,7 +69,7 @@ func TestScanNamesProcessNamespaceByLowestPid(t *testing.T) {
 	}
 }
 
-func withTarget(f Found, name, path string) Found {
-	f.Target.Name, f.Target.Path = name, path
+func withTarget(f Found, name, path string, class collector.Class) Found {
+	f.Target.Name, f.Target.Path, f.Target.Class = name, path, class
 	return f
 }

@@ -1,6 +1,7 @@
 package discovery
 
 import (
+	"context"
 	"fmt"
 	"log/slog"
 	"os"
@@ -151,7 +152,7 @@ type fakeObserver struct {
 	adds map[uint64]int
 }
 
-func (o *fakeObserver) Add(t collector.Target) (uint64, error) {
+func (o *fakeObserver) AddAsync(t collector.Target) (uint64, error) {
 	ino, err := (&fakeProc{}).nsInode(t.Path)
 	if err != nil {
 		return 0, err
@@ -164,8 +165,9 @@ func (o *fakeObserver) Add(t collector.Target) (uint64, error) {
 	}
 	return ino, nil
 }
-func (o *fakeObserver) Remove(uint64)         {}
-func (o *fakeObserver) Rename(uint64, string) {}
+func (o *fakeObserver) WaitIdle(context.Context) error { return nil }
+func (o *fakeObserver) Remove(uint64)                  {}
+func (o *fakeObserver) Rename(uint64, string)          {}
 
 // Discovery counts each skipped namespace or reference once, however many
 // scans find it again, every reason from the start; one that comes back

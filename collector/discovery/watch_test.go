@@ -21,7 +21,7 @@ type addRecorder struct {
 	added map[string]uint64 // name → inode
 }
 
-func (o *addRecorder) Add(t collector.Target) (uint64, error) {
+func (o *addRecorder) AddAsync(t collector.Target) (uint64, error) {
 	ino, err := nsInode(t.Path)
 	if err != nil {
 		return 0, err
@@ -31,8 +31,9 @@ func (o *addRecorder) Add(t collector.Target) (uint64, error) {
 	o.added[t.Name] = ino
 	return ino, nil
 }
-func (o *addRecorder) Remove(uint64)         {}
-func (o *addRecorder) Rename(uint64, string) {}
+func (o *addRecorder) WaitIdle(context.Context) error { return nil }
+func (o *addRecorder) Remove(uint64)                  {}
+func (o *addRecorder) Rename(uint64, string)          {}
 
 func (o *addRecorder) has(name string) bool {
 	o.mu.Lock()
