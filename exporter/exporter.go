@@ -26,16 +26,27 @@ type Config struct {
 	// Flows exports per-flow series (off by default: their cardinality is
 	// unbounded by nature).
 	Flows bool
-	// MaxFlowSeries caps the flows exported per scrape, largest by bytes
-	// first; the rest is counted in nsflow_flow_series_dropped_total.
+	// MaxFlowSeries caps the flow series (negative: no cap). A flow keeps
+	// its series while it is in the flow map; new flows take free places,
+	// largest by bytes first. The rest of each observation point's traffic
+	// is in one remainder series (protocol="other"), so that the flow
+	// series of a point add up to its totals (see capped). Flows left
+	// without a series are counted in nsflow_flow_series_dropped_total.
 	MaxFlowSeries int
+	// Containers exports per-container totals from Snapshot.Containers
+	// (nsflow_container_*_total), at most MaxContainerSeries of them
+	// (negative: no cap); the rest of each namespace's traffic, per
+	// direction, is in its container="" series.
+	Containers         bool
+	MaxContainerSeries int
 }
 
-// TopSource is a Source that can read only the n largest flows
-// (collector.SnapshotTop): with --flows, a scrape then holds
-// --flows.max-series flows, not the whole flow map.
-type TopSource interface {
-	SnapshotTop(n int) (*flow.Snapshot, error)
+// SelectSource is a Source that can read, of the flows, only those keep
+// accepts and the n largest others (n < 0: all): with --flows, a scrape then
+// holds the flows with a series and as many candidates as there are free
+// places, not the whole flow map.
+type SelectSource interface {
+	SnapshotSelect(n int, keep func(*flow.Flow) bool) (*flow.Snapshot, error)
 }
 
 // Source is what the exporter reads at scrape time: a *collector.Collector.
@@ -58,6 +69,15 @@ type Exporter struct {
 	flowEntries, flowCapacity, flowsEvicted   *prometheus.Desc
 	flowInsertErrors, unparsed, totalsFull    *prometheus.Desc
 	attachMode, flowSeriesDropped, scrapeErrs *prometheus.Desc
+	ctrPackets, ctrBytes                      *prometheus.Desc
+
+	flows      *capped[flowGroup, flowLabels, flowEntry]
+	containers *capped[ctrGroup, ctrLabels, ctrEntry]
+
+	// scrapeMu orders the reads and the capped series' updates of
+	// concurrent scrapes (with --flows or --containers): an older read
+	// applied after a newer one would look like counters going down.
+	scrapeMu sync.Mutex
 
 	mu           sync.Mutex
 	droppedTotal uint64 // flow series left out by the cap, over all scrapes
@@ -77,12 +97,17 @@ func New(c Source, cfg Config) *Exporter {
 	d := func(name, help string, labels ...string) *prometheus.Desc {
 		return prometheus.NewDesc(prometheus.BuildFQName(namespace, "", name), help, labels, nil)
 	}
+	ctr := []string{"netns", "pod", "namespace", "container", "direction"}
 	return &Exporter{
 		c: c, cfg: cfg,
+		flows:             newCapped[flowGroup, flowLabels, flowEntry](cfg.MaxFlowSeries),
+		containers:        newCapped[ctrGroup, ctrLabels, ctrEntry](cfg.MaxContainerSeries),
+		ctrPackets:        d("container_packets_total", "Packets per container (cgroup) sent (tx) or received (rx) in a network namespace, all its interfaces (only with --containers; capped: container=\"\" holds the rest of the namespace's traffic).", ctr...),
+		ctrBytes:          d("container_bytes_total", "Bytes per container (cgroup) sent or received in a network namespace (only with --containers; capped like the packets).", ctr...),
 		packets:           d("packets_total", "Packets per network namespace, interface and direction (rx: ingress, tx: egress), exact.", point...),
 		bytes:             d("bytes_total", "Bytes per network namespace, interface and direction, Ethernet header included.", point...),
-		flowPackets:       d("flow_packets_total", "Packets per flow at an observation point (only with --flows; capped).", flow...),
-		flowBytes:         d("flow_bytes_total", "Bytes per flow at an observation point (only with --flows; capped).", flow...),
+		flowPackets:       d("flow_packets_total", "Packets per flow at an observation point (only with --flows; capped: protocol=\"other\" holds the rest of the point's traffic).", flow...),
+		flowBytes:         d("flow_bytes_total", "Bytes per flow at an observation point (only with --flows; capped like the packets).", flow...),
 		namespaces:        d("namespaces", "Network namespaces observed (state=observed) or removed and awaiting their grace period (state=gone).", "state"),
 		attachments:       d("attachments", "Interfaces by the state of nsflow's programs on them.", "state"),
 		attachErrors:      d("attach_errors_total", "Failed attaches, by reason.", "reason"),
@@ -109,6 +134,10 @@ func (e *Exporter) Describe(ch chan<- *prometheus.Desc) {
 		ch <- e.flowPackets
 		ch <- e.flowBytes
 	}
+	if e.cfg.Containers {
+		ch <- e.ctrPackets
+		ch <- e.ctrBytes
+	}
 }
 
 // Collect implements prometheus.Collector: it reads the maps now.
@@ -116,9 +145,16 @@ func (e *Exporter) Collect(ch chan<- prometheus.Metric) {
 	read := e.c.Totals
 	if e.cfg.Flows {
 		read = e.c.Snapshot
-		if ts, ok := e.c.(TopSource); ok && e.cfg.MaxFlowSeries >= 0 {
-			read = func() (*flow.Snapshot, error) { return ts.SnapshotTop(e.cfg.MaxFlowSeries) }
+		if ss, ok := e.c.(SelectSource); ok {
+			placed := e.flows.entries()
+			read = func() (*flow.Snapshot, error) {
+				return ss.SnapshotSelect(e.flows.free(), func(f *flow.Flow) bool { return placed[entryOf(f)] })
+			}
 		}
+	}
+	if e.cfg.Flows || e.cfg.Containers {
+		e.scrapeMu.Lock()
+		defer e.scrapeMu.Unlock()
 	}
 	snap, err := read()
 	e.mu.Lock()
@@ -150,8 +186,9 @@ func (e *Exporter) Collect(ch chan<- prometheus.Metric) {
 	// Points that are all gone are summed.
 	type point = pointKey
 	type sum struct {
-		rx, tx flow.Counters
-		live   bool // the sum holds only live points
+		rx, tx  flow.Counters
+		live    bool      // the sum holds only live points
+		members []ifaceID // the points summed
 	}
 	index := map[point]int{}
 	var points []point
@@ -185,6 +222,7 @@ func (e *Exporter) Collect(ch chan<- prometheus.Metric) {
 			case !live && s.live:
 				continue // a gone twin of a live one
 			}
+			s.members = append(s.members, ifaceID{ns.Inode, i.Index, i.Name})
 			s.rx.Packets += i.RX.Packets
 			s.rx.Bytes += i.RX.Bytes
 			s.tx.Packets += i.TX.Packets
@@ -279,14 +317,17 @@ func (e *Exporter) Collect(ch chan<- prometheus.Metric) {
 	counter(e.totalsFull, st.TotalsFull)
 
 	dropped := 0
-	if e.cfg.Flows {
-		// A TopSource's snapshot holds the largest flows only; all are
-		// counted in FlowEntries.
-		total := max(len(snap.Flows), int(st.FlowEntries))
-		if _, ok := e.c.(TopSource); !ok || e.cfg.MaxFlowSeries < 0 {
-			total = len(snap.Flows)
-		}
-		dropped = e.collectFlows(snap.Flows, total, counter)
+	if e.cfg.Flows && err == nil {
+		// A partial read would look like flows leaving the map: the flow
+		// series skip a scrape that could not read everything.
+		dropped = e.collectFlows(snap, points, func(k int) ([]ifaceID, flow.Counters, flow.Counters) {
+			return sums[k].members, sums[k].rx, sums[k].tx
+		}, ch)
+	}
+	if e.cfg.Containers && err == nil {
+		e.collectContainers(snap, points, func(k int) ([]ifaceID, flow.Counters, flow.Counters) {
+			return sums[k].members, sums[k].rx, sums[k].tx
+		}, ch)
 	}
 	e.mu.Lock()
 	e.droppedTotal += uint64(dropped)
@@ -295,45 +336,161 @@ func (e *Exporter) Collect(ch chan<- prometheus.Metric) {
 	counter(e.flowSeriesDropped, droppedTotal)
 }
 
-// collectFlows exports the largest of flows up to the cap, and returns how
-// many of total it left out. It holds the flows it exports only (flow.Top),
-// not a copy of them all. Flows that differ only in what the labels do not
-// show (none today: netns and interface names are unique while the flow map
-// names them) are summed among those exported, so that no two series share a
-// label set.
-func (e *Exporter) collectFlows(flows []flow.Flow, total int, counter func(*prometheus.Desc, uint64, ...string)) int {
-	top := flow.NewTop(e.cfg.MaxFlowSeries)
-	for i := range flows {
-		top.Offer(&flows[i])
+// ifaceID is an interface as the maps name it.
+type ifaceID struct {
+	ino  uint64
+	idx  int
+	name string // as the collector names it, unescaped
+}
+
+// flowGroup is an observation point of the flow series (its labels).
+type flowGroup struct {
+	netns, iface string
+	dir          flow.Direction
+}
+
+// flowLabels is a flow series' label set (a remainder's has proto 0 and
+// invalid addresses, but remainders are not items).
+type flowLabels struct {
+	flowGroup
+	proto        flow.Protocol
+	src, dst     netip.Addr
+	sport, dport uint16
+}
+
+// flowEntry is a flow map entry.
+type flowEntry struct {
+	ino          uint64
+	idx          int
+	dir          flow.Direction
+	proto        flow.Protocol
+	src, dst     netip.Addr
+	sport, dport uint16
+}
+
+func entryOf(f *flow.Flow) flowEntry {
+	return flowEntry{f.NetnsInode, f.Ifindex, f.Direction, f.Protocol, f.Src, f.Dst, f.SrcPort, f.DstPort}
+}
+
+// members returns the interfaces a per-interface series sums, and its sums.
+type members func(k int) ([]ifaceID, flow.Counters, flow.Counters)
+
+// collectFlows exports the flow series (at most MaxFlowSeries) and one
+// remainder per observation point (capped), and returns how many flows in the
+// map have no series.
+func (e *Exporter) collectFlows(snap *flow.Snapshot, points []pointKey, sums members, ch chan<- prometheus.Metric) int {
+	totals := map[flowGroup]flow.Counters{}
+	point := map[[2]uint64]flowGroup{} // (inode, ifindex) of a summed interface -> its point
+	for k, p := range points {
+		ifs, rx, tx := sums(k)
+		g := flowGroup{netns: p.netns, iface: p.iface}
+		for _, m := range ifs {
+			point[[2]uint64{m.ino, uint64(m.idx)}] = g
+		}
+		g.dir = flow.RX
+		totals[g] = add(totals[g], rx)
+		g.dir = flow.TX
+		totals[g] = add(totals[g], tx)
 	}
-	kept := top.Flows()
-	type key struct {
-		netns, iface string
-		dir          flow.Direction
-		proto        flow.Protocol
-		src, dst     netip.Addr
-		sport, dport uint16
+	obs := make([]observation[flowGroup, flowLabels, flowEntry], 0, len(snap.Flows))
+	for i := range snap.Flows {
+		f := &snap.Flows[i]
+		g, ok := point[[2]uint64{f.NetnsInode, uint64(f.Ifindex)}]
+		if !ok {
+			continue // a gone twin's flow, or its point not read
+		}
+		g.dir = f.Direction
+		obs = append(obs, observation[flowGroup, flowLabels, flowEntry]{
+			group: g,
+			item:  flowLabels{g, f.Protocol, f.Src, f.Dst, f.SrcPort, f.DstPort},
+			entry: entryOf(f),
+			c:     flow.Counters{Packets: f.Packets, Bytes: f.Bytes},
+		})
 	}
-	index := make(map[key]int, len(kept))
-	sums := kept[:0]
-	for _, f := range kept {
-		k := key{f.Netns, f.Interface, f.Direction, f.Protocol, f.Src, f.Dst, f.SrcPort, f.DstPort}
-		if i, ok := index[k]; ok {
-			sums[i].Packets += f.Packets
-			sums[i].Bytes += f.Bytes
+	items, rems, left := e.flows.update(totals, obs)
+	emit := func(labels []string, c flow.Counters) {
+		ch <- prometheus.MustNewConstMetric(e.flowPackets, prometheus.CounterValue, float64(c.Packets), labels...)
+		ch <- prometheus.MustNewConstMetric(e.flowBytes, prometheus.CounterValue, float64(c.Bytes), labels...)
+	}
+	for l, c := range items {
+		emit([]string{l.netns, l.iface, string(l.dir), l.proto.String(), l.src.String(), l.dst.String(),
+			strconv.Itoa(int(l.sport)), strconv.Itoa(int(l.dport))}, c)
+	}
+	for g, c := range rems {
+		emit([]string{g.netns, g.iface, string(g.dir), "other", "", "", "", ""}, c)
+	}
+	// With a SelectSource, flows beyond the free places were not read.
+	return max(left, int(snap.Stats.FlowEntries)-len(items))
+}
+
+// ctrGroup is a namespace and direction: the container series' remainder.
+type ctrGroup struct {
+	netns string
+	dir   flow.Direction
+}
+
+// ctrLabels is a container series' label set.
+type ctrLabels struct {
+	ctrGroup
+	pod, podNS, container string
+}
+
+// ctrEntry is an entry of the container map.
+type ctrEntry struct {
+	ino    uint64
+	iface  string
+	dir    flow.Direction
+	cgroup uint64
+}
+
+// collectContainers exports the container series (at most
+// MaxContainerSeries), summed over a namespace's interfaces, and one
+// remainder (container="", pod="", namespace="") per namespace and
+// direction, that holds what no container series does: packets of unknown
+// cgroups, and of containers over the cap.
+func (e *Exporter) collectContainers(snap *flow.Snapshot, points []pointKey, sums members, ch chan<- prometheus.Metric) {
+	totals := map[ctrGroup]flow.Counters{}
+	netns := map[ifaceID]string{} // a summed interface (by name) -> its netns label
+	for k, p := range points {
+		ifs, rx, tx := sums(k)
+		for _, m := range ifs {
+			netns[ifaceID{ino: m.ino, name: m.name}] = p.netns
+		}
+		totals[ctrGroup{p.netns, flow.RX}] = add(totals[ctrGroup{p.netns, flow.RX}], rx)
+		totals[ctrGroup{p.netns, flow.TX}] = add(totals[ctrGroup{p.netns, flow.TX}], tx)
+	}
+	obs := make([]observation[ctrGroup, ctrLabels, ctrEntry], 0, len(snap.Containers))
+	for i := range snap.Containers {
+		cs := &snap.Containers[i]
+		ns, ok := netns[ifaceID{ino: cs.NetnsInode, name: cs.Interface}]
+		if !ok {
 			continue
 		}
-		index[k] = len(sums)
-		sums = append(sums, f)
+		l := ctrLabels{ctrGroup: ctrGroup{ns, cs.Direction}, container: flow.SafeName(cs.Container)}
+		if cs.Pod != nil {
+			l.pod, l.podNS = flow.SafeName(cs.Pod.Name), flow.SafeName(cs.Pod.Namespace)
+		}
+		if l.pod == "" && l.podNS == "" && l.container == "" {
+			continue // unknown: the remainder's
+		}
+		obs = append(obs, observation[ctrGroup, ctrLabels, ctrEntry]{
+			group: l.ctrGroup, item: l,
+			entry: ctrEntry{cs.NetnsInode, cs.Interface, cs.Direction, cs.Cgroup},
+			c:     cs.Counters,
+		})
 	}
-	for i := range sums {
-		f := &sums[i]
-		labels := []string{flow.SafeName(f.Netns), flow.SafeName(f.Interface), string(f.Direction), f.Protocol.String(), f.Src.String(), f.Dst.String(),
-			strconv.Itoa(int(f.SrcPort)), strconv.Itoa(int(f.DstPort))}
-		counter(e.flowPackets, f.Packets, labels...)
-		counter(e.flowBytes, f.Bytes, labels...)
+	items, rems, _ := e.containers.update(totals, obs)
+	emit := func(l ctrLabels, c flow.Counters) {
+		labels := []string{l.netns, l.pod, l.podNS, l.container, string(l.dir)}
+		ch <- prometheus.MustNewConstMetric(e.ctrPackets, prometheus.CounterValue, float64(c.Packets), labels...)
+		ch <- prometheus.MustNewConstMetric(e.ctrBytes, prometheus.CounterValue, float64(c.Bytes), labels...)
 	}
-	return total - len(kept)
+	for l, c := range items {
+		emit(l, c)
+	}
+	for g, c := range rems {
+		emit(ctrLabels{ctrGroup: g}, c)
+	}
 }
 
 // pointKey identifies a per-interface series.

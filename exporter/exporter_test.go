@@ -67,9 +67,19 @@ func fixture() *flow.Snapshot {
 			}},
 		},
 		Flows: []flow.Flow{
-			{Key: flow.Key{Netns: "web", Interface: "eth0", Direction: flow.TX, Protocol: 6, Src: a, Dst: b, SrcPort: 40000, DstPort: 80}, Packets: 4, Bytes: 400},
-			{Key: flow.Key{Netns: "web", Interface: "eth0", Direction: flow.TX, Protocol: 17, Src: a, Dst: b, SrcPort: 5353, DstPort: 53}, Packets: 2, Bytes: 188},
-			{Key: flow.Key{Netns: "web", Interface: "lo", Direction: flow.TX, Protocol: 1, Src: a, Dst: a, SrcPort: 8}, Packets: 1, Bytes: 98},
+			{Key: flow.Key{Netns: "web", NetnsInode: 4026532200, Interface: "eth0", Ifindex: 2, Direction: flow.TX, Protocol: 6, Src: a, Dst: b, SrcPort: 40000, DstPort: 80}, Packets: 4, Bytes: 400},
+			{Key: flow.Key{Netns: "web", NetnsInode: 4026532200, Interface: "eth0", Ifindex: 2, Direction: flow.TX, Protocol: 17, Src: a, Dst: b, SrcPort: 5353, DstPort: 53}, Packets: 2, Bytes: 188},
+			{Key: flow.Key{Netns: "web", NetnsInode: 4026532200, Interface: "lo", Ifindex: 1, Direction: flow.TX, Protocol: 1, Src: a, Dst: a, SrcPort: 8}, Packets: 1, Bytes: 98},
+		},
+		// Per container, summed over interfaces by the exporter: web sent
+		// 38 packets over lo and 6 over eth0, the sidecar 2 over lo; the
+		// rest (and all that was received) is in container="".
+		Containers: []flow.ContainerStats{
+			{Netns: "web", NetnsInode: 4026532200, Interface: "lo", Direction: flow.TX, Cgroup: 7001, Container: "web", Pod: &flow.PodInfo{Name: "web-7d4f", Namespace: "shop"}, Counters: flow.Counters{Packets: 38, Bytes: 3800}},
+			{Netns: "web", NetnsInode: 4026532200, Interface: "eth0", Direction: flow.TX, Cgroup: 7001, Container: "web", Pod: &flow.PodInfo{Name: "web-7d4f", Namespace: "shop"}, Counters: flow.Counters{Packets: 6, Bytes: 588}},
+			{Netns: "web", NetnsInode: 4026532200, Interface: "lo", Direction: flow.TX, Cgroup: 7002, Container: "side\x1bcar", Pod: &flow.PodInfo{Name: "web-7d4f", Namespace: "shop"}, Counters: flow.Counters{Packets: 2, Bytes: 200}},
+			{Netns: "host", NetnsInode: 4026531833, Interface: "lo", Direction: flow.TX, Cgroup: 9, Container: "sshd.service", Counters: flow.Counters{Packets: 4, Bytes: 400}},
+			{Netns: "host", NetnsInode: 4026531833, Interface: "lo", Direction: flow.RX, Cgroup: 0, Counters: flow.Counters{Packets: 10, Bytes: 1000}},
 		},
 		Stats: flow.Stats{FlowEntries: 3, FlowCapacity: 65536, FlowsCreated: 5, FlowsEvicted: 0, NonIP: 7},
 	}
@@ -117,6 +127,8 @@ func TestMetricsGolden(t *testing.T) {
 	}{
 		{"metrics.txt", Config{}},
 		{"metrics_flows_capped.txt", Config{Flows: true, MaxFlowSeries: 2}},
+		{"metrics_containers.txt", Config{Containers: true, MaxContainerSeries: 1000}},
+		{"metrics_containers_capped.txt", Config{Containers: true, MaxContainerSeries: 1}},
 	} {
 		e := New(fakeSource{fixture()}, tc.cfg)
 		out := scrape(t, e)

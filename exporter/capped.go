@@ -1,0 +1,246 @@
+package exporter
+
+import (
+	"slices"
+	"sync"
+
+	"github.com/nsflow/nsflow/collector/flow"
+)
+
+// capped turns counts read from the maps into at most max item series (flow
+// series, container series) plus one remainder series per group (an
+// observation point, a namespace and direction), such that in every scrape,
+// for every group,
+//
+//	Σ item series of the group + its remainder == the group's total
+//
+// whenever the total was read after the items' packets were counted (traffic
+// quiet), and every series is monotonic from scrape to scrape:
+//
+//   - An item keeps its series while it is in the maps (sticky: the cap does
+//     not reshuffle series by size from one scrape to the next); new items
+//     take free places, largest by bytes first.
+//   - An item series adds the increments of the item's entries (a flow map
+//     entry; a (point, cgroup) entry of the container map) since the last
+//     scrape: an entry seen for the first time, or whose count went down (it
+//     was evicted and re-created), adds its whole count. So its series never
+//     decreases, whatever happens to its entries.
+//   - A newly placed item starts from its whole count only if the remainder
+//     can give that much up without decreasing below its last value (on the
+//     first scrape it can: nothing was exported yet); otherwise it starts from
+//     0 and its earlier packets stay in the remainder.
+//   - The remainder is the group's total minus its item series, clamped so
+//     that it never decreases. The collector reads the totals before the
+//     items, so a read can only see more in the items than in the totals,
+//     never less: the unclamped remainder is at most the true one, and the
+//     clamp never holds it above the truth. When traffic is quiet the sum is
+//     exact.
+//   - An item that leaves the maps (evicted, its point pruned) loses its
+//     series; its packets are in the total, so they move into the remainder,
+//     which grows by as much.
+//
+// A group whose total decreased (its namespace or interface was re-created
+// under its name: the totals' series restart) starts over.
+type capped[G, I, E comparable] struct {
+	mu     sync.Mutex
+	max    int // < 0: no cap
+	groups map[G]*cappedGroup
+	items  map[I]*cappedItem[G, E]
+}
+
+type cappedGroup struct {
+	total, rem flow.Counters
+}
+
+type cappedItem[G, E comparable] struct {
+	group G
+	value flow.Counters
+	last  map[E]flow.Counters
+}
+
+// observation is one entry's count read from the maps.
+type observation[G, I, E comparable] struct {
+	group G
+	item  I
+	entry E
+	c     flow.Counters
+}
+
+func newCapped[G, I, E comparable](max int) *capped[G, I, E] {
+	return &capped[G, I, E]{max: max, groups: map[G]*cappedGroup{}, items: map[I]*cappedItem[G, E]{}}
+}
+
+// free returns how many items may still get a series (-1: no cap).
+func (c *capped[G, I, E]) free() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.max < 0 {
+		return -1
+	}
+	return max(c.max-len(c.items), 0)
+}
+
+// entries returns the entries of the placed items (for a source that reads
+// those and only the largest of the others).
+func (c *capped[G, I, E]) entries() map[E]bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := make(map[E]bool, len(c.items))
+	for _, it := range c.items {
+		for e := range it.last {
+			out[e] = true
+		}
+	}
+	return out
+}
+
+// update takes one scrape's group totals and entry counts, and returns the
+// item series and the remainders to export, and how many items were left
+// without a series.
+func (c *capped[G, I, E]) update(totals map[G]flow.Counters, obs []observation[G, I, E]) (items map[I]flow.Counters, rems map[G]flow.Counters, left int) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for g, st := range c.groups {
+		t, ok := totals[g]
+		if !ok {
+			delete(c.groups, g)
+			continue
+		}
+		if t.Packets < st.total.Packets || t.Bytes < st.total.Bytes {
+			st.rem = flow.Counters{} // re-created under its name: start over
+		}
+		st.total = t
+	}
+	for g, t := range totals {
+		if c.groups[g] == nil {
+			c.groups[g] = &cappedGroup{total: t}
+		}
+	}
+
+	// The items read, in the order first seen (deterministic for a
+	// deterministic source), each with its entries.
+	type entry struct {
+		id E
+		c  flow.Counters
+	}
+	type read struct {
+		group   G
+		sum     flow.Counters
+		entries []entry
+	}
+	present := make(map[I]*read, len(obs))
+	var order []I
+	for _, o := range obs {
+		if c.groups[o.group] == nil {
+			continue // not in the totals: nothing to add up to
+		}
+		r := present[o.item]
+		if r == nil {
+			r = &read{group: o.group}
+			present[o.item] = r
+			order = append(order, o.item)
+		}
+		r.sum = add(r.sum, o.c)
+		r.entries = append(r.entries, entry{o.entry, o.c})
+	}
+
+	// Placed items: add their entries' increments; gone ones lose their
+	// series.
+	sums := map[G]flow.Counters{}
+	for id, it := range c.items {
+		r := present[id]
+		if r == nil || r.group != it.group {
+			delete(c.items, id)
+			continue
+		}
+		last := make(map[E]flow.Counters, len(r.entries))
+		for _, e := range r.entries {
+			inc := e.c
+			if p, ok := it.last[e.id]; ok && e.c.Packets >= p.Packets && e.c.Bytes >= p.Bytes {
+				inc = sub(e.c, p)
+			}
+			it.value = add(it.value, inc)
+			last[e.id] = e.c
+		}
+		it.last = last
+		sums[it.group] = add(sums[it.group], it.value)
+	}
+
+	// What each group's remainder can give up to newly placed items.
+	slack := map[G]flow.Counters{}
+	for g, st := range c.groups {
+		slack[g] = sub0(sub0(st.total, sums[g]), st.rem)
+	}
+
+	// New items take the free places, largest first.
+	var cands []I
+	for _, id := range order {
+		if c.items[id] == nil {
+			cands = append(cands, id)
+		}
+	}
+	free := len(cands)
+	if c.max >= 0 {
+		free = min(free, max(c.max-len(c.items), 0))
+	}
+	if free > 0 && free < len(cands) {
+		// By bytes, equal ones in the order read, as flow.Top keeps them.
+		slices.SortStableFunc(cands, func(a, b I) int { return cmpDesc(present[a].sum.Bytes, present[b].sum.Bytes) })
+	}
+	for _, id := range cands[:free] {
+		r := present[id]
+		it := &cappedItem[G, E]{group: r.group, last: make(map[E]flow.Counters, len(r.entries))}
+		for _, e := range r.entries {
+			it.last[e.id] = e.c
+		}
+		if s := slack[r.group]; r.sum.Packets <= s.Packets && r.sum.Bytes <= s.Bytes {
+			it.value = r.sum
+			slack[r.group] = sub(s, r.sum)
+		}
+		c.items[id] = it
+		sums[r.group] = add(sums[r.group], it.value)
+	}
+	left = len(cands) - free
+
+	items = make(map[I]flow.Counters, len(c.items))
+	for id, it := range c.items {
+		items[id] = it.value
+	}
+	rems = make(map[G]flow.Counters, len(c.groups))
+	for g, st := range c.groups {
+		r := sub0(st.total, sums[g])
+		st.rem = flow.Counters{Packets: max(st.rem.Packets, r.Packets), Bytes: max(st.rem.Bytes, r.Bytes)}
+		rems[g] = st.rem
+	}
+	return items, rems, left
+}
+
+func add(a, b flow.Counters) flow.Counters {
+	return flow.Counters{Packets: a.Packets + b.Packets, Bytes: a.Bytes + b.Bytes}
+}
+
+func sub(a, b flow.Counters) flow.Counters {
+	return flow.Counters{Packets: a.Packets - b.Packets, Bytes: a.Bytes - b.Bytes}
+}
+
+// sub0 is a-b per component, 0 where b is larger.
+func sub0(a, b flow.Counters) flow.Counters {
+	var out flow.Counters
+	if a.Packets > b.Packets {
+		out.Packets = a.Packets - b.Packets
+	}
+	if a.Bytes > b.Bytes {
+		out.Bytes = a.Bytes - b.Bytes
+	}
+	return out
+}
+
+func cmpDesc(a, b uint64) int {
+	switch {
+	case a > b:
+		return -1
+	case a < b:
+		return 1
+	}
+	return 0
+}
