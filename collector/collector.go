@@ -59,6 +59,18 @@ type Config struct {
 	// ReservedPoints is how many slots of the totals only ClassNamed and
 	// ClassHost namespaces may take; 0 means MaxPoints/8, < 0 none.
 	ReservedPoints int
+	// Attribution records in each egress flow the cgroup v2 id of its
+	// sending socket (Flow.SrcCgroup; with the reverse flow's, DstCgroup),
+	// named through the resolver (SetResolver). Ignored with NoFlows.
+	Attribution bool
+	// SocketLookup records in each ingress TCP and UDP flow the cgroup of
+	// the socket that receives it (Flow.DstCgroup), looked up at the flow's
+	// first packet. Ignored with NoFlows.
+	SocketLookup bool
+	// Containers keeps per (observation point, cgroup) totals
+	// (Snapshot.Containers, DefaultContainerEntries of them); it implies
+	// Attribution and SocketLookup, and needs the flows.
+	Containers bool
 	// Logger receives one line per lifecycle event; nil discards them.
 	Logger *slog.Logger
 }
@@ -93,6 +105,8 @@ type Collector struct {
 	// (pinned) that no observed interface claimed, since when: Prune
 	// forgets them like the points of a removed interface.
 	orphans map[bpf.NsflowObsKey]time.Time
+	// resolver names cgroup ids in snapshots (SetResolver); nil: none.
+	resolver CgroupResolver
 }
 
 // PodGeneration returns a number that grows whenever Add registers a
@@ -179,6 +193,11 @@ func New(cfg Config) (*Collector, error) {
 		return nil, err
 	}
 	opts := bpf.Options{FlowEntries: cfg.FlowEntries, MaxPoints: cfg.MaxPoints, NoFlows: cfg.NoFlows, Events: cfg.Events}
+	if cfg.Containers {
+		cfg.Attribution, cfg.SocketLookup = true, true
+		opts.ContainerEntries = DefaultContainerEntries
+	}
+	opts.Attribution, opts.SocketLookup = cfg.Attribution, cfg.SocketLookup
 	var pins *attach.Pins
 	var owner *attach.Owner
 	if cfg.PinPath != "" {

@@ -1,14 +1,17 @@
 package collector
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"net/netip"
 	"sort"
 	"time"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/nsflow/nsflow/bpf"
+	"github.com/nsflow/nsflow/collector/cgroup"
 	"github.com/nsflow/nsflow/collector/flow"
 )
 
@@ -107,7 +110,7 @@ func (c *Collector) snapshot(limit int) (*flow.Snapshot, error) {
 		return snap.Namespaces[a].Inode < snap.Namespaces[b].Inode
 	})
 
-	flows, nflows, err := c.readFlows(limit, func(ino uint64, idx int) (string, string) {
+	nameOf := func(ino uint64, idx int) (string, string) {
 		nsName, ifName := fmt.Sprintf("netns:%d", ino), fmt.Sprintf("if%d", idx)
 		if ns := names[ino]; ns != nil {
 			nsName = ns.Name
@@ -116,11 +119,30 @@ func (c *Collector) snapshot(limit int) (*flow.Snapshot, error) {
 			ifName = is.Name
 		}
 		return nsName, ifName
-	})
+	}
+	var senders *senderIndex
+	if c.cfg.Attribution || c.cfg.SocketLookup || c.cfg.Containers {
+		senders = &senderIndex{m: map[tuple][]sender{}}
+	}
+	flows, nflows, err := c.readFlows(limit, nameOf, senders)
 	if err != nil {
 		errs = append(errs, err)
 	}
 	snap.Flows = flows
+	if senders != nil {
+		senders.join(snap.Flows)
+	}
+	if c.cfg.Containers {
+		if err := c.objs.ReadContainers(func(_ uint32, k bpf.NsflowObsKey, cg uint64, v bpf.NsflowCounters) {
+			cs := flow.ContainerStats{NetnsInode: uint64(k.Netns), Direction: direction(k.Dir), Cgroup: cg,
+				Counters: flow.Counters{Packets: v.Packets, Bytes: v.Bytes}}
+			cs.Netns, cs.Interface = nameOf(cs.NetnsInode, int(k.Ifindex))
+			snap.Containers = append(snap.Containers, cs)
+		}); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	c.nameCgroups(snap)
 
 	st, err := c.readStats()
 	if err != nil {
@@ -137,7 +159,10 @@ func (c *Collector) snapshot(limit int) (*flow.Snapshot, error) {
 
 // readFlows reads the flow map: all flows (limit < 0), none (0) or the
 // limit largest, and how many live flows there are.
-func (c *Collector) readFlows(limit int, name func(ino uint64, idx int) (string, string)) ([]flow.Flow, int, error) {
+// With senders set, it records there every egress flow's sending cgroup
+// (all flows, also those a limit leaves out) and sets each flow's own
+// cgroup (SrcCgroup at egress, DstCgroup at ingress).
+func (c *Collector) readFlows(limit int, name func(ino uint64, idx int) (string, string), senders *senderIndex) ([]flow.Flow, int, error) {
 	keep := limit != 0
 	// Flow timestamps are CLOCK_MONOTONIC_COARSE: anchor them to wall time.
 	var mono unix.Timespec
@@ -175,9 +200,11 @@ func (c *Collector) readFlows(limit int, name func(ino uint64, idx int) (string,
 			return // its point released meanwhile (the flow is being deleted)
 		}
 		f := flow.Flow{Key: decodeKey(k, pt)}
-		f.Netns, f.Interface = name(f.NetnsInode, f.Ifindex)
-		var first, last uint64
+		var first, last, cg uint64
 		for _, v := range vals {
+			if cg == 0 {
+				cg = v.Cgroup
+			}
 			f.Packets += v.Packets
 			f.Bytes += v.Bytes
 			f.TCPFlags |= flow.TCPFlags(v.TcpFlags)
@@ -191,6 +218,15 @@ func (c *Collector) readFlows(limit int, name func(ino uint64, idx int) (string,
 		if f.Packets == 0 {
 			return // LRU slot recycled between iteration steps
 		}
+		if senders != nil && cg != 0 {
+			if f.Direction == flow.TX {
+				f.SrcCgroup = cg
+				senders.add(&f.Key, cg)
+			} else {
+				f.DstCgroup = cg
+			}
+		}
+		f.Netns, f.Interface = name(f.NetnsInode, f.Ifindex)
 		f.FirstSeen, f.LastSeen = wall(first), wall(last)
 		if top != nil {
 			top.Offer(&f)
@@ -247,4 +283,151 @@ func (c *Collector) readStats() (flow.Stats, error) {
 		*f.dst = v
 	}
 	return st, errors.Join(errs...)
+}
+
+// DefaultContainerEntries is the per-container totals map's size with
+// Config.Containers (observation points × cgroups; LRU).
+const DefaultContainerEntries = 16384
+
+// CgroupResolver names cgroup ids (collector/cgroup.Resolver).
+type CgroupResolver interface {
+	Resolve(ctx context.Context, ids []uint64) map[uint64]cgroup.Name
+}
+
+// SetResolver sets what names the cgroup ids of snapshots' flows and
+// containers (with attribution on); nil names none.
+func (c *Collector) SetResolver(r CgroupResolver) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.resolver = r
+}
+
+// tuple is a flow's addresses, ports and protocol, without its
+// observation point.
+type tuple struct {
+	src, dst     netip.Addr
+	sport, dport uint16
+	proto        flow.Protocol
+}
+
+func tupleOf(k *flow.Key) tuple {
+	return tuple{src: k.Src, dst: k.Dst, sport: k.SrcPort, dport: k.DstPort, proto: k.Protocol}
+}
+
+func (t tuple) reverse() tuple {
+	return tuple{src: t.dst, dst: t.src, sport: t.dport, dport: t.sport, proto: t.proto}
+}
+
+type sender struct{ ino, cgroup uint64 }
+
+// senderIndex holds, per tuple, the sending cgroups of its egress flows,
+// by namespace.
+type senderIndex struct{ m map[tuple][]sender }
+
+func (s *senderIndex) add(k *flow.Key, cg uint64) {
+	t := tupleOf(k)
+	for _, e := range s.m[t] {
+		if e.ino == k.NetnsInode {
+			return // one per namespace: a tuple's other interfaces send the same socket's
+		}
+	}
+	s.m[t] = append(s.m[t], sender{k.NetnsInode, cg})
+}
+
+// find returns the sending cgroup of t: in namespace ino, else (others
+// true, and not a loopback tuple, which never leaves its namespace) in the
+// namespace of lowest inode that sent it; 0 if none.
+func (s *senderIndex) find(t tuple, ino uint64, others bool) uint64 {
+	var best sender
+	for _, e := range s.m[t] {
+		if e.ino == ino {
+			return e.cgroup
+		}
+		if others && (best.ino == 0 || e.ino < best.ino) {
+			best = e
+		}
+	}
+	if t.src.IsLoopback() || t.dst.IsLoopback() {
+		return 0
+	}
+	return best.cgroup
+}
+
+// join fills the flows' other end (the join rule of docs/ARCHITECTURE.md):
+// an egress flow's receiver is the sender of its reverse tuple (in its
+// namespace first, then another's: the peer pod's eth0); an ingress flow's
+// sender is the sender of the same tuple (its namespace first: lo; then
+// another's), and its receiver, without the socket lookup's, the sender of
+// the reverse tuple in its namespace.
+func (s *senderIndex) join(flows []flow.Flow) {
+	if len(s.m) == 0 {
+		return
+	}
+	for i := range flows {
+		f := &flows[i]
+		if f.Protocol != flow.Protocol(unix.IPPROTO_TCP) && f.Protocol != flow.Protocol(unix.IPPROTO_UDP) {
+			continue // ICMP's ports are type and code: no reverse tuple
+		}
+		t := tupleOf(&f.Key)
+		if f.Direction == flow.TX {
+			if f.DstCgroup == 0 {
+				f.DstCgroup = s.find(t.reverse(), f.NetnsInode, true)
+			}
+			continue
+		}
+		if f.SrcCgroup == 0 {
+			f.SrcCgroup = s.find(t, f.NetnsInode, true)
+		}
+		if f.DstCgroup == 0 {
+			f.DstCgroup = s.find(t.reverse(), f.NetnsInode, false)
+		}
+	}
+}
+
+// nameCgroups names the snapshot's cgroup ids through the resolver.
+func (c *Collector) nameCgroups(snap *flow.Snapshot) {
+	c.mu.Lock()
+	r := c.resolver
+	c.mu.Unlock()
+	if r == nil {
+		return
+	}
+	seen := map[uint64]bool{}
+	var ids []uint64
+	add := func(id uint64) {
+		if id != 0 && !seen[id] {
+			seen[id] = true
+			ids = append(ids, id)
+		}
+	}
+	for i := range snap.Flows {
+		add(snap.Flows[i].SrcCgroup)
+		add(snap.Flows[i].DstCgroup)
+	}
+	for i := range snap.Containers {
+		add(snap.Containers[i].Cgroup)
+	}
+	if len(ids) == 0 {
+		return
+	}
+	names := r.Resolve(context.Background(), ids)
+	for i := range snap.Flows {
+		f := &snap.Flows[i]
+		if n, ok := names[f.SrcCgroup]; ok {
+			f.SrcContainer, f.SrcPod = n.Container, n.PodString()
+		}
+		if n, ok := names[f.DstCgroup]; ok {
+			f.DstContainer, f.DstPod = n.Container, n.PodString()
+		}
+	}
+	for i := range snap.Containers {
+		cs := &snap.Containers[i]
+		if n, ok := names[cs.Cgroup]; ok {
+			cs.Container = n.Container
+			if n.Pod != nil {
+				p := *n.Pod
+				cs.Pod = &p
+			}
+		}
+	}
 }
