@@ -41,6 +41,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"path"
@@ -173,13 +174,17 @@ func New(cfg Config) (*Resolver, error) {
 // Root returns the v2 mount the resolver uses.
 func (r *Resolver) Root() string { return r.cfg.Root }
 
-// Close releases the mount's descriptor.
+// Close releases the mount's descriptor, and the lister if it is an
+// io.Closer.
 func (r *Resolver) Close() error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.rootFd >= 0 {
 		unix.Close(r.rootFd)
 		r.rootFd = -1
+	}
+	if c, ok := r.cfg.Lister.(io.Closer); ok {
+		return c.Close()
 	}
 	return nil
 }

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/nsflow/nsflow/collector"
+	"github.com/nsflow/nsflow/collector/cgroup"
 	"github.com/nsflow/nsflow/collector/cri"
 	"github.com/nsflow/nsflow/collector/discovery"
 )
@@ -54,6 +55,7 @@ type Session struct {
 	c      *collector.Collector
 	d      *discovery.Discovery // nil without discovery
 	pods   *cri.Enricher        // nil without a container runtime
+	names  *cgroup.Resolver     // nil without attribution (cgroups.go)
 	log    *slog.Logger
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
@@ -81,6 +83,9 @@ func Open(ctx context.Context, cfg Config) (*Session, error) {
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	s := &Session{c: c, log: cfg.Logger, cancel: cancel, errc: make(chan error, 1), ready: make(chan struct{})}
+	if s.names = openResolver(cfg); s.names != nil {
+		c.SetResolver(s.names)
+	}
 	for _, t := range cfg.Targets {
 		if _, err := c.Add(t); err != nil {
 			return nil, errors.Join(err, s.Close())
@@ -259,6 +264,9 @@ func (s *Session) Close() error {
 		s.cancel()
 		s.wg.Wait()
 		s.err = s.c.Close()
+		if s.names != nil {
+			s.names.Close()
+		}
 	})
 	return s.err
 }
