@@ -156,6 +156,9 @@ func TestValidation(t *testing.T) {
 		{[]string{"pod", "exec", "web"}, 2, "requires at least 2"},
 		{[]string{"pod", "exec", "web", "true"}, 2, "usage"},
 		{[]string{"pod", "exec", "Bad_Name", "--", "true"}, 2, "invalid pod name"},
+		{[]string{"pod", "exec", "web", "--container", "sidecar", "--", "true"}, 0, ""},
+		{[]string{"pod", "exec", "web", "--container", "Bad_C", "--", "true"}, 2, "invalid container name"},
+		{[]string{"pod", "exec", "web", "--container", "", "--", "true"}, 2, "invalid container name"},
 		{[]string{"pod", "list", "-o", "xml"}, 2, "--output"},
 		// the root
 		{[]string{"frobnicate"}, 2, "unknown command"},
