@@ -46,6 +46,7 @@ import (
 	"os"
 	"path"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -100,6 +101,11 @@ type Config struct {
 	Root string
 	// Proc is the proc filesystem; "" means /proc.
 	Proc string
+	// RefPid is a process in the initial cgroup namespace (with hostPID,
+	// the host's init); 0 means 1. Run in a cgroup namespace of its own,
+	// the resolver enters that process's to learn where its own has its
+	// root (needs CAP_SYS_ADMIN and ptrace access to it).
+	RefPid int
 	// Lister, when set, names the runtime's containers.
 	Lister Lister
 	// MinRefresh is the least time between two refreshes; 0 means 1 s.
@@ -122,6 +128,7 @@ type Resolver struct {
 	rootFd   int                   // the v2 mount, for open_by_handle_at; -1 when unusable
 	handles  bool                  // open_by_handle_at works
 	byID     map[string]*Container // last listed, by container id
+	nsRoot   string                // this cgroup namespace's root in the hierarchy ("" the same)
 	refreshs uint64
 	warned   bool
 }
@@ -137,6 +144,9 @@ func New(cfg Config) (*Resolver, error) {
 			return nil, err
 		}
 		cfg.Root = root
+	}
+	if cfg.RefPid <= 0 {
+		cfg.RefPid = 1
 	}
 	if cfg.MinRefresh <= 0 {
 		cfg.MinRefresh = time.Second
@@ -160,6 +170,9 @@ func New(cfg Config) (*Resolver, error) {
 		return nil, fmt.Errorf("cgroup v2 mount %s: %w", cfg.Root, err)
 	}
 	r.rootFd = fd
+	if r.nsRoot, err = nsRoot(cfg.Proc, cfg.RefPid); err != nil {
+		r.log.Info("cgroup paths of processes outside nsflow's cgroup namespace unknown (they are named through file handles only)", "err", err)
+	}
 	// Probe file handles on the root itself.
 	if id, err := ID(cfg.Root); err == nil {
 		if _, err := r.pathByHandle(id); err == nil {
@@ -267,8 +280,8 @@ func (r *Resolver) refresh(ctx context.Context, missing []uint64) {
 			if c.Pid <= 0 {
 				continue
 			}
-			p, err := ProcPath(r.cfg.Proc, c.Pid)
-			if err != nil || strings.HasPrefix(p, "/..") {
+			p, err := r.procPath(c.Pid)
+			if err != nil {
 				continue // gone, or outside this cgroup namespace: by handle
 			}
 			id, err := ID(filepath.Join(r.cfg.Root, p))
@@ -384,8 +397,8 @@ func (r *Resolver) walkProc() {
 		if err != nil || pid <= 0 {
 			continue
 		}
-		p, err := ProcPath(r.cfg.Proc, pid)
-		if err != nil || seen[p] || strings.HasPrefix(p, "/..") {
+		p, err := r.procPath(pid)
+		if err != nil || seen[p] {
 			continue
 		}
 		seen[p] = true
@@ -400,6 +413,77 @@ func (r *Resolver) walkProc() {
 			r.names[id] = n
 		}
 	}
+}
+
+// procPath returns a process's cgroup path in the hierarchy (under the v2
+// mount): /proc reports it relative to the reader's cgroup namespace, so a
+// path out of it ("/../x") is taken from this namespace's root (nsRoot).
+func (r *Resolver) procPath(pid int) (string, error) {
+	p, err := ProcPath(r.cfg.Proc, pid)
+	if err != nil {
+		return "", err
+	}
+	if !strings.HasPrefix(p, "/..") {
+		return path.Join(r.nsRoot, p), nil
+	}
+	if r.nsRoot == "" {
+		return "", fmt.Errorf("process %d: cgroup %s outside this cgroup namespace", pid, p)
+	}
+	return path.Join(r.nsRoot, p), nil
+}
+
+// nsRoot returns where this process's cgroup namespace has its root in the
+// hierarchy: "" when it is the initial one's (the reference process's
+// cgroup path is within it), else the path /proc reports for this process
+// from the cgroup namespace of the reference process (PID 1 with hostPID:
+// the host's), less the path it reports from its own. Entering that
+// namespace (setns, on a thread that then ends) needs CAP_SYS_ADMIN.
+func nsRoot(proc string, ref int) (string, error) {
+	init, err := ProcPath(proc, ref)
+	if err != nil {
+		return "", err
+	}
+	if !strings.HasPrefix(init, "/..") {
+		return "", nil
+	}
+	own, err := ProcPath(proc, os.Getpid())
+	if err != nil {
+		return "", err
+	}
+	type result struct {
+		p   string
+		err error
+	}
+	res := make(chan result, 1)
+	go func() {
+		// Never unlocked: the thread, in another cgroup namespace, ends
+		// with the goroutine.
+		runtime.LockOSThread()
+		fd, err := unix.Open(filepath.Join(proc, strconv.Itoa(ref), "ns/cgroup"), unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			res <- result{err: err}
+			return
+		}
+		defer unix.Close(fd)
+		if err := unix.Setns(fd, unix.CLONE_NEWCGROUP); err != nil {
+			res <- result{err: fmt.Errorf("enter process %d's cgroup namespace: %w", ref, err)}
+			return
+		}
+		p, err := ProcPath(proc, os.Getpid())
+		res <- result{p, err}
+	}()
+	r := <-res
+	if r.err != nil {
+		return "", r.err
+	}
+	root, ok := strings.CutSuffix(r.p, strings.TrimSuffix(own, "/"))
+	if !ok || strings.HasPrefix(root, "/..") {
+		return "", fmt.Errorf("cgroup %s from process %d's namespace, %s from its own: no common root", r.p, ref, own)
+	}
+	if root == "" {
+		root = "/"
+	}
+	return root, nil
 }
 
 // base is a cgroup path's last element; "" for the root.

@@ -229,3 +229,62 @@ func TestRefreshBounded(t *testing.T) {
 		t.Errorf("after MinRefresh: %d refreshes, want 2", r.Refreshes())
 	}
 }
+
+// TestCgroupNSHelper is TestResolveInCgroupNamespace's child (run in a
+// cgroup namespace of its own): it resolves the ids in NSFLOW_CGNS_IDS
+// through /proc (no file handles) and prints the names.
+func TestCgroupNSHelper(t *testing.T) {
+	ids := os.Getenv("NSFLOW_CGNS_IDS")
+	if ids == "" {
+		return // not the child: nothing to do
+	}
+	var plain, ctr uint64
+	var pid, ref int
+	fmt.Sscan(ids, &plain, &ctr, &pid, &ref)
+	r, err := New(Config{RefPid: ref, Lister: &fakeLister{ctrs: []Container{{ID: "c1", Name: "web", Pid: pid, Pod: flow.PodInfo{Name: "p", Namespace: "ns"}}}}})
+	if err != nil {
+		fmt.Println("error:", err)
+		os.Exit(1)
+	}
+	r.handles = false
+	if _, err := nsRoot("/proc", ref); err != nil {
+		fmt.Println("nsRoot:", err)
+	}
+	got := r.Resolve(context.Background(), []uint64{plain, ctr})
+	fmt.Printf("root=%s nsroot=%s plain=%s ctr=%s/%s\n", r.Root(), r.nsRoot, got[plain].Container, got[ctr].PodString(), got[ctr].Container)
+	os.Exit(0)
+}
+
+// TestResolveInCgroupNamespace: run in a cgroup namespace of its own (as
+// in a container), the resolver still names cgroups out of it through
+// /proc, whose paths then read "/../..": from the namespace's root, found
+// through the cgroup namespace of a process in the initial one (this
+// test's; deployed, PID 1).
+func TestResolveInCgroupNamespace(t *testing.T) {
+	root, dir := testRoot(t)
+	if _, err := exec.LookPath("unshare"); err != nil {
+		t.Fatal("unshare (util-linux) is needed")
+	}
+	_, plain := startIn(t, filepath.Join(dir, "other", "app.service"))
+	pid, ctr := startIn(t, filepath.Join(dir, "other", "ctr"))
+	self := filepath.Join(dir, "self")
+	if err := os.Mkdir(self, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(self)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	cmd := exec.Command("unshare", "--cgroup", os.Args[0], "-test.run=^TestCgroupNSHelper$")
+	cmd.Env = append(os.Environ(), fmt.Sprintf("NSFLOW_CGNS_IDS=%d %d %d %d", plain, ctr, pid, os.Getpid()))
+	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(f.Fd())}
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	want := fmt.Sprintf("root=%s nsroot=%s plain=app.service ctr=ns/p/web\n", root, strings.TrimPrefix(self, root))
+	if !strings.Contains(string(out), want) {
+		t.Errorf("child said %q, want %q", out, want)
+	}
+}
