@@ -77,6 +77,14 @@ func TestValidation(t *testing.T) {
 		{[]string{"trace", "--top", "0"}, 0, ""},
 		{[]string{"trace", "--sort", "packets"}, 0, ""},
 		{[]string{"trace", "--sort", "flows"}, 2, "--sort"},
+		// trace and top: containers (issue 15)
+		{[]string{"trace", "--containers"}, 0, ""},
+		{[]string{"trace", "--aggregate-by", "container"}, 0, ""},
+		{[]string{"trace", "--aggregate-by", "pod", "-o", "json"}, 0, ""},
+		{[]string{"trace", "--aggregate-by", "netns"}, 0, ""},
+		{[]string{"trace", "--aggregate-by", "cgroup"}, 2, "--aggregate-by"},
+		{[]string{"top", "--aggregate-by", "container", "--containers"}, 0, ""},
+		{[]string{"top", "--aggregate-by", "5tuple"}, 2, "--aggregate-by"},
 		// trace and top: filter
 		{[]string{"trace", "tcp", "port", "80"}, 0, ""},
 		{[]string{"trace", "--filter", "udp"}, 0, ""},

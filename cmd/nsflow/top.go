@@ -27,11 +27,13 @@ namespace's interfaces with their current rates and totals, and the flows
 sorted by current rate. Without --netns (or with --all) it shows every
 namespace on the node, like top shows every process. Keys: s cycles the sort
 (rate, packet rate, bytes, packets), / edits the flow filter (pcap-filter
-subset, as in trace), p pauses, q quits. When standard output is not a
+subset, as in trace), p pauses, q quits. --containers and --aggregate-by
+work as in trace. When standard output is not a
 terminal it prints trace-style interval tables instead.`,
 		Example: `  nsflow top
   nsflow top --netns 'web-*' tcp
-  nsflow top --netns web --interval 2s`,
+  nsflow top --netns web --interval 2s
+  nsflow top --netns web --aggregate-by container`,
 		PreRunE: func(_ *cobra.Command, args []string) (err error) {
 			if tc, err = f.validate(args); err != nil {
 				return err
@@ -54,6 +56,7 @@ terminal it prints trace-style interval tables instead.`,
 	f.attach.register(fl)
 	f.cri.register(fl, false)
 	fl.DurationVarP(&f.interval, "interval", "i", time.Second, "refresh interval")
+	f.registerAttribution(fl)
 	return cmd
 }
 
@@ -65,7 +68,7 @@ func runTop(ctx context.Context, tc *traceConfig, filterText string) (err error)
 	}
 	defer func() { err = errors.Join(err, sess.Close()) }()
 	c := sess.Collector()
-	m, err := tui.New(tui.Config{Snapshot: c.Snapshot, Interval: tc.interval, Filter: filterText, Mode: string(c.Mode())})
+	m, err := tui.New(tui.Config{Snapshot: c.Snapshot, Interval: tc.interval, Filter: filterText, Mode: string(c.Mode()), AggregateBy: tc.aggregate})
 	if err != nil {
 		return usageError{err}
 	}

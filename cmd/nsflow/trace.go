@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 	"golang.org/x/term"
 
 	"github.com/nsflow/nsflow/collector"
@@ -35,6 +36,16 @@ type traceFlags struct {
 	sort     string
 	events   bool
 	verbose  bool
+	// aggregate and containers: what flows are summed by, and whether
+	// they carry their containers (attribution).
+	aggregate  string
+	containers bool
+}
+
+// registerAttribution adds --aggregate-by and --containers (trace, top).
+func (f *traceFlags) registerAttribution(fl *pflag.FlagSet) {
+	fl.StringVar(&f.aggregate, "aggregate-by", string(report.ByFlow), "show flows (flow), or sum them per observation point by source and destination container, by pod, or by netns (docs/OUTPUT.md); container and pod turn --containers on")
+	fl.BoolVar(&f.containers, "containers", false, "name each flow's source and destination container (the sending and the receiving socket's cgroup, named by the container runtime or the cgroup path)")
 }
 
 func newTraceCmd() *cobra.Command {
@@ -58,14 +69,22 @@ FILTER selects flows with a subset of the pcap-filter (tcpdump) language:
 tcp, udp, icmp, icmp6, sctp, ip, ip6, proto N, [src|dst] host ADDR,
 [src|dst] net CIDR, [src|dst] port N, [src|dst] portrange A-B, rx, tx,
 combined with and/&&, or/||, not/! and parentheses. The per-interface totals
-are never filtered.`,
+are never filtered.
+
+--containers names each flow's source and destination container (columns
+SRC CONTAINER and DST CONTAINER; JSON src_container, dst_container).
+--aggregate-by container sums the flows per observation point by source and
+destination container (pod: by pod; netns: per observation point); flows
+received on lo are left out there, as each was counted when sent on lo.`,
 		Example: `  nsflow trace --duration 10s
   nsflow trace --netns web --netns db --duration 10s
   nsflow trace --netns 'web-*' tcp port 8080
   nsflow trace --interval 1s --top 5 'udp or icmp'
   nsflow trace --exclude host --exclude 'cni-test-*'
   nsflow trace --netns pid:4242 --output json
-  nsflow trace --netns web --events --output jsonl 'not port 53'`,
+  nsflow trace --netns web --events --output jsonl 'not port 53'
+  nsflow trace --netns web --containers
+  nsflow trace --netns web --aggregate-by container --duration 30s`,
 		PreRunE: func(_ *cobra.Command, args []string) (err error) {
 			tc, err = f.validate(args)
 			return err
@@ -84,6 +103,7 @@ are never filtered.`,
 	fl.StringVar(&f.sort, "sort", "bytes", "order flows by bytes or packets")
 	fl.BoolVarP(&f.events, "events", "e", false, "print every new flow as it starts")
 	fl.BoolVarP(&f.verbose, "verbose", "v", false, "log attach events to stderr")
+	f.registerAttribution(fl)
 	return cmd
 }
 
@@ -102,6 +122,8 @@ type traceConfig struct {
 	output      string
 	events      bool
 	verbose     bool
+	aggregate   report.AggregateBy
+	attribution bool // flows carry their containers
 }
 
 // validate checks the command line; args are the trailing filter words.
@@ -150,6 +172,13 @@ func (f *traceFlags) validate(args []string) (*traceConfig, error) {
 		return nil, err
 	}
 	tc.criEndpoint = f.cri.endpoint
+	if f.aggregate == "" {
+		f.aggregate = string(report.ByFlow)
+	}
+	if tc.aggregate, err = report.ParseAggregateBy(f.aggregate); err != nil {
+		return nil, usagef("--aggregate-by %v", err)
+	}
+	tc.attribution = f.containers || tc.aggregate.Attributed()
 	return tc, nil
 }
 
@@ -162,7 +191,8 @@ func openSession(ctx context.Context, tc *traceConfig, log *slog.Logger) (*sessi
 	}
 	endpoint := (&criFlags{endpoint: tc.criEndpoint}).resolve()
 	return session.Open(ctx, session.Config{
-		Collector:   collector.Config{Mode: tc.mode, FlowEntries: tc.flowEntries, MaxPoints: tc.maxPoints, Logger: log, Events: tc.events, HostVeths: tc.sel.hostVeths},
+		Collector: collector.Config{Mode: tc.mode, FlowEntries: tc.flowEntries, MaxPoints: tc.maxPoints, Logger: log, Events: tc.events, HostVeths: tc.sel.hostVeths,
+			Attribution: tc.attribution, SocketLookup: tc.attribution},
 		Targets:     tc.sel.targets,
 		Discovery:   tc.sel.discovery,
 		WaitReady:   true,
@@ -201,7 +231,7 @@ func runTrace(ctx context.Context, tc *traceConfig) (err error) {
 	start := time.Now()
 
 	out := &syncWriter{w: os.Stdout}
-	opts := report.Options{AttachMode: string(c.Mode()), Filter: tc.filter, FilterText: tc.filter.String(), Sort: tc.sort, Top: tc.top}
+	opts := report.Options{AttachMode: string(c.Mode()), Filter: tc.filter, FilterText: tc.filter.String(), Sort: tc.sort, Top: tc.top, AggregateBy: tc.aggregate}
 	writeRecord := func(typ string, tr *report.Trace, ev *flow.Event) error {
 		b, err := json.Marshal(jsonlRecord{Type: typ, Trace: tr, Event: ev})
 		if err != nil {

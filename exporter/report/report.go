@@ -7,7 +7,9 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
+	"slices"
 	"strconv"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -18,17 +20,23 @@ import (
 // between Start and End. Its JSON form is the document `nsflow trace
 // --output json` prints (documented in docs/OUTPUT.md).
 type Trace struct {
-	Start      time.Time   `json:"start"`
-	End        time.Time   `json:"end"`
-	Duration   float64     `json:"duration_seconds"`
-	AttachMode string      `json:"attach_mode"`
-	Filter     string      `json:"filter,omitempty"`
-	Sort       string      `json:"sort"`
-	Namespaces []Namespace `json:"namespaces"`
-	Flows      []Flow      `json:"flows"`
-	FlowsShown int         `json:"flows_shown"`
-	FlowsTotal int         `json:"flows_total"`
-	Stats      flow.Stats  `json:"stats"`
+	Start      time.Time `json:"start"`
+	End        time.Time `json:"end"`
+	Duration   float64   `json:"duration_seconds"`
+	AttachMode string    `json:"attach_mode"`
+	Filter     string    `json:"filter,omitempty"`
+	Sort       string    `json:"sort"`
+	// AggregateBy is flow (one row per flow), container, pod or netns
+	// (rows of flows summed: see Aggregate).
+	AggregateBy string      `json:"aggregate_by"`
+	Namespaces  []Namespace `json:"namespaces"`
+	// Flows are the flows, or the aggregated rows.
+	Flows []Flow `json:"flows"`
+	// FlowsShown and FlowsTotal count the flows (or rows) printed and
+	// those that matched the filter (or the rows they make).
+	FlowsShown int        `json:"flows_shown"`
+	FlowsTotal int        `json:"flows_total"`
+	Stats      flow.Stats `json:"stats"`
 }
 
 // Namespace is one namespace's totals, per interface.
@@ -55,7 +63,8 @@ type Interface struct {
 	TXBitRate    float64 `json:"tx_bits_per_second"`
 }
 
-// Flow is one flow at one observation point.
+// Flow is one flow at one observation point, or an aggregated row
+// (Aggregated > 0: the key fields, the sums and the rates only).
 type Flow struct {
 	Netns     string     `json:"netns"`
 	Interface string     `json:"interface"`
@@ -73,6 +82,42 @@ type Flow struct {
 	// Rates over the trace (or the interval).
 	PacketRate float64 `json:"packets_per_second"`
 	BitRate    float64 `json:"bits_per_second"`
+	// SrcContainer and DstContainer name the sending and the receiving
+	// container (attribution on; "" unknown); SrcPod and DstPod their pods
+	// ("namespace/name"; by CRI).
+	SrcContainer string `json:"src_container"`
+	DstContainer string `json:"dst_container"`
+	SrcPod       string `json:"src_pod,omitempty"`
+	DstPod       string `json:"dst_pod,omitempty"`
+	// Aggregated is, in an aggregated row, the number of flows summed.
+	Aggregated int `json:"-"`
+}
+
+// aggregateJSON is an aggregated row's JSON form.
+type aggregateJSON struct {
+	Netns        string  `json:"netns"`
+	Interface    string  `json:"interface"`
+	Direction    string  `json:"direction"`
+	SrcPod       string  `json:"src_pod"`
+	SrcContainer string  `json:"src_container"`
+	DstPod       string  `json:"dst_pod"`
+	DstContainer string  `json:"dst_container"`
+	Flows        int     `json:"flows"`
+	Packets      uint64  `json:"packets"`
+	Bytes        uint64  `json:"bytes"`
+	PacketRate   float64 `json:"packets_per_second"`
+	BitRate      float64 `json:"bits_per_second"`
+}
+
+// MarshalJSON writes a flow, or an aggregated row in its own form.
+func (f Flow) MarshalJSON() ([]byte, error) {
+	type plain Flow
+	if f.Aggregated == 0 {
+		return json.Marshal(plain(f))
+	}
+	return json.Marshal(aggregateJSON{Netns: f.Netns, Interface: f.Interface, Direction: f.Direction,
+		SrcPod: f.SrcPod, SrcContainer: f.SrcContainer, DstPod: f.DstPod, DstContainer: f.DstContainer,
+		Flows: f.Aggregated, Packets: f.Packets, Bytes: f.Bytes, PacketRate: f.PacketRate, BitRate: f.BitRate})
 }
 
 // Options shape a Trace.
@@ -84,8 +129,11 @@ type Options struct {
 	FilterText string
 	// Sort orders the flows; empty means by bytes.
 	Sort flow.SortKey
-	// Top keeps the largest flows; 0 keeps all.
+	// Top keeps the largest flows (or rows); 0 keeps all.
 	Top int
+	// AggregateBy sums the flows into rows (Aggregate); empty means by
+	// flow.
+	AggregateBy AggregateBy
 }
 
 // NewTrace builds a Trace from a snapshot of the traffic between start and
@@ -93,6 +141,9 @@ type Options struct {
 func NewTrace(snap *flow.Snapshot, start time.Time, o Options) *Trace {
 	if o.Sort == "" {
 		o.Sort = flow.SortBytes
+	}
+	if o.AggregateBy == "" {
+		o.AggregateBy = ByFlow
 	}
 	secs := snap.Time.Sub(start).Seconds()
 	rate := func(v uint64, scale float64) float64 {
@@ -102,15 +153,16 @@ func NewTrace(snap *flow.Snapshot, start time.Time, o Options) *Trace {
 		return float64(v) * scale / secs
 	}
 	t := &Trace{
-		Start:      start,
-		End:        snap.Time,
-		Duration:   secs,
-		AttachMode: o.AttachMode,
-		Filter:     o.FilterText,
-		Sort:       string(o.Sort),
-		Namespaces: []Namespace{},
-		Flows:      []Flow{},
-		Stats:      snap.Stats,
+		Start:       start,
+		End:         snap.Time,
+		Duration:    secs,
+		AttachMode:  o.AttachMode,
+		Filter:      o.FilterText,
+		Sort:        string(o.Sort),
+		AggregateBy: string(o.AggregateBy),
+		Namespaces:  []Namespace{},
+		Flows:       []Flow{},
+		Stats:       snap.Stats,
 	}
 	for _, ns := range snap.Namespaces {
 		n := Namespace{Name: ns.Name, Inode: ns.Inode, Pod: ns.Pod, Interfaces: []Interface{}}
@@ -131,6 +183,21 @@ func NewTrace(snap *flow.Snapshot, start time.Time, o Options) *Trace {
 			flows = append(flows, *f)
 		}
 	}
+	if o.AggregateBy != ByFlow {
+		rows := Aggregate(o.AggregateBy, snap.Namespaces, flows)
+		SortRows(rows, o.Sort)
+		t.FlowsTotal = len(rows)
+		for i, r := range rows {
+			if o.Top > 0 && i >= o.Top {
+				break
+			}
+			t.Flows = append(t.Flows, Flow{Netns: r.Netns, Interface: r.Interface, Direction: string(r.Direction),
+				SrcPod: r.SrcPod, SrcContainer: r.SrcContainer, DstPod: r.DstPod, DstContainer: r.DstContainer,
+				Aggregated: r.Flows, Packets: r.Packets, Bytes: r.Bytes, PacketRate: rate(r.Packets, 1), BitRate: rate(r.Bytes, 8)})
+		}
+		t.FlowsShown = len(t.Flows)
+		return t
+	}
 	flow.SortFlows(flows, o.Sort)
 	t.FlowsTotal = len(flows)
 	for i, f := range flows {
@@ -143,6 +210,7 @@ func NewTrace(snap *flow.Snapshot, start time.Time, o Options) *Trace {
 			SrcPort: f.SrcPort, DstPort: f.DstPort, Packets: f.Packets, Bytes: f.Bytes,
 			TCPFlags: f.TCPFlags.String(), FirstSeen: f.FirstSeen, LastSeen: f.LastSeen,
 			PacketRate: rate(f.Packets, 1), BitRate: rate(f.Bytes, 8),
+			SrcContainer: f.SrcContainer, DstContainer: f.DstContainer, SrcPod: f.SrcPod, DstPod: f.DstPod,
 		})
 	}
 	t.FlowsShown = len(t.Flows)
@@ -232,21 +300,41 @@ func (t *Trace) WriteTable(w io.Writer) error {
 	if t.Filter != "" {
 		what = fmt.Sprintf("FLOWS matching %q", t.Filter)
 	}
-	fmt.Fprintf(w, "\n%s (%d of %d, by %s)\n", what, t.FlowsShown, t.FlowsTotal, t.Sort)
+	if t.AggregateBy != "" && t.AggregateBy != string(ByFlow) {
+		fmt.Fprintf(w, "\n%s BY %s (%d of %d rows, by %s)\n", what, strings.ToUpper(t.AggregateBy), t.FlowsShown, t.FlowsTotal, t.Sort)
+	} else {
+		fmt.Fprintf(w, "\n%s (%d of %d, by %s)\n", what, t.FlowsShown, t.FlowsTotal, t.Sort)
+	}
 	if len(t.Flows) == 0 {
 		_, err := fmt.Fprintln(w, "(none)")
 		return err
 	}
 	tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintf(tw, "NETNS\tINTERFACE\tDIR\tPROTO\tSOURCE\tDESTINATION\tPACKETS\tBYTES\tRATE\tFLAGS\n")
-	for _, f := range t.Flows {
-		flags := f.TCPFlags
-		if f.Protocol == "icmp" || f.Protocol == "icmpv6" {
-			flags = fmt.Sprintf("type %d code %d", f.SrcPort, f.DstPort)
+	var cols []column
+	switch AggregateBy(t.AggregateBy) {
+	case ByContainer:
+		cols = []column{colNetns, colInterface, colDir, colSrcPod, colSrcContainer, colDstPod, colDstContainer, colFlows, colPackets, colBytes, colRate}
+	case ByPod:
+		cols = []column{colNetns, colInterface, colDir, colSrcPod, colDstPod, colFlows, colPackets, colBytes, colRate}
+	case ByNetns:
+		cols = []column{colNetns, colInterface, colDir, colFlows, colPackets, colBytes, colRate}
+	default:
+		cols = []column{colNetns, colInterface, colDir, colProto, colSource, colDestination, colSrcContainer, colDstContainer, colPackets, colBytes, colRate, colFlags}
+	}
+	// Columns of names nobody has (no attribution, no pods) are left out.
+	shown := cols[:0]
+	for _, c := range cols {
+		if c.optional == nil || slices.ContainsFunc(t.Flows, func(f Flow) bool { return c.optional(&f) != "" }) {
+			shown = append(shown, c)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\n", flow.SafeName(f.Netns), flow.SafeName(f.Interface), f.Direction,
-			f.Protocol, Endpoint(f.Src, f.SrcPort, f.Protocol), Endpoint(f.Dst, f.DstPort, f.Protocol),
-			f.Packets, Bytes(f.Bytes), Bits(f.BitRate), flags)
+	}
+	for i, c := range shown {
+		fmt.Fprint(tw, c.title, map[bool]string{true: "\n", false: "\t"}[i == len(shown)-1])
+	}
+	for _, f := range t.Flows {
+		for i, c := range shown {
+			fmt.Fprint(tw, c.value(&f), map[bool]string{true: "\n", false: "\t"}[i == len(shown)-1])
+		}
 	}
 	if err := tw.Flush(); err != nil {
 		return err
@@ -257,6 +345,46 @@ func (t *Trace) WriteTable(w io.Writer) error {
 	}
 	return nil
 }
+
+// column is a column of the flows' table.
+type column struct {
+	title string
+	value func(*Flow) string
+	// optional, if set, returns the name that makes the column shown
+	// (left out when no row has one).
+	optional func(*Flow) string
+}
+
+// name formats a name of a container or pod for a terminal ("-" unknown).
+func name(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return flow.SafeName(s)
+}
+
+var (
+	colNetns        = column{title: "NETNS", value: func(f *Flow) string { return flow.SafeName(f.Netns) }}
+	colInterface    = column{title: "INTERFACE", value: func(f *Flow) string { return flow.SafeName(f.Interface) }}
+	colDir          = column{title: "DIR", value: func(f *Flow) string { return f.Direction }}
+	colProto        = column{title: "PROTO", value: func(f *Flow) string { return f.Protocol }}
+	colSource       = column{title: "SOURCE", value: func(f *Flow) string { return Endpoint(f.Src, f.SrcPort, f.Protocol) }}
+	colDestination  = column{title: "DESTINATION", value: func(f *Flow) string { return Endpoint(f.Dst, f.DstPort, f.Protocol) }}
+	colSrcPod       = column{title: "SRC POD", value: func(f *Flow) string { return name(f.SrcPod) }, optional: func(f *Flow) string { return f.SrcPod + f.DstPod }}
+	colDstPod       = column{title: "DST POD", value: func(f *Flow) string { return name(f.DstPod) }, optional: func(f *Flow) string { return f.SrcPod + f.DstPod }}
+	colSrcContainer = column{title: "SRC CONTAINER", value: func(f *Flow) string { return name(f.SrcContainer) }, optional: func(f *Flow) string { return f.SrcContainer + f.DstContainer }}
+	colDstContainer = column{title: "DST CONTAINER", value: func(f *Flow) string { return name(f.DstContainer) }, optional: func(f *Flow) string { return f.SrcContainer + f.DstContainer }}
+	colFlows        = column{title: "FLOWS", value: func(f *Flow) string { return strconv.Itoa(f.Aggregated) }}
+	colPackets      = column{title: "PACKETS", value: func(f *Flow) string { return strconv.FormatUint(f.Packets, 10) }}
+	colBytes        = column{title: "BYTES", value: func(f *Flow) string { return Bytes(f.Bytes) }}
+	colRate         = column{title: "RATE", value: func(f *Flow) string { return Bits(f.BitRate) }}
+	colFlags        = column{title: "FLAGS", value: func(f *Flow) string {
+		if f.Protocol == "icmp" || f.Protocol == "icmpv6" {
+			return fmt.Sprintf("type %d code %d", f.SrcPort, f.DstPort)
+		}
+		return f.TCPFlags
+	}}
+)
 
 // Endpoint formats an address and port; ICMP "ports" (type and code) are
 // left out.

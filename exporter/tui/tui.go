@@ -28,6 +28,9 @@ type Config struct {
 	Filter string
 	// Mode is shown in the header.
 	Mode string
+	// AggregateBy shows rows of flows summed (report.Aggregate) instead
+	// of flows; empty means flows.
+	AggregateBy report.AggregateBy
 }
 
 // Model is the bubbletea model of `nsflow top`.
@@ -61,6 +64,9 @@ func New(cfg Config) (*Model, error) {
 	}
 	if cfg.Interval <= 0 {
 		cfg.Interval = time.Second
+	}
+	if cfg.AggregateBy == "" {
+		cfg.AggregateBy = report.ByFlow
 	}
 	return &Model{cfg: cfg, filter: f, width: 120, height: 40}, nil
 }
@@ -151,6 +157,7 @@ type row struct {
 	f           flow.Flow
 	bps, pps    float64
 	total, pkts uint64
+	agg         int // an aggregated row's index
 }
 
 // View implements tea.Model.
@@ -205,45 +212,14 @@ func (m *Model) View() string {
 		}
 	}
 
-	// Flows.
-	deltaFlows := map[flowID]flow.Flow{}
-	if m.delta != nil {
-		for _, f := range m.delta.Flows {
-			deltaFlows[id(&f)] = f
-		}
-	}
-	var rows []row
-	for _, f := range m.cur.Flows {
-		if !m.filter.Match(&f) {
-			continue
-		}
-		d := deltaFlows[id(&f)]
-		rows = append(rows, row{f: f, bps: rate(d.Bytes, 8), pps: rate(d.Packets, 1), total: f.Bytes, pkts: f.Packets})
-	}
-	less := map[string]func(a, b row) bool{
-		"rate":        func(a, b row) bool { return a.bps > b.bps },
-		"packet-rate": func(a, b row) bool { return a.pps > b.pps },
-		"bytes":       func(a, b row) bool { return a.total > b.total },
-		"packets":     func(a, b row) bool { return a.pkts > b.pkts },
-	}[m.Sort()]
-	sort.SliceStable(rows, func(i, j int) bool { return less(rows[i], rows[j]) })
-	fmt.Fprintf(&b, "\n%-16s %-8s %-3s %-6s %-40s %-40s %12s %9s %10s\n", "NETNS", "IFACE", "DIR", "PROTO", "SOURCE", "DESTINATION", "RATE", "PKT/S", "BYTES")
 	room := m.height - lines - 9
 	if room < 5 {
 		room = 5
 	}
-	for i, r := range rows {
-		if i >= room {
-			fmt.Fprintf(&b, "… %d more flows\n", len(rows)-room)
-			break
-		}
-		p := r.f.Protocol.String()
-		fmt.Fprintf(&b, "%-16s %-8s %-3s %-6s %-40s %-40s %12s %9.0f %10s\n", trunc(flow.SafeName(r.f.Netns), 16), trunc(flow.SafeName(r.f.Interface), 8),
-			r.f.Direction, p, report.Endpoint(r.f.Src, r.f.SrcPort, p), report.Endpoint(r.f.Dst, r.f.DstPort, p),
-			report.Bits(r.bps), r.pps, report.Bytes(r.total))
-	}
-	if len(rows) == 0 {
-		b.WriteString("(no flows)\n")
+	if m.cfg.AggregateBy != report.ByFlow {
+		m.viewAggregated(&b, rate, room)
+	} else {
+		m.viewFlows(&b, rate, room)
 	}
 	b.WriteString("\n")
 	switch {
@@ -256,6 +232,128 @@ func (m *Model) View() string {
 		fmt.Fprintf(&b, "error: %v\n", m.err)
 	}
 	return b.String()
+}
+
+// viewFlows writes the flows table.
+func (m *Model) viewFlows(b *strings.Builder, rate func(uint64, float64) float64, room int) {
+	deltaFlows := map[flowID]flow.Flow{}
+	if m.delta != nil {
+		for _, f := range m.delta.Flows {
+			deltaFlows[id(&f)] = f
+		}
+	}
+	var rows []row
+	named := false // a flow has a container: show the columns
+	for _, f := range m.cur.Flows {
+		if !m.filter.Match(&f) {
+			continue
+		}
+		d := deltaFlows[id(&f)]
+		rows = append(rows, row{f: f, bps: rate(d.Bytes, 8), pps: rate(d.Packets, 1), total: f.Bytes, pkts: f.Packets})
+		named = named || f.SrcContainer != "" || f.DstContainer != ""
+	}
+	m.sortRows(rows)
+	ctr := func(src, dst string) string {
+		if !named {
+			return ""
+		}
+		return fmt.Sprintf(" %-14s %-14s", trunc(src, 14), trunc(dst, 14))
+	}
+	fmt.Fprintf(b, "\n%-16s %-8s %-3s %-6s %-40s %-40s%s %12s %9s %10s\n", "NETNS", "IFACE", "DIR", "PROTO", "SOURCE", "DESTINATION",
+		ctr("SRC CONTAINER", "DST CONTAINER"), "RATE", "PKT/S", "BYTES")
+	for i, r := range rows {
+		if i >= room {
+			fmt.Fprintf(b, "… %d more flows\n", len(rows)-room)
+			break
+		}
+		p := r.f.Protocol.String()
+		fmt.Fprintf(b, "%-16s %-8s %-3s %-6s %-40s %-40s%s %12s %9.0f %10s\n", trunc(flow.SafeName(r.f.Netns), 16), trunc(flow.SafeName(r.f.Interface), 8),
+			r.f.Direction, p, report.Endpoint(r.f.Src, r.f.SrcPort, p), report.Endpoint(r.f.Dst, r.f.DstPort, p),
+			ctr(name(r.f.SrcContainer), name(r.f.DstContainer)), report.Bits(r.bps), r.pps, report.Bytes(r.total))
+	}
+	if len(rows) == 0 {
+		b.WriteString("(no flows)\n")
+	}
+}
+
+// viewAggregated writes the rows of flows summed by m.cfg.AggregateBy:
+// totals from the snapshot, rates from the last interval's delta.
+func (m *Model) viewAggregated(b *strings.Builder, rate func(uint64, float64) float64, room int) {
+	filtered := func(s *flow.Snapshot) []flow.Flow {
+		var out []flow.Flow
+		for _, f := range s.Flows {
+			if m.filter.Match(&f) {
+				out = append(out, f)
+			}
+		}
+		return out
+	}
+	deltas := map[report.AggKey]report.AggRow{}
+	if m.delta != nil {
+		for _, r := range report.Aggregate(m.cfg.AggregateBy, m.delta.Namespaces, filtered(m.delta)) {
+			deltas[r.AggKey] = r
+		}
+	}
+	var rows []row
+	keys := map[int]report.AggRow{}
+	for _, r := range report.Aggregate(m.cfg.AggregateBy, m.cur.Namespaces, filtered(m.cur)) {
+		d := deltas[r.AggKey]
+		keys[len(rows)] = r
+		rows = append(rows, row{bps: rate(d.Bytes, 8), pps: rate(d.Packets, 1), total: r.Bytes, pkts: r.Packets, agg: len(rows)})
+	}
+	m.sortRows(rows)
+	src, dst := "SRC CONTAINER", "DST CONTAINER"
+	label := func(pod, ctr string) string {
+		if ctr == "" {
+			return name(pod)
+		}
+		if pod == "" {
+			return flow.SafeName(ctr)
+		}
+		return flow.SafeName(pod + ":" + ctr)
+	}
+	switch m.cfg.AggregateBy {
+	case report.ByPod:
+		src, dst = "SRC POD", "DST POD"
+	case report.ByNetns:
+		src, dst = "", ""
+	}
+	fmt.Fprintf(b, "\n%-16s %-8s %-3s %-30s %-30s %6s %12s %9s %10s\n", "NETNS", "IFACE", "DIR", src, dst, "FLOWS", "RATE", "PKT/S", "BYTES")
+	for i, r := range rows {
+		if i >= room {
+			fmt.Fprintf(b, "… %d more rows\n", len(rows)-room)
+			break
+		}
+		k := keys[r.agg]
+		s, d := label(k.SrcPod, k.SrcContainer), label(k.DstPod, k.DstContainer)
+		if m.cfg.AggregateBy == report.ByNetns {
+			s, d = "", ""
+		}
+		fmt.Fprintf(b, "%-16s %-8s %-3s %-30s %-30s %6d %12s %9.0f %10s\n", trunc(flow.SafeName(k.Netns), 16), trunc(flow.SafeName(k.Interface), 8),
+			k.Direction, trunc(s, 30), trunc(d, 30), k.Flows, report.Bits(r.bps), r.pps, report.Bytes(r.total))
+	}
+	if len(rows) == 0 {
+		b.WriteString("(no flows)\n")
+	}
+}
+
+// sortRows orders rows by the current sort key.
+func (m *Model) sortRows(rows []row) {
+	less := map[string]func(a, b row) bool{
+		"rate":        func(a, b row) bool { return a.bps > b.bps },
+		"packet-rate": func(a, b row) bool { return a.pps > b.pps },
+		"bytes":       func(a, b row) bool { return a.total > b.total },
+		"packets":     func(a, b row) bool { return a.pkts > b.pkts },
+	}[m.Sort()]
+	sort.SliceStable(rows, func(i, j int) bool { return less(rows[i], rows[j]) })
+}
+
+// name formats a container's or pod's name for the terminal ("-" unknown).
+func name(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return flow.SafeName(s)
 }
 
 type flowID struct {

@@ -116,3 +116,54 @@ func TestHostileNamesOnScreen(t *testing.T) {
 		}
 	}
 }
+
+// ctrSnap is pod web's containers web and sidecar over lo (each flow seen
+// at lo's tx and rx): n packets of web to the sidecar, n/2 back.
+func ctrSnap(at time.Time, n uint64) *flow.Snapshot {
+	lo := netip.MustParseAddr("127.0.0.1")
+	mk := func(dir flow.Direction, sport, dport uint16, p uint64, src, dst string) flow.Flow {
+		return flow.Flow{Key: flow.Key{Netns: "web", NetnsInode: 7, Interface: "lo", Ifindex: 1, Direction: dir, Protocol: 6, Src: lo, Dst: lo,
+			SrcPort: sport, DstPort: dport}, Packets: p, Bytes: 100 * p, SrcContainer: src, DstContainer: dst}
+	}
+	return &flow.Snapshot{
+		Time: at,
+		Namespaces: []flow.NamespaceStats{{Name: "web", Inode: 7, Interfaces: []flow.InterfaceStats{
+			{Name: "lo", Index: 1, TX: flow.Counters{Packets: n + n/2, Bytes: 100 * (n + n/2)}, RX: flow.Counters{Packets: n + n/2, Bytes: 100 * (n + n/2)}},
+		}}},
+		Flows: []flow.Flow{
+			mk(flow.TX, 40000, 8080, n, "web", "side\x1bcar"), mk(flow.RX, 40000, 8080, n, "web", "side\x1bcar"),
+			mk(flow.TX, 8080, 40000, n/2, "side\x1bcar", "web"), mk(flow.RX, 8080, 40000, n/2, "side\x1bcar", "web"),
+		},
+	}
+}
+
+// Flows show their containers; --aggregate-by container shows one row per
+// pair, lo counted at tx, with the interval's rate.
+func TestModelContainers(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	m, err := New(Config{Interval: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.Update(snapMsg{snap: ctrSnap(t0, 0)})
+	m.Update(snapMsg{snap: ctrSnap(t0.Add(time.Second), 100)})
+	v := m.View()
+	if !strings.Contains(v, "SRC CONTAINER") || !strings.Contains(v, `side\x1bcar`) || strings.ContainsRune(v, 0x1b) {
+		t.Errorf("flows without their (escaped) containers:\n%s", v)
+	}
+	m, _ = New(Config{Interval: time.Second, AggregateBy: "container"})
+	m.Update(snapMsg{snap: ctrSnap(t0, 0)})
+	m.Update(snapMsg{snap: ctrSnap(t0.Add(time.Second), 100)})
+	v = m.View()
+	var rows []string
+	for _, l := range strings.Split(v, "\n") {
+		if f := strings.Fields(l); len(f) > 2 && f[0] == "web" && (f[2] == "tx" || f[2] == "rx") {
+			rows = append(rows, strings.Join(strings.Fields(l), " "))
+		}
+	}
+	// 100 packets of 100 bytes in a second: 80 kbit/s; 50 back: 40 kbit/s.
+	want := []string{`web lo tx web side\x1bcar 1 80.0 kbit/s 100 9.8 KiB`, `web lo tx side\x1bcar web 1 40.0 kbit/s 50 4.9 KiB`}
+	if strings.Join(rows, "|") != strings.Join(want, "|") {
+		t.Errorf("aggregated rows:\n%s\nwant\n%s\nview:\n%s", strings.Join(rows, "\n"), strings.Join(want, "\n"), v)
+	}
+}
