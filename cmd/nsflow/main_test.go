@@ -114,6 +114,10 @@ func TestValidation(t *testing.T) {
 		{[]string{"top", "--output", "json"}, 2, "unknown flag"},
 		// serve
 		{[]string{"serve"}, 0, ""},
+		{[]string{"serve", "--containers"}, 0, ""},
+		{[]string{"serve", "--containers", "--containers.max-series", "0"}, 0, ""},
+		{[]string{"serve", "--containers.max-series", "-1"}, 2, "--containers.max-series"},
+		{[]string{"serve", "--flows", "--flows.max-series", "0"}, 0, ""},
 		// host ends of veths whose peer is observed (issue 17)
 		{[]string{"serve", "--netns.host-veths"}, 0, ""},
 		{[]string{"serve", "--netns.host-veths=false", "--netns.host=false"}, 0, ""},

@@ -38,6 +38,8 @@ type serveFlags struct {
 	attach        attachFlags
 	flows         bool
 	maxFlowSeries int
+	containers    bool
+	maxCtrSeries  int
 	log           logFlags
 	pin           bool
 	pinPath       string
@@ -56,7 +58,8 @@ interface of each as they come and go, and serves Prometheus metrics read from
 the BPF maps at scrape time. SIGTERM or Ctrl-C detaches everything and exits.`,
 		Example: `  nsflow serve
   nsflow serve --web.listen-address=:9990 --netns.exclude='^cni-test'
-  nsflow serve --web.config.file=web.yml --flows --flows.max-series=500`,
+  nsflow serve --web.config.file=web.yml --flows --flows.max-series=500
+  nsflow serve --containers`,
 		Args: checkArgs(cobra.NoArgs),
 		PreRunE: func(*cobra.Command, []string) (err error) {
 			sc, err = f.validate()
@@ -75,7 +78,9 @@ the BPF maps at scrape time. SIGTERM or Ctrl-C detaches everything and exits.`,
 	fl.DurationVar(&f.resync, "netns.resync-interval", 30*time.Second, "safety-net full rescan interval (discovery is event driven)")
 	f.attach.register(fl)
 	fl.BoolVar(&f.flows, "flows", false, "account and export per-flow series (nsflow_flow_*_total); off, only the exact per-interface totals are counted")
-	fl.IntVar(&f.maxFlowSeries, "flows.max-series", 1000, "at most this many flows per scrape, largest first")
+	fl.IntVar(&f.maxFlowSeries, "flows.max-series", 1000, "at most this many flow series: a flow keeps its series while it is in the flow map, new flows take free places largest first; the rest of each interface's traffic is in its protocol=\"other\" series, so that the flow series add up to the totals (docs/OUTPUT.md)")
+	fl.BoolVar(&f.containers, "containers", false, "account and export per-container totals (nsflow_container_*_total): what each container (cgroup) sent and received in each namespace, hostNetwork pods and host processes included (accounts flows in the kernel, as --flows does)")
+	fl.IntVar(&f.maxCtrSeries, "containers.max-series", 1000, "at most this many container series (kept while their container is in the map, new ones take free places largest first); the rest of each namespace's traffic is in its container=\"\" series (docs/OUTPUT.md)")
 	f.log.register(fl)
 	f.cri.register(fl, true)
 	fl.BoolVar(&f.pin, "pin", false, "pin maps and links on the bpffs: counting goes on while nsflow restarts or upgrades, and the next serve adopts them")
@@ -128,6 +133,9 @@ func (f *serveFlags) validate() (serveConfig, error) {
 	if f.maxFlowSeries < 0 {
 		return sc, usagef("--flows.max-series must not be negative")
 	}
+	if f.maxCtrSeries < 0 {
+		return sc, usagef("--containers.max-series must not be negative")
+	}
 	dc, err := f.netns.validate()
 	if err != nil {
 		return sc, err
@@ -136,7 +144,9 @@ func (f *serveFlags) validate() (serveConfig, error) {
 	sc.session = session.Config{
 		// Without --flows no flow is exported, so none is accounted: the
 		// stubs count the totals alone (docs/BENCHMARKS.md, issue 17).
-		Collector:   f.attach.config(collector.Config{Mode: mode, HostVeths: dc.HostVeths, NoFlows: !f.flows}),
+		// Per-container totals need the flow path (collector.Config).
+		Collector: f.attach.config(collector.Config{Mode: mode, HostVeths: dc.HostVeths, NoFlows: !f.flows && !f.containers,
+			Containers: f.containers}),
 		Discovery:   &dc,
 		CRIInterval: f.cri.interval,
 		Prune:       true,
@@ -175,7 +185,7 @@ func runServe(ctx context.Context, f serveFlags, sc serveConfig) (err error) {
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(
-		exporter.New(c, exporter.Config{Flows: f.flows, MaxFlowSeries: f.maxFlowSeries}),
+		exporter.New(c, exporter.Config{Flows: f.flows, MaxFlowSeries: f.maxFlowSeries, Containers: f.containers, MaxContainerSeries: f.maxCtrSeries}),
 		exporter.NewPodIdentity(sess),
 		exporter.NewSkipped(sess),
 		versioncollector.NewCollector("nsflow"),
