@@ -9,8 +9,10 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -107,6 +109,12 @@ func TestAttributionHelper(t *testing.T) {
 // first output line; it is killed in Cleanup.
 func startHelper(t *testing.T, p *podns.Pod, c, role, addr string, rounds int) (string, io.Closer) {
 	t.Helper()
+	return startHelperWith(t, func(cmd *exec.Cmd) error { return p.StartContainer(c, cmd) }, c, role, addr, rounds)
+}
+
+// startHelperWith is startHelper with the way to start it.
+func startHelperWith(t *testing.T, start func(*exec.Cmd) error, c, role, addr string, rounds int) (string, io.Closer) {
+	t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^TestAttributionHelper$")
 	cmd.Env = append(os.Environ(), "NSFLOW_ATTR_ROLE="+role, "NSFLOW_ATTR_ADDR="+addr, "NSFLOW_ATTR_ROUNDS="+strconv.Itoa(rounds))
 	stdin, err := cmd.StdinPipe()
@@ -117,7 +125,7 @@ func startHelper(t *testing.T, p *podns.Pod, c, role, addr string, rounds int) (
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := p.StartContainer(c, cmd); err != nil {
+	if err := start(cmd); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
@@ -146,8 +154,15 @@ type capture struct {
 
 func startCapture(t *testing.T, p *podns.Pod, ifname string) *capture {
 	t.Helper()
+	return startCaptureIn(t, p.Do, ifname)
+}
+
+// startCaptureIn is startCapture with the packet socket made by do (in a
+// namespace).
+func startCaptureIn(t *testing.T, do func(func() error) error, ifname string) *capture {
+	t.Helper()
 	c := &capture{count: map[string]uint64{}, done: make(chan struct{})}
-	err := p.Do(func() error {
+	err := do(func() error {
 		ifi, err := net.InterfaceByName(ifname)
 		if err != nil {
 			return err
@@ -382,5 +397,138 @@ func testAttribution(t *testing.T, cfg collector.Config) {
 		if k[0] == "lo" && v > 0 {
 			t.Errorf("no per-container totals for %v (%d packets)", k, v)
 		}
+	}
+}
+
+// TestHostNetworkAttribution: processes of the host's namespace (as a
+// hostNetwork pod's) in cgroups of their own, made by the test, talking
+// over the host's lo: their flows and per-container totals appear under
+// their cgroups' names, packets equal to a capture's. Other tests' and
+// the host's own traffic share that lo: only this test's tuples and
+// cgroups are asserted.
+func TestHostNetworkAttribution(t *testing.T) {
+	testenv.RequireRoot(t)
+	root, err := cgroup.Mount("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(root, fmt.Sprintf("nsflow-h5hostnet-%d", os.Getpid()))
+	t.Cleanup(func() {
+		ents, _ := os.ReadDir(dir)
+		for _, e := range ents {
+			if e.IsDir() {
+				os.Remove(filepath.Join(dir, e.Name()))
+			}
+		}
+		os.Remove(dir)
+	})
+	inCgroup := func(name string) func(*exec.Cmd) error {
+		return func(cmd *exec.Cmd) error {
+			d := filepath.Join(dir, name)
+			if err := os.MkdirAll(d, 0o755); err != nil {
+				return err
+			}
+			f, err := os.Open(d)
+			if err != nil {
+				return err
+			}
+			defer f.Close()
+			cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(f.Fd())}
+			return cmd.Start()
+		}
+	}
+	c, err := collector.New(collector.Config{Containers: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	r, err := cgroup.New(cgroup.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { r.Close() })
+	c.SetResolver(r)
+	host, err := collector.ParseTarget("host")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Add(host); err != nil {
+		t.Fatal(err)
+	}
+	capLo := startCaptureIn(t, func(fn func() error) error { return fn() }, "lo")
+
+	// A port of this test's own: free now on the host's lo.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	const rounds = 20
+	if l, _ := startHelperWith(t, inCgroup("h5-server.scope"), "server", "server", addr, 0); l != "ready\n" {
+		t.Fatalf("server: %q", l)
+	}
+	l, hold := startHelperWith(t, inCgroup("h5-client.scope"), "client", "client", addr, rounds)
+	if len(l) < 4 || l[:4] != "done" {
+		t.Fatalf("client: %q", l)
+	}
+	defer hold.Close()
+	time.Sleep(300 * time.Millisecond)
+	snap, err := c.Snapshot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var st unix.Stat_t
+	if err := unix.Stat("/proc/self/ns/net", &st); err != nil {
+		t.Fatal(err)
+	}
+	_, port, _ := net.SplitHostPort(addr)
+	sent := map[[2]string]uint64{} // direction, container -> packets
+	n := 0
+	for i := range snap.Flows {
+		f := &snap.Flows[i]
+		if f.NetnsInode != st.Ino || f.Interface != "lo" {
+			continue
+		}
+		src, dst := "h5-client.scope", "h5-server.scope"
+		switch port {
+		case strconv.Itoa(int(f.DstPort)):
+		case strconv.Itoa(int(f.SrcPort)):
+			src, dst = dst, src
+		default:
+			continue
+		}
+		n++
+		where := fmt.Sprintf("%s lo %s", flowKey(f), f.Direction)
+		if f.SrcContainer != src || f.DstContainer != dst {
+			t.Errorf("%s: containers %q -> %q, want %q -> %q", where, f.SrcContainer, f.DstContainer, src, dst)
+		}
+		if f.Protocol == flow.Protocol(unix.IPPROTO_UDP) && f.Packets != rounds {
+			t.Errorf("%s: %d datagrams, want %d", where, f.Packets, rounds)
+		}
+		if f.Direction == flow.TX {
+			got := capLo.get(flowKey(f))
+			if got != f.Packets {
+				t.Errorf("%s: %d packets, capture %d", where, f.Packets, got)
+			}
+			sent[[2]string{"tx", src}] += got
+			sent[[2]string{"rx", dst}] += got
+		}
+	}
+	if n != 8 {
+		t.Errorf("%d flows of the test's tuples at the host's lo, want 8 (TCP and UDP, each way, tx and rx)", n)
+	}
+	for _, cs := range snap.Containers {
+		if cs.NetnsInode != st.Ino || cs.Interface != "lo" || (cs.Container != "h5-client.scope" && cs.Container != "h5-server.scope") {
+			continue
+		}
+		k := [2]string{string(cs.Direction), cs.Container}
+		if cs.Packets != sent[k] {
+			t.Errorf("container %s at lo %s: %d packets, capture %d", cs.Container, cs.Direction, cs.Packets, sent[k])
+		}
+		delete(sent, k)
+	}
+	for k, v := range sent {
+		t.Errorf("no per-container totals for %v (%d packets)", k, v)
 	}
 }
