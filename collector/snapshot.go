@@ -36,9 +36,21 @@ func (c *Collector) SnapshotTop(n int) (*flow.Snapshot, error) { return c.snapsh
 // the cost when the flow map holds tens of thousands of flows.
 func (c *Collector) Totals() (*flow.Snapshot, error) { return c.snapshot(0) }
 
+// SnapshotSelect is Snapshot with only the flows keep accepts and the n
+// largest others (n < 0: all flows): the exporter's capped flow series
+// read the flows that have a series and as many candidates as there are
+// free places (exporter.SelectSource).
+func (c *Collector) SnapshotSelect(n int, keep func(*flow.Flow) bool) (*flow.Snapshot, error) {
+	return c.read(n, keep)
+}
+
 // snapshot reads the maps with all flows (limit < 0), none, or the limit
 // largest.
-func (c *Collector) snapshot(limit int) (*flow.Snapshot, error) {
+func (c *Collector) snapshot(limit int) (*flow.Snapshot, error) { return c.read(limit, nil) }
+
+// read is snapshot that also keeps, whatever the limit, the flows keep
+// accepts (keep may be nil).
+func (c *Collector) read(limit int, keep func(*flow.Flow) bool) (*flow.Snapshot, error) {
 	type ifaceKey struct {
 		ino   uint64
 		index int
@@ -124,7 +136,7 @@ func (c *Collector) snapshot(limit int) (*flow.Snapshot, error) {
 	if c.cfg.Attribution || c.cfg.SocketLookup || c.cfg.Containers {
 		senders = &senderIndex{m: map[tuple][]sender{}}
 	}
-	flows, nflows, err := c.readFlows(limit, nameOf, senders)
+	flows, nflows, err := c.readFlows(limit, keep, nameOf, senders)
 	if err != nil {
 		errs = append(errs, err)
 	}
@@ -162,8 +174,8 @@ func (c *Collector) snapshot(limit int) (*flow.Snapshot, error) {
 // With senders set, it records there every egress flow's sending cgroup
 // (all flows, also those a limit leaves out) and sets each flow's own
 // cgroup (SrcCgroup at egress, DstCgroup at ingress).
-func (c *Collector) readFlows(limit int, name func(ino uint64, idx int) (string, string), senders *senderIndex) ([]flow.Flow, int, error) {
-	keep := limit != 0
+func (c *Collector) readFlows(limit int, keepFn func(*flow.Flow) bool, name func(ino uint64, idx int) (string, string), senders *senderIndex) ([]flow.Flow, int, error) {
+	keep := limit != 0 || keepFn != nil
 	// Flow timestamps are CLOCK_MONOTONIC_COARSE: anchor them to wall time.
 	var mono unix.Timespec
 	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC_COARSE, &mono); err != nil {
@@ -176,7 +188,7 @@ func (c *Collector) readFlows(limit int, name func(ino uint64, idx int) (string,
 
 	var flows []flow.Flow
 	var top *flow.Top
-	if limit > 0 {
+	if limit > 0 || (limit == 0 && keepFn != nil) {
 		top = flow.NewTop(limit)
 	} else if limit < 0 {
 		c.mu.Lock()
@@ -228,7 +240,7 @@ func (c *Collector) readFlows(limit int, name func(ino uint64, idx int) (string,
 		}
 		f.Netns, f.Interface = name(f.NetnsInode, f.Ifindex)
 		f.FirstSeen, f.LastSeen = wall(first), wall(last)
-		if top != nil {
+		if top != nil && (keepFn == nil || !keepFn(&f)) {
 			top.Offer(&f)
 		} else {
 			flows = append(flows, f)
@@ -236,7 +248,7 @@ func (c *Collector) readFlows(limit int, name func(ino uint64, idx int) (string,
 		n++
 	})
 	if top != nil {
-		flows = top.Flows()
+		flows = append(flows, top.Flows()...)
 	} else if keep {
 		c.mu.Lock()
 		c.lastFlows = n

@@ -86,6 +86,11 @@ type Exporter struct {
 	// scrape to the next (replaced, never modified: concurrent scrapes
 	// may read it), so that a scrape builds them for new interfaces only.
 	labels map[pointKey][]*dto.LabelPair
+	// flowLabels and ctrLabels keep the label pairs of the flow and
+	// container series (remainders included) from one scrape to the next
+	// likewise (they are sticky: most are the same).
+	flowLabels map[flowLabels][]*dto.LabelPair
+	ctrLabels  map[ctrLabels][]*dto.LabelPair
 }
 
 // New returns an exporter for c.
@@ -408,16 +413,45 @@ func (e *Exporter) collectFlows(snap *flow.Snapshot, points []pointKey, sums mem
 		})
 	}
 	items, rems, left := e.flows.update(totals, obs)
-	emit := func(labels []string, c flow.Counters) {
-		ch <- prometheus.MustNewConstMetric(e.flowPackets, prometheus.CounterValue, float64(c.Packets), labels...)
-		ch <- prometheus.MustNewConstMetric(e.flowBytes, prometheus.CounterValue, float64(c.Bytes), labels...)
+	// Label pairs built once per series (remainders: a flowLabels with
+	// proto 0 and no addresses, which no flow has), emitted in the order
+	// the registry sorts them into.
+	e.mu.Lock()
+	old := e.flowLabels
+	e.mu.Unlock()
+	labels := make(map[flowLabels][]*dto.LabelPair, len(items)+len(rems))
+	type out struct {
+		labels []*dto.LabelPair
+		c      flow.Counters
+	}
+	series := make([]out, 0, len(items)+len(rems))
+	get := func(l flowLabels, values func() []string) []*dto.LabelPair {
+		lp, ok := old[l]
+		if !ok {
+			lp = labelPairs([]string{"direction", "dst", "dst_port", "interface", "netns", "protocol", "src", "src_port"}, values())
+		}
+		labels[l] = lp
+		return lp
 	}
 	for l, c := range items {
-		emit([]string{l.netns, l.iface, string(l.dir), l.proto.String(), l.src.String(), l.dst.String(),
-			strconv.Itoa(int(l.sport)), strconv.Itoa(int(l.dport))}, c)
+		lp := get(l, func() []string {
+			return []string{string(l.dir), l.dst.String(), strconv.Itoa(int(l.dport)), l.iface, l.netns, l.proto.String(), l.src.String(), strconv.Itoa(int(l.sport))}
+		})
+		series = append(series, out{lp, c})
 	}
 	for g, c := range rems {
-		emit([]string{g.netns, g.iface, string(g.dir), "other", "", "", "", ""}, c)
+		lp := get(flowLabels{flowGroup: g}, func() []string { return []string{string(g.dir), "", "", g.iface, g.netns, "other", "", ""} })
+		series = append(series, out{lp, c})
+	}
+	e.mu.Lock()
+	e.flowLabels = labels
+	e.mu.Unlock()
+	slices.SortFunc(series, func(a, b out) int { return compareLabels(a.labels, b.labels) })
+	for _, m := range series {
+		ch <- &counterMetric{desc: e.flowPackets, labels: m.labels, value: float64(m.c.Packets)}
+	}
+	for _, m := range series {
+		ch <- &counterMetric{desc: e.flowBytes, labels: m.labels, value: float64(m.c.Bytes)}
 	}
 	// With a SelectSource, flows beyond the free places were not read.
 	return max(left, int(snap.Stats.FlowEntries)-len(items))
@@ -480,17 +514,59 @@ func (e *Exporter) collectContainers(snap *flow.Snapshot, points []pointKey, sum
 		})
 	}
 	items, rems, _ := e.containers.update(totals, obs)
-	emit := func(l ctrLabels, c flow.Counters) {
-		labels := []string{l.netns, l.pod, l.podNS, l.container, string(l.dir)}
-		ch <- prometheus.MustNewConstMetric(e.ctrPackets, prometheus.CounterValue, float64(c.Packets), labels...)
-		ch <- prometheus.MustNewConstMetric(e.ctrBytes, prometheus.CounterValue, float64(c.Bytes), labels...)
+	e.mu.Lock()
+	old := e.ctrLabels
+	e.mu.Unlock()
+	labels := make(map[ctrLabels][]*dto.LabelPair, len(items)+len(rems))
+	type out struct {
+		labels []*dto.LabelPair
+		c      flow.Counters
+	}
+	series := make([]out, 0, len(items)+len(rems))
+	add := func(l ctrLabels, c flow.Counters) {
+		lp, ok := old[l]
+		if !ok {
+			lp = labelPairs([]string{"container", "direction", "namespace", "netns", "pod"}, []string{l.container, string(l.dir), l.podNS, l.netns, l.pod})
+		}
+		labels[l] = lp
+		series = append(series, out{lp, c})
 	}
 	for l, c := range items {
-		emit(l, c)
+		add(l, c)
 	}
 	for g, c := range rems {
-		emit(ctrLabels{ctrGroup: g}, c)
+		add(ctrLabels{ctrGroup: g}, c)
 	}
+	e.mu.Lock()
+	e.ctrLabels = labels
+	e.mu.Unlock()
+	slices.SortFunc(series, func(a, b out) int { return compareLabels(a.labels, b.labels) })
+	for _, m := range series {
+		ch <- &counterMetric{desc: e.ctrPackets, labels: m.labels, value: float64(m.c.Packets)}
+	}
+	for _, m := range series {
+		ch <- &counterMetric{desc: e.ctrBytes, labels: m.labels, value: float64(m.c.Bytes)}
+	}
+}
+
+// labelPairs returns label pairs of names (sorted) and their values.
+func labelPairs(names, values []string) []*dto.LabelPair {
+	out := make([]*dto.LabelPair, len(names))
+	for i := range names {
+		out[i] = &dto.LabelPair{Name: &names[i], Value: &values[i]}
+	}
+	return out
+}
+
+// compareLabels orders label pairs of one family (same names, sorted) by
+// their values, as the registry sorts its series.
+func compareLabels(a, b []*dto.LabelPair) int {
+	for i := range a {
+		if c := strings.Compare(a[i].GetValue(), b[i].GetValue()); c != 0 {
+			return c
+		}
+	}
+	return 0
 }
 
 // pointKey identifies a per-interface series.
