@@ -61,6 +61,14 @@ import (
 // --container C` makes its containers' cgroups: PodsDir/<pod>/<C>.
 const PodsDir = "nsflow-pods"
 
+// ListerTimeout bounds one listing of the runtime's containers (a
+// snapshot that meets an unknown cgroup waits for it); after a failure the
+// runtime is not asked again for ListerBackoff.
+const (
+	ListerTimeout = 2 * time.Second
+	ListerBackoff = 30 * time.Second
+)
+
 // Name is what a cgroup id resolves to.
 type Name struct {
 	// Container is the CRI container's name, else the cgroup path's last
@@ -131,6 +139,8 @@ type Resolver struct {
 	nsRoot   string                // this cgroup namespace's root in the hierarchy ("" the same)
 	refreshs uint64
 	warned   bool
+	// listRetry: the runtime failed; not asked again before then.
+	listRetry time.Time
 }
 
 // New returns a resolver on the v2 mount (cfg.Root or found).
@@ -260,13 +270,16 @@ func (r *Resolver) refresh(ctx context.Context, missing []uint64) {
 	if len(r.names) > r.cfg.MaxEntries {
 		r.names = map[uint64]Name{}
 	}
-	if r.cfg.Lister != nil {
-		ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	if r.cfg.Lister != nil && time.Now().After(r.listRetry) {
+		// A snapshot waits for this: bounded, and a runtime that failed
+		// is not asked again for ListerBackoff (its last list is kept).
+		ctx, cancel := context.WithTimeout(ctx, ListerTimeout)
 		ctrs, err := r.cfg.Lister.ListContainers(ctx)
 		cancel()
 		if err != nil {
+			r.listRetry = time.Now().Add(ListerBackoff)
 			if !r.warned {
-				r.log.Warn("container names from the container runtime", "err", err)
+				r.log.Warn("container names from the container runtime", "err", err, "retry_in", ListerBackoff)
 				r.warned = true
 			}
 		} else {

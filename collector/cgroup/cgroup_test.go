@@ -288,3 +288,28 @@ func TestResolveInCgroupNamespace(t *testing.T) {
 		t.Errorf("child said %q, want %q", out, want)
 	}
 }
+
+type failingLister struct{ calls int }
+
+func (f *failingLister) ListContainers(context.Context) ([]Container, error) {
+	f.calls++
+	return nil, fmt.Errorf("runtime down")
+}
+
+// TestListerBackoff: a runtime that fails is not asked at every refresh.
+func TestListerBackoff(t *testing.T) {
+	testRoot(t)
+	l := &failingLister{}
+	r, err := New(Config{Lister: l, MinRefresh: time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	for i := 0; i < 5; i++ {
+		r.Resolve(context.Background(), []uint64{1 << 62})
+		time.Sleep(2 * time.Millisecond)
+	}
+	if r.Refreshes() < 2 || l.calls != 1 {
+		t.Errorf("%d refreshes asked a failing runtime %d times, want once", r.Refreshes(), l.calls)
+	}
+}
