@@ -134,7 +134,9 @@ func (c *Collector) read(limit int, keep func(*flow.Flow) bool) (*flow.Snapshot,
 	}
 	var senders *senderIndex
 	if c.cfg.Attribution || c.cfg.SocketLookup || c.cfg.Containers {
-		senders = &senderIndex{m: map[tuple][]sender{}}
+		c.mu.Lock()
+		senders = newSenderIndex(c.lastFlows / 2)
+		c.mu.Unlock()
 	}
 	flows, nflows, err := c.readFlows(limit, keep, nameOf, senders)
 	if err != nil {
@@ -315,51 +317,82 @@ func (c *Collector) SetResolver(r CgroupResolver) {
 }
 
 // tuple is a flow's addresses, ports and protocol, without its
-// observation point.
+// observation point: plain bytes, hashed fast.
 type tuple struct {
-	src, dst     netip.Addr
+	src, dst     [16]byte
 	sport, dport uint16
 	proto        flow.Protocol
 }
 
 func tupleOf(k *flow.Key) tuple {
-	return tuple{src: k.Src, dst: k.Dst, sport: k.SrcPort, dport: k.DstPort, proto: k.Protocol}
+	return tuple{src: k.Src.As16(), dst: k.Dst.As16(), sport: k.SrcPort, dport: k.DstPort, proto: k.Protocol}
 }
 
 func (t tuple) reverse() tuple {
 	return tuple{src: t.dst, dst: t.src, sport: t.dport, dport: t.sport, proto: t.proto}
 }
 
+// loopback reports whether either address is a loopback one (127/8 as an
+// IPv4-mapped address, ::1).
+func (t tuple) loopback() bool {
+	return netip.AddrFrom16(t.src).Unmap().IsLoopback() || netip.AddrFrom16(t.dst).Unmap().IsLoopback()
+}
+
 type sender struct{ ino, cgroup uint64 }
+
+// senders are the egress senders of one tuple, one per namespace: nearly
+// always one (more only for a tuple several namespaces send).
+type senders struct {
+	first sender
+	more  []sender
+}
 
 // senderIndex holds, per tuple, the sending cgroups of its egress flows,
 // by namespace.
-type senderIndex struct{ m map[tuple][]sender }
+type senderIndex struct{ m map[tuple]senders }
+
+func newSenderIndex(hint int) *senderIndex { return &senderIndex{m: make(map[tuple]senders, hint)} }
 
 func (s *senderIndex) add(k *flow.Key, cg uint64) {
 	t := tupleOf(k)
-	for _, e := range s.m[t] {
-		if e.ino == k.NetnsInode {
-			return // one per namespace: a tuple's other interfaces send the same socket's
+	e, ok := s.m[t]
+	if !ok {
+		s.m[t] = senders{first: sender{k.NetnsInode, cg}}
+		return
+	}
+	if e.first.ino == k.NetnsInode {
+		return // one per namespace: a tuple's other interfaces send the same socket's
+	}
+	for _, o := range e.more {
+		if o.ino == k.NetnsInode {
+			return
 		}
 	}
-	s.m[t] = append(s.m[t], sender{k.NetnsInode, cg})
+	e.more = append(e.more, sender{k.NetnsInode, cg})
+	s.m[t] = e
 }
 
 // find returns the sending cgroup of t: in namespace ino, else (others
 // true, and not a loopback tuple, which never leaves its namespace) in the
 // namespace of lowest inode that sent it; 0 if none.
 func (s *senderIndex) find(t tuple, ino uint64, others bool) uint64 {
-	var best sender
-	for _, e := range s.m[t] {
-		if e.ino == ino {
-			return e.cgroup
+	e, ok := s.m[t]
+	if !ok {
+		return 0
+	}
+	if e.first.ino == ino {
+		return e.first.cgroup
+	}
+	best := e.first
+	for _, o := range e.more {
+		if o.ino == ino {
+			return o.cgroup
 		}
-		if others && (best.ino == 0 || e.ino < best.ino) {
-			best = e
+		if o.ino < best.ino {
+			best = o
 		}
 	}
-	if t.src.IsLoopback() || t.dst.IsLoopback() {
+	if !others || t.loopback() {
 		return 0
 	}
 	return best.cgroup
