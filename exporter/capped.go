@@ -55,7 +55,12 @@ type cappedGroup struct {
 type cappedItem[G, E comparable] struct {
 	group G
 	value flow.Counters
-	last  map[E]flow.Counters
+	last  []entryCount[E] // the entries' counts at the last scrape (mostly one)
+}
+
+type entryCount[E comparable] struct {
+	id E
+	c  flow.Counters
 }
 
 // observation is one entry's count read from the maps.
@@ -87,8 +92,8 @@ func (c *capped[G, I, E]) entries() map[E]bool {
 	defer c.mu.Unlock()
 	out := make(map[E]bool, len(c.items))
 	for _, it := range c.items {
-		for e := range it.last {
-			out[e] = true
+		for _, e := range it.last {
+			out[e.id] = true
 		}
 	}
 	return out
@@ -119,50 +124,70 @@ func (c *capped[G, I, E]) update(totals map[G]flow.Counters, obs []observation[G
 
 	// The items read, in the order first seen (deterministic for a
 	// deterministic source), each with its entries.
-	type entry struct {
-		id E
-		c  flow.Counters
-	}
 	type read struct {
-		group   G
-		sum     flow.Counters
-		entries []entry
+		group G
+		sum   flow.Counters
+		n     int
+		one   [1]entryCount[E] // the entry, when there is one
+		more  []entryCount[E]  // the entries, when there are more
 	}
-	present := make(map[I]*read, len(obs))
+	reads := make([]read, 0, len(obs))
+	present := make(map[I]int, len(obs))
 	var order []I
 	for _, o := range obs {
 		if c.groups[o.group] == nil {
 			continue // not in the totals: nothing to add up to
 		}
-		r := present[o.item]
-		if r == nil {
-			r = &read{group: o.group}
-			present[o.item] = r
+		j, ok := present[o.item]
+		if !ok {
+			j = len(reads)
+			present[o.item] = j
 			order = append(order, o.item)
+			reads = append(reads, read{group: o.group})
 		}
+		r := &reads[j]
 		r.sum = add(r.sum, o.c)
-		r.entries = append(r.entries, entry{o.entry, o.c})
+		ec := entryCount[E]{o.entry, o.c}
+		switch r.n {
+		case 0:
+			r.one[0] = ec
+		case 1:
+			r.more = append(r.more, r.one[0], ec)
+		default:
+			r.more = append(r.more, ec)
+		}
+		r.n++
+	}
+	entries := func(r *read) []entryCount[E] {
+		if r.n == 1 {
+			return r.one[:]
+		}
+		return r.more
 	}
 
 	// Placed items: add their entries' increments; gone ones lose their
 	// series.
 	sums := map[G]flow.Counters{}
 	for id, it := range c.items {
-		r := present[id]
-		if r == nil || r.group != it.group {
+		j, ok := present[id]
+		if !ok || reads[j].group != it.group {
 			delete(c.items, id)
 			continue
 		}
-		last := make(map[E]flow.Counters, len(r.entries))
-		for _, e := range r.entries {
+		es := entries(&reads[j])
+		for _, e := range es {
 			inc := e.c
-			if p, ok := it.last[e.id]; ok && e.c.Packets >= p.Packets && e.c.Bytes >= p.Bytes {
-				inc = sub(e.c, p)
+			for _, p := range it.last {
+				if p.id == e.id {
+					if e.c.Packets >= p.c.Packets && e.c.Bytes >= p.c.Bytes {
+						inc = sub(e.c, p.c)
+					}
+					break
+				}
 			}
 			it.value = add(it.value, inc)
-			last[e.id] = e.c
 		}
-		it.last = last
+		it.last = append(it.last[:0], es...)
 		sums[it.group] = add(sums[it.group], it.value)
 	}
 
@@ -185,14 +210,11 @@ func (c *capped[G, I, E]) update(totals map[G]flow.Counters, obs []observation[G
 	}
 	if free > 0 && free < len(cands) {
 		// By bytes, equal ones in the order read, as flow.Top keeps them.
-		slices.SortStableFunc(cands, func(a, b I) int { return cmpDesc(present[a].sum.Bytes, present[b].sum.Bytes) })
+		slices.SortStableFunc(cands, func(a, b I) int { return cmpDesc(reads[present[a]].sum.Bytes, reads[present[b]].sum.Bytes) })
 	}
 	for _, id := range cands[:free] {
-		r := present[id]
-		it := &cappedItem[G, E]{group: r.group, last: make(map[E]flow.Counters, len(r.entries))}
-		for _, e := range r.entries {
-			it.last[e.id] = e.c
-		}
+		r := &reads[present[id]]
+		it := &cappedItem[G, E]{group: r.group, last: append([]entryCount[E](nil), entries(r)...)}
 		if s := slack[r.group]; r.sum.Packets <= s.Packets && r.sum.Bytes <= s.Bytes {
 			it.value = r.sum
 			slack[r.group] = sub(s, r.sum)
