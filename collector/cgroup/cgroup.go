@@ -244,11 +244,12 @@ func (r *Resolver) Resolve(ctx context.Context, ids []uint64) map[uint64]Name {
 	if time.Since(r.last) < r.cfg.MinRefresh {
 		// Not yet: what the last refresh could not name stays unnamed
 		// until the next one; a new id's path is still worth a handle
-		// lookup (one syscall).
+		// lookup (one syscall), and what it names final is cached.
 		for _, id := range missing {
 			if !r.misses[id] {
 				if n, ok := r.byHandle(id); ok {
 					out[id] = n
+					r.names[id] = n
 				}
 			}
 		}
