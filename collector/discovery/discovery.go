@@ -311,7 +311,28 @@ func (d *Discovery) procEvent(ev netlink.ProcEvent) {
 		_, known := d.known[ino]
 		known = known || d.userns[ino]
 		d.mu.Unlock()
-		if !known {
+		if known {
+			return
+		}
+		if d.cfg.UserNamespaces || !d.sc.selected("pid:"+strconv.Itoa(pid)) {
+			d.trigger()
+			return
+		}
+		// A namespace of another user namespace is skipped here, without
+		// a rescan: a flood of `unshare -Urn` costs one ioctl each, not a
+		// scan of /proc each. (Bind-mounted since, it is found named by
+		// the rescan its inotify event asks for, and observed.)
+		sk, skip := d.sc.checkOwner(&Found{Inode: ino, Pids: []int{pid}})
+		switch {
+		case skip && sk.Reason == SkipUserns:
+			d.mu.Lock()
+			d.skips.record(sk, d.scans, d.log)
+			d.userns[ino] = true
+			d.pids[pid] = ino
+			d.mu.Unlock()
+		case skip && sk.Reason == "":
+			// Gone already.
+		default:
 			d.trigger()
 		}
 	case *netlink.ExitProcEvent:

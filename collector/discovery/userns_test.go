@@ -14,6 +14,7 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/nsflow/nsflow/test/testenv"
@@ -105,6 +106,59 @@ func TestUsernsSkipped(t *testing.T) {
 	}
 	if n := d.Skipped()[SkipUserns]; n != 0 {
 		t.Errorf("with UserNamespaces: %d skipped for their user namespace", n)
+	}
+}
+
+// A process's exec in a namespace of another user namespace is counted at
+// once, without a rescan (a flood of them costs no scans), and the next
+// scan does not count it again; an exec in a new namespace of the initial
+// user namespace asks for a rescan, as does one in a namespace not
+// selected by name.
+func TestUsernsExecNoRescan(t *testing.T) {
+	f := newFakeProc(t)
+	f.process(30, "1001", "5030", 0, "init-owned")
+	d, err := New(&fakeObserver{adds: map[uint64]int{}}, Config{Proc: true, ProcDir: f.proc, NetnsDirs: []string{f.netnsDir},
+		Exclude: regexp.MustCompile(`^pid:42$`)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.fake(d.sc)
+	d.reconcile()
+	exec := func(pid int) (rescan bool) {
+		d.procEvent(netlink.ProcEvent{Msg: &netlink.ExecProcEvent{ProcessPid: uint32(pid), ProcessTgid: uint32(pid)}})
+		select {
+		case <-d.kick:
+			return true
+		default:
+			return false
+		}
+	}
+	f.process(40, "1002", "5040", 65534, "sleep")
+	f.owned(40, "7001")
+	if exec(40) {
+		t.Error("an exec in another user namespace's namespace asked for a rescan")
+	}
+	if n := d.Skipped()[SkipUserns]; n != 1 {
+		t.Errorf("skipped for their user namespace: %d, want 1", n)
+	}
+	if exec(40) {
+		t.Error("a second exec in the skipped namespace asked for a rescan")
+	}
+	d.reconcile()
+	if n := d.Skipped()[SkipUserns]; n != 1 {
+		t.Errorf("after a rescan: %d skipped for their user namespace, want 1 (counted once)", n)
+	}
+	f.process(41, "1003", "5041", 0, "root")
+	if !exec(41) {
+		t.Error("an exec in a new namespace of the initial user namespace asked for no rescan")
+	}
+	f.process(42, "1004", "5042", 65534, "sleep")
+	f.owned(42, "7002")
+	if !exec(42) {
+		t.Error("an exec in a namespace not selected by name: no rescan (the rescan decides)")
+	}
+	if n := d.Skipped()[SkipUserns]; n != 1 {
+		t.Errorf("the unselected namespace counted: %d skipped, want 1", n)
 	}
 }
 

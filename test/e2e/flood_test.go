@@ -62,7 +62,10 @@ func testFlood(t *testing.T, userns bool, name, subnet string) {
 	if userns {
 		args = append(args, "--netns.userns")
 	}
+	begin := time.Now()
+	phase := func(what string) { t.Logf("%6.2fs %s", time.Since(begin).Seconds(), what) }
 	srv := startServe(t, "http", args...)
+	phase("serve ready")
 	pr := startProber(t, srv)
 	veth := watchLinkAppears(t, podns.HostVethName(name))
 
@@ -129,8 +132,10 @@ func testFlood(t *testing.T, userns bool, name, subnet string) {
 		}
 	}
 
+	phase("pod's counts checked")
 	// The flood, all of it: each process in a namespace of its own.
 	flood := fl.namespaces(t)
+	phase("flood running")
 	s, _ := srv.scrape(t)
 	if !userns {
 		// Every flood namespace skipped, logged once (its inode), none
@@ -198,6 +203,7 @@ func testFlood(t *testing.T, userns bool, name, subnet string) {
 		}
 	}
 
+	phase("flood checked")
 	// Nothing logged against the pod; every scrape and health check 200.
 	for _, l := range strings.Split(srv.logText(), "\n") {
 		if (strings.Contains(l, "level=WARN") || strings.Contains(l, "level=ERROR")) && strings.Contains(l, name) {
