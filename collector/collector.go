@@ -6,7 +6,6 @@
 package collector
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -86,8 +85,9 @@ type Collector struct {
 	cfg  Config
 
 	mu           sync.Mutex
-	mode         attach.Mode // resolved: ModeTCX or ModeClsact
-	att          attach.Attacher
+	noTCX        bool // under ModeAuto: an attach found the kernel without TCX
+	tcx, clsact  attach.Attacher
+	hostNl       *netlink.Handle // in the host namespace: nsids of the others
 	namespaces   map[uint64]*namespace
 	hostIno      uint64 // the namespace nsflow runs in (HostVeths)
 	closed       bool
@@ -107,6 +107,15 @@ type Collector struct {
 	orphans map[bpf.NsflowObsKey]time.Time
 	// resolver names cgroup ids in snapshots (SetResolver); nil: none.
 	resolver CgroupResolver
+
+	// Attach work (queue.go).
+	queue         queue
+	work          *sync.Cond // a namespace queued, or Close
+	nsDone        *sync.Cond // a worker finished a namespace's batch
+	active        int        // namespaces queued or being worked on
+	idle          chan struct{}
+	slotsInFlight int // slots taken by attaches in progress
+	workersDone   sync.WaitGroup
 }
 
 // PodGeneration returns a number that grows whenever Add registers a
@@ -159,6 +168,26 @@ type namespace struct {
 	seq    uint64        // registration order (Collector.adds)
 	pod    *flow.PodInfo // last known; nil until the runtime names it
 	nsid   int           // the host's nsid for it; -1 until known (hostveth.go)
+	class  Class
+	mode   attach.Mode // Config.Mode.For this namespace (modeOf)
+
+	// Attach work (queue.go), guarded by Collector.mu.
+	pending       []work
+	resync        bool // a full listing is due (the first pass, events lost)
+	queued        bool
+	urgent        bool
+	busy          bool // a worker works on it
+	users         int  // workers and lookups using its handles
+	leaving       bool // being removed: its host ends are observed again
+	inflight      int  // attaches in progress (the interface cap)
+	first         chan struct{}
+	settled       chan struct{} // nil, or closed once the host placed its ends after the first pass
+	firstDone     bool
+	firstErr      error
+	refusedLogged bool
+	// The host's ends whose peer's namespace has attach work under way:
+	// placed once it is done, rather than attached and left out again.
+	waiting map[int]waitingEnd
 }
 
 type iface struct {
@@ -176,6 +205,7 @@ type iface struct {
 	peer                string // the peer, as netns/interface, while left out
 	skipped             time.Time
 	forgotten           bool
+	refusedFor          string // StateRefused: its reason
 }
 
 // New loads the BPF programs and maps; nothing is attached yet.
@@ -240,21 +270,22 @@ func New(cfg Config) (*Collector, error) {
 		refused:      map[string]uint64{},
 		orphans:      map[bpf.NsflowObsKey]time.Time{},
 	}
-	c.setMode(cfg.Mode)
+	c.tcx, c.clsact = attach.NewTCX(pins), attach.NewClsact(owner)
 	if self, err := netns.Get(); err == nil {
 		c.hostIno, _ = inode(self)
+		if c.hostNl, err = netlink.NewHandleAt(self, unix.NETLINK_ROUTE); err != nil {
+			c.hostNl = nil
+		}
 		self.Close()
 	}
-	return c, nil
-}
-
-func (c *Collector) setMode(m attach.Mode) {
-	c.mode = m
-	if m == attach.ModeClsact {
-		c.att = attach.NewClsact(c.owner)
-	} else {
-		c.att = attach.NewTCX(c.pins)
+	c.work, c.nsDone = sync.NewCond(&c.mu), sync.NewCond(&c.mu)
+	c.idle = make(chan struct{})
+	close(c.idle)
+	for range workers {
+		c.workersDone.Add(1)
+		go c.worker()
 	}
+	return c, nil
 }
 
 // DropStalePins releases the pinned links of a previous process that no
@@ -289,113 +320,196 @@ func (c *Collector) DropStalePins() int {
 	return n
 }
 
-// Mode returns the attach mechanism in use. Under ModeAuto it is ModeTCX
-// until an attach finds the kernel without TCX, then ModeClsact.
-func (c *Collector) Mode() attach.Mode {
+// Mode returns the attach mechanism in use in the namespaces other than
+// the host's (ModeFor).
+func (c *Collector) Mode() attach.Mode { return c.ModeFor(false) }
+
+// ModeFor returns the attach mechanism in use in the host's namespace
+// (host) or the others: Config.Mode.For(host), ModeClsact instead of
+// ModeTCX once an attach found the kernel without TCX under ModeAuto.
+func (c *Collector) ModeFor(host bool) attach.Mode {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.mode == attach.ModeAuto {
-		return attach.ModeTCX
-	}
-	return c.mode
+	return c.modeOfLocked(&namespace{mode: c.cfg.Mode.For(host)})
 }
 
-// AddAsync registers the namespace t refers to and queues its attach work
-// by t.Class; it returns its inode at once (WaitIdle waits for the work).
+// AddAsync starts observing the namespace t refers to: it registers it and
+// queues its attach work by t.Class (every interface in it now, and every
+// interface that appears later), and returns its inode at once; WaitIdle
+// waits for the work. Observing a namespace twice (under two names or
+// paths) is a no-op, except that the lower of the two classes is kept.
 func (c *Collector) AddAsync(t Target) (uint64, error) {
-	return c.Add(t) // TODO(H1): queued work
+	ns, _, err := c.register(t)
+	if err != nil {
+		return 0, err
+	}
+	return ns.inode, nil
 }
 
-// WaitIdle returns once no attach work is queued or running, or ctx is
-// done (its error then).
-func (c *Collector) WaitIdle(ctx context.Context) error {
-	return ctx.Err()
-}
-
-// Add starts observing the namespace t refers to: every interface in it now,
-// and every interface that appears later. Observing a namespace twice (under
-// two names or paths) is a no-op. It returns the namespace inode. An error
-// for one interface does not stop the others; all such errors are returned.
+// Add is AddAsync, then waits until the namespace's first attach pass is
+// done: it returns the namespace inode, and the errors of that pass (an
+// error for one interface does not stop the others; all are returned).
 func (c *Collector) Add(t Target) (uint64, error) {
+	ns, created, err := c.register(t)
+	if err != nil {
+		return 0, err
+	}
+	<-ns.first
+	c.mu.Lock()
+	settled := ns.settled
+	c.mu.Unlock()
+	if settled != nil {
+		<-settled // the host's ends of its interfaces placed
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !created {
+		return ns.inode, nil // the Add that registered it reports its errors
+	}
+	return ns.inode, ns.firstErr
+}
+
+// register opens the namespace t refers to (outside the lock: the handle,
+// its cookie, a netlink handle in it, its link events subscribed before
+// anything is listed) and registers it, or returns the one registered
+// under its inode.
+func (c *Collector) register(t Target) (*namespace, bool, error) {
 	h, err := netns.GetFromPath(t.Path)
 	if err != nil {
 		if errors.Is(err, unix.ENOENT) {
-			return 0, fmt.Errorf("netns %s: %w", t.Name, ErrNamespaceNotFound)
+			return nil, false, fmt.Errorf("netns %s: %w", t.Name, ErrNamespaceNotFound)
 		}
-		return 0, fmt.Errorf("open netns %s: %w", t.Name, err)
+		return nil, false, fmt.Errorf("open netns %s: %w", t.Name, err)
 	}
 	ino, err := inode(h)
 	if err != nil {
 		h.Close()
-		return 0, fmt.Errorf("stat netns %s: %w", t.Name, err)
+		return nil, false, fmt.Errorf("stat netns %s: %w", t.Name, err)
+	}
+	if ns := c.registered(ino, t.Class); ns != nil {
+		h.Close()
+		return ns, false, nil
 	}
 	cookie, err := netnsCookie(h)
 	if err != nil {
 		h.Close()
-		return 0, fmt.Errorf("netns %s: %w", t.Name, err)
+		return nil, false, fmt.Errorf("netns %s: %w", t.Name, err)
+	}
+	nl, err := netlink.NewHandleAt(h, unix.NETLINK_ROUTE)
+	if err != nil {
+		h.Close()
+		return nil, false, fmt.Errorf("netlink in netns %s: %w", t.Name, err)
+	}
+	// Subscribe before listing, so that no interface added in between is missed.
+	w, err := linkwatch.Open(h)
+	if err != nil {
+		nl.Close()
+		h.Close()
+		return nil, false, fmt.Errorf("subscribe to link events in netns %s: %w", t.Name, err)
+	}
+	nsid := -1
+	if c.hostNl != nil && ino != c.hostIno {
+		if id, err := c.hostNl.GetNetNsIdByFd(int(h)); err == nil && id >= 0 {
+			nsid = id
+		}
+	}
+	drop := func() {
+		w.Close()
+		nl.Close()
+		h.Close()
 	}
 
 	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.closed {
-		h.Close()
-		return 0, errors.New("collector closed")
-	}
-	if ns, ok := c.namespaces[ino]; ok {
-		if ns.gone.IsZero() {
-			h.Close()
-			return ino, nil
+	for {
+		if c.closed {
+			c.mu.Unlock()
+			drop()
+			return nil, false, errors.New("collector closed")
+		}
+		old, ok := c.namespaces[ino]
+		if !ok {
+			break
+		}
+		if old.gone.IsZero() {
+			// Registered meanwhile (a concurrent Add of the same inode).
+			c.upgradeLocked(old, t.Class)
+			c.mu.Unlock()
+			drop()
+			return old, false, nil
 		}
 		// The kernel reused the inode of a namespace removed earlier: its
 		// counters must not carry over into the new one.
 		delete(c.namespaces, ino)
 		c.mu.Unlock()
 		err := c.forget(func(netns, _ uint32) bool { return netns == uint32(ino) })
-		c.mu.Lock()
 		if err != nil {
 			c.log.Warn("forget reused namespace inode", "inode", ino, "err", err)
 		}
-	}
-	c.releaseOtherNamespacesLocked(ino, cookie)
-	nl, err := netlink.NewHandleAt(h, unix.NETLINK_ROUTE)
-	if err != nil {
-		h.Close()
-		return 0, fmt.Errorf("netlink in netns %s: %w", t.Name, err)
+		c.mu.Lock() // and check again: another Add may have registered it
 	}
 	c.adds++
+	host := ino == c.hostIno
 	ns := &namespace{
-		name: t.Name, path: t.Path, inode: ino, cookie: cookie, handle: h, nl: nl, seq: c.adds, nsid: -1,
-		ifaces: map[int]*iface{}, stop: make(chan struct{}), done: make(chan struct{}),
-	}
-	// Subscribe before listing, so that no interface added in between is missed.
-	if ns.watch, err = linkwatch.Open(h); err != nil {
-		nl.Close()
-		h.Close()
-		return 0, fmt.Errorf("subscribe to link events in netns %s: %w", t.Name, err)
+		name: t.Name, path: t.Path, inode: ino, cookie: cookie, handle: h, nl: nl, watch: w, seq: c.adds, nsid: nsid,
+		ifaces: map[int]*iface{}, stop: make(chan struct{}), done: make(chan struct{}), first: make(chan struct{}),
+		class: t.Class, mode: c.cfg.Mode.For(host), resync: true, waiting: map[int]waitingEnd{},
 	}
 	c.namespaces[ino] = ns
+	c.scheduleLocked(ns, false)
+	onAdd := c.onAdd
+	c.mu.Unlock()
 	go c.follow(ns)
-
-	links, errs := c.resyncLocked(ns)
-	c.log.Info("observing netns", "netns", t.Name, "inode", ino, "interfaces", links, "mode", c.mode)
-	if c.onAdd != nil {
-		go c.onAdd()
+	if onAdd != nil {
+		go onAdd()
 	}
-	return ino, errs
+	return ns, true, nil
 }
 
-// resyncLocked attaches to every interface of ns not yet attached and
-// releases those that are gone. It returns the number of interfaces.
-func (c *Collector) resyncLocked(ns *namespace) (int, error) {
+// registered returns the live namespace of that inode, if any, keeping the
+// lower of its class and class.
+func (c *Collector) registered(ino uint64, class Class) *namespace {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	ns := c.namespaces[ino]
+	if ns == nil || !ns.gone.IsZero() {
+		return nil
+	}
+	c.upgradeLocked(ns, class)
+	return ns
+}
+
+// upgradeLocked moves ns to a lower (earlier) class, e.g. a process's
+// namespace that got bind-mounted, or that the runtime knows.
+func (c *Collector) upgradeLocked(ns *namespace, class Class) {
+	if class >= ns.class {
+		return
+	}
+	ns.class = class
+	if ns.queued && !ns.urgent {
+		c.queue.remove(ns)
+		c.queue.push(ns, false)
+	}
+}
+
+// resync attaches to every interface of ns not yet attached and releases
+// those that are gone (first: the namespace's first pass). It returns the
+// number of interfaces and whether any was attached.
+func (c *Collector) resync(ns *namespace, first bool) (int, bool, error) {
+	if first {
+		c.releaseOtherNamespaces(ns.inode, ns.cookie)
+	}
 	links, err := linkwatch.List(ns.nl)
 	if err != nil {
-		return 0, fmt.Errorf("list interfaces in netns %s: %w", ns.name, err)
+		return 0, false, fmt.Errorf("list interfaces in netns %s: %w", ns.name, err)
 	}
 	var errs []error
+	attached := false
 	present := map[int]bool{}
 	for _, l := range links {
 		present[l.Attrs().Index] = true
-		if err := c.placeLocked(ns, l); err != nil {
+		a, err := c.place(ns, l)
+		attached = attached || a
+		if err != nil {
 			if vanished(ns.nl, l.Attrs().Index) {
 				// Deleted between the listing and the attach (pods come
 				// and go): its RTM_DELLINK marks it gone; not an error.
@@ -405,13 +519,23 @@ func (c *Collector) resyncLocked(ns *namespace) (int, error) {
 			errs = append(errs, err)
 		}
 	}
+	var gone []int
+	c.mu.Lock()
 	for idx, i := range ns.ifaces {
 		if !present[idx] && i.gone.IsZero() {
-			c.detachLocked(ns, idx, "interface gone")
-			i.gone = time.Now()
+			gone = append(gone, idx)
 		}
 	}
-	return len(links), errors.Join(errs...)
+	for idx := range ns.waiting {
+		if !present[idx] {
+			delete(ns.waiting, idx)
+		}
+	}
+	c.mu.Unlock()
+	for _, idx := range gone {
+		c.detach(ns, idx, "interface gone", true)
+	}
+	return len(links), attached, errors.Join(errs...)
 }
 
 // vanished reports whether the interface of that index no longer exists.
@@ -421,9 +545,9 @@ func vanished(nl *netlink.Handle, index int) bool {
 	return errors.As(err, &nf)
 }
 
-// follow applies the link events of one namespace until it is removed. If
+// follow queues the link events of one namespace until it is removed. If
 // the subscription fails (events lost to a full socket buffer), it
-// subscribes again and resynchronizes from a full listing.
+// subscribes again and queues a resynchronization from a full listing.
 func (c *Collector) follow(ns *namespace) {
 	defer close(ns.done)
 	c.mu.Lock()
@@ -431,7 +555,11 @@ func (c *Collector) follow(ns *namespace) {
 	c.mu.Unlock()
 	backoff := 10 * time.Millisecond
 	for {
-		err := w.Run(func(u netlink.LinkUpdate) { c.apply(ns, u) })
+		err := w.Run(func(u netlink.LinkUpdate) {
+			c.mu.Lock()
+			c.pushLocked(ns, work{kind: workLink, u: u})
+			c.mu.Unlock()
+		})
 		select {
 		case <-ns.stop:
 			return
@@ -459,118 +587,248 @@ func (c *Collector) follow(ns *namespace) {
 			return
 		}
 		ns.watch = w
-		if _, err := c.resyncLocked(ns); err != nil {
-			c.log.Warn("resync", "netns", ns.name, "err", err)
-		}
+		ns.resync = true
+		c.scheduleLocked(ns, false)
 		c.mu.Unlock()
 	}
 }
 
-func (c *Collector) apply(ns *namespace, u netlink.LinkUpdate) {
+// applyLink applies one link event of ns; it reports whether an interface
+// was attached.
+func (c *Collector) applyLink(ns *namespace, u netlink.LinkUpdate) bool {
 	a := u.Link.Attrs()
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if !ns.gone.IsZero() {
-		return // drain until the subscription closes the channel
-	}
 	switch u.Header.Type {
 	case unix.RTM_NEWLINK:
-		if err := c.placeLocked(ns, u.Link); err != nil {
+		attached, err := c.place(ns, u.Link)
+		if err != nil {
 			if errors.Is(err, unix.EEXIST) {
 				// An interface moved in from another observed namespace
 				// still carries the links attached there until that
 				// namespace's DELLINK is handled: try again shortly.
-				go c.retryAttach(ns, a.Index, a.Name)
-				return
+				c.retryLater(ns, work{kind: workRetry, index: a.Index, name: a.Name, try: 0})
+				return attached
 			}
 			c.log.Warn("attach", "err", err)
 		}
+		return attached
 	case unix.RTM_DELLINK:
-		c.detachLocked(ns, a.Index, "interface removed")
-		if i, ok := ns.ifaces[a.Index]; ok {
-			i.gone = time.Now()
-		}
-		c.linkGoneLocked(ns, u.Link)
+		c.detach(ns, a.Index, "interface removed", true)
+		c.linkGone(ns, u.Link)
 	}
+	return false
 }
 
-// retryAttach retries a failed attach a few times, with backoff.
-func (c *Collector) retryAttach(ns *namespace, index int, name string) {
-	delay := 5 * time.Millisecond
-	var err error
-	for try := 0; try < 8; try++ {
-		time.Sleep(delay)
-		delay *= 2
+// retryLater queues w on ns after a delay that doubles with each try.
+func (c *Collector) retryLater(ns *namespace, w work) {
+	time.AfterFunc(retryDelay<<w.try, func() {
 		c.mu.Lock()
-		if !ns.gone.IsZero() || c.closed {
-			c.mu.Unlock()
-			return
+		defer c.mu.Unlock()
+		c.pushLocked(ns, w)
+	})
+}
+
+// retry attaches again an interface that failed with EEXIST, unless it
+// was attached meanwhile or is gone; it reports whether it attached.
+func (c *Collector) retry(ns *namespace, w work) bool {
+	c.mu.Lock()
+	i, ok := ns.ifaces[w.index]
+	still := ok && i.state == flow.StateFailed && i.name == w.name && i.gone.IsZero()
+	c.mu.Unlock()
+	if !still {
+		return false
+	}
+	attached, err := c.attach(ns, w.index, w.name, nil)
+	if err == nil {
+		if ns.inode == c.hostIno {
+			c.replace(ns, w.index) // moved into the host: its peer may count it
 		}
-		i, ok := ns.ifaces[index]
-		if !ok || i.state != flow.StateFailed || i.name != name {
-			c.mu.Unlock()
-			return // attached meanwhile, or gone
-		}
-		err = c.attachLocked(ns, index, name)
-		if err == nil {
-			if ns.inode == c.hostIno {
-				c.replaceLocked(ns, index) // moved into the host: its peer may count it
-			} else {
-				c.peerAttachedLocked(ns, index)
-			}
-		}
-		c.mu.Unlock()
-		if err == nil {
-			return
-		}
+		return attached
+	}
+	if w.try+1 < 8 {
+		w.try++
+		c.retryLater(ns, w)
+		return false
 	}
 	c.log.Warn("attach", "err", err)
+	return false
 }
 
-// attachLocked attaches to one interface unless already attached; a renamed
-// interface keeps its attachment under the new name.
-func (c *Collector) attachLocked(ns *namespace, index int, name string) error {
+// modeOf returns the attach mechanism of ns: Config.Mode for its kind of
+// namespace (attach.Mode.For), clsact once TCX proved missing under auto.
+func (c *Collector) modeOf(ns *namespace) attach.Mode {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.modeOfLocked(ns)
+}
+
+func (c *Collector) modeOfLocked(ns *namespace) attach.Mode {
+	if ns.mode == attach.ModeTCX && c.cfg.Mode == attach.ModeAuto && c.noTCX {
+		return attach.ModeClsact
+	}
+	return ns.mode
+}
+
+func (c *Collector) attacher(m attach.Mode) attach.Attacher {
+	if m == attach.ModeClsact {
+		return c.clsact
+	}
+	return c.tcx
+}
+
+// maxInterfaces is the cap of attached interfaces per namespace.
+func (c *Collector) maxInterfaces() int {
+	if c.cfg.MaxInterfaces > 0 {
+		return c.cfg.MaxInterfaces
+	}
+	return DefaultMaxInterfaces
+}
+
+// reservedPoints is how many slots only named and host namespaces take.
+func (c *Collector) reservedPoints() int {
+	switch r := c.cfg.ReservedPoints; {
+	case r < 0:
+		return 0
+	case r > 0:
+		return r
+	}
+	return int(c.objs.Totals.MaxEntries()) / 8
+}
+
+// refuseLocked marks an interface refused (reason: RefusedReasons), counted
+// once per interface, logged once per namespace.
+func (c *Collector) refuseLocked(ns *namespace, index int, name, reason string) {
+	if i := ns.ifaces[index]; i != nil && i.state == flow.StateRefused && i.gone.IsZero() {
+		i.name = name
+		return
+	}
+	ns.ifaces[index] = &iface{index: index, name: name, state: flow.StateRefused, refusedFor: reason}
+	c.refused[reason]++
+	if !ns.refusedLogged {
+		ns.refusedLogged = true
+		switch reason {
+		case "interfaces":
+			c.log.Warn("interfaces over the per-namespace cap are not observed (counted in nsflow_attach_refused_total; logged once per namespace)",
+				"netns", ns.name, "max_interfaces", c.maxInterfaces(), "first_refused", name)
+		default:
+			c.log.Warn("totals slots reserved for named namespaces: a process namespace's interfaces are not observed (counted in nsflow_attach_refused_total; logged once per namespace)",
+				"netns", ns.name, "reserved", c.reservedPoints(), "first_refused", name)
+		}
+	}
+}
+
+// attach attaches to one interface unless already attached (a renamed
+// interface keeps its attachment under the new name), or refuses it (the
+// interface cap, the slot reserve). l is the interface if known (for its
+// link layer). It reports whether it attached.
+func (c *Collector) attach(ns *namespace, index int, name string, l netlink.Link) (bool, error) {
+	c.mu.Lock()
+	if !ns.gone.IsZero() || c.closed {
+		c.mu.Unlock()
+		return false, nil
+	}
 	if i, ok := ns.ifaces[index]; ok && i.state == flow.StateAttached {
 		i.name = name
-		return nil
+		c.mu.Unlock()
+		return false, nil
 	}
+	if ns.inode != c.hostIno {
+		n := ns.inflight
+		for _, i := range ns.ifaces {
+			if i.state == flow.StateAttached && i.gone.IsZero() {
+				n++
+			}
+		}
+		if n >= c.maxInterfaces() {
+			c.refuseLocked(ns, index, name, "interfaces")
+			c.mu.Unlock()
+			return false, nil
+		}
+	}
+	// New slots this attach takes (a point that had one keeps it).
+	need := 0
+	if ns.class == ClassProcess || c.reservedPoints() > 0 {
+		slots := c.objs.Slots()
+		for _, dir := range []bpf.Direction{bpf.RX, bpf.TX} {
+			if _, ok := slots[bpf.NsflowObsKey{Netns: uint32(ns.inode), Ifindex: uint32(index), Dir: uint8(dir)}]; !ok {
+				need++
+			}
+		}
+		free := int(c.objs.Totals.MaxEntries()) - len(slots) - c.slotsInFlight
+		if ns.class == ClassProcess && need > 0 && free-need < c.reservedPoints() {
+			c.refuseLocked(ns, index, name, "reserve")
+			c.mu.Unlock()
+			return false, nil
+		}
+	}
+	c.slotsInFlight += need
+	ns.inflight++
+	mode := c.modeOfLocked(ns)
+	c.mu.Unlock()
+
 	// What the interface's frames start with (an Ethernet header or the
 	// network header): the stubs hand it to the parser.
 	link := bpf.LinkEther
-	if l, lerr := ns.nl.LinkByIndex(index); lerr == nil {
+	if l == nil {
+		l, _ = ns.nl.LinkByIndex(index)
+	}
+	if l != nil {
 		link = bpf.LinkOf(l.Attrs().EncapType)
 	}
-	progs, ids, err := c.stubsLocked(ns.inode, ns.cookie, index, link)
+	progs, ids, keys, err := c.stubs(ns.inode, ns.cookie, index, link)
 	var att attach.Attachment
 	if err == nil {
-		att, err = c.att.Attach(ns.handle, ns.nl, ns.cookie, index, progs)
-		if err != nil && c.mode == attach.ModeAuto && errors.Is(err, ebpf.ErrNotSupported) {
-			c.log.Info("kernel without TCX: falling back to clsact + cls_bpf")
-			c.setMode(attach.ModeClsact)
-			att, err = c.att.Attach(ns.handle, ns.nl, ns.cookie, index, progs)
+		att, err = c.attacher(mode).Attach(ns.handle, ns.nl, ns.cookie, index, progs)
+		if err != nil && mode == attach.ModeTCX && c.cfg.Mode == attach.ModeAuto && errors.Is(err, ebpf.ErrNotSupported) {
+			c.mu.Lock()
+			if !c.noTCX {
+				c.log.Info("kernel without TCX: falling back to clsact + cls_bpf")
+				c.noTCX = true
+			}
+			c.mu.Unlock()
+			att, err = c.attacher(attach.ModeClsact).Attach(ns.handle, ns.nl, ns.cookie, index, progs)
 		}
 		// Attached, the kernel holds the stubs; this process needs no fd.
 		progs.Ingress.Close()
 		progs.Egress.Close()
+	}
+
+	c.mu.Lock()
+	c.slotsInFlight -= need
+	ns.inflight--
+	for _, k := range keys {
+		delete(c.orphans, k) // claimed again
+	}
+	if !ns.gone.IsZero() || c.closed {
+		// Removed meanwhile: what was just attached goes again.
+		c.mu.Unlock()
+		if att != nil {
+			if cerr := att.Close(); cerr != nil {
+				c.log.Warn("detach", "netns", ns.name, "interface", name, "err", cerr)
+			}
+		}
+		return false, nil
 	}
 	i := &iface{index: index, name: name, state: flow.StateAttached, att: att, progIDs: ids}
 	if err != nil {
 		i.state, i.err, i.att, i.progIDs = flow.StateFailed, err, nil, nil
 		c.attachErrors[errorReason(err)]++
 		ns.ifaces[index] = i
-		return fmt.Errorf("attach to %s in netns %s: %w", name, ns.name, err)
+		c.mu.Unlock()
+		return false, fmt.Errorf("attach to %s in netns %s: %w", name, ns.name, err)
 	}
 	ns.ifaces[index] = i
+	c.mu.Unlock()
 	c.log.Debug("attached", "netns", ns.name, "interface", name, "ifindex", index)
-	return nil
+	return true, nil
 }
 
-// stubsLocked loads the stubs for the two hooks of one interface, each
-// counting into its own observation point's slot of totals (a pinned one
-// only when recorded for the same namespace: cookie).
-func (c *Collector) stubsLocked(inode, cookie uint64, index int, link bpf.Link) (attach.Programs, []ebpf.ProgramID, error) {
+// stubs loads the stubs for the two hooks of one interface, each counting
+// into its own observation point's slot of totals (a pinned one only when
+// recorded for the same namespace: cookie).
+func (c *Collector) stubs(inode, cookie uint64, index int, link bpf.Link) (attach.Programs, []ebpf.ProgramID, []bpf.NsflowObsKey, error) {
 	var progs [2]*ebpf.Program
 	var ids []ebpf.ProgramID
+	var keys []bpf.NsflowObsKey
 	for _, dir := range []bpf.Direction{bpf.RX, bpf.TX} {
 		key := bpf.NsflowObsKey{Netns: uint32(inode), Ifindex: uint32(index), Dir: uint8(dir)}
 		p, err := c.objs.StubFor(bpf.Hook{Point: key, Cookie: cookie, Link: link})
@@ -578,9 +836,9 @@ func (c *Collector) stubsLocked(inode, cookie uint64, index int, link bpf.Link) 
 			if progs[bpf.RX] != nil {
 				progs[bpf.RX].Close()
 			}
-			return attach.Programs{}, nil, err
+			return attach.Programs{}, nil, keys, err
 		}
-		delete(c.orphans, key) // claimed again
+		keys = append(keys, key)
 		progs[dir] = p
 		if info, err := p.Info(); err == nil {
 			if id, ok := info.ID(); ok {
@@ -588,25 +846,64 @@ func (c *Collector) stubsLocked(inode, cookie uint64, index int, link bpf.Link) 
 			}
 		}
 	}
-	return attach.Programs{Ingress: progs[bpf.RX], Egress: progs[bpf.TX]}, ids, nil
+	return attach.Programs{Ingress: progs[bpf.RX], Egress: progs[bpf.TX]}, ids, keys, nil
 }
 
-func (c *Collector) detachLocked(ns *namespace, index int, why string) {
+// detach takes the programs off one interface of ns (outside the lock);
+// gone marks the interface removed.
+func (c *Collector) detach(ns *namespace, index int, why string, gone bool) {
+	c.mu.Lock()
+	if gone {
+		delete(ns.waiting, index)
+	}
 	i, ok := ns.ifaces[index]
 	if !ok {
+		c.mu.Unlock()
 		return
 	}
-	if i.att != nil {
-		if err := i.att.Close(); err != nil {
-			c.log.Warn("detach", "netns", ns.name, "interface", i.name, "err", err)
+	att := c.takeLocked(i)
+	if gone && i.gone.IsZero() {
+		i.gone = time.Now()
+		if c.refusedIn(ns) {
+			// A place under the cap may be free: the refused ones are
+			// tried again from a listing.
+			ns.resync = true
+			c.scheduleLocked(ns, false)
 		}
-		i.att = nil
 	}
-	i.progIDs = nil
+	c.mu.Unlock()
+	c.closeAttachment(ns, i.name, att)
+	c.log.Debug("detached", "netns", ns.name, "interface", i.name, "reason", why)
+}
+
+// refusedIn reports whether ns has interfaces refused for its cap.
+func (c *Collector) refusedIn(ns *namespace) bool {
+	for _, i := range ns.ifaces {
+		if i.state == flow.StateRefused && i.refusedFor == "interfaces" && i.gone.IsZero() {
+			return true
+		}
+	}
+	return false
+}
+
+// takeLocked takes an interface's attachment out of the registry (the
+// caller closes it, outside the lock).
+func (c *Collector) takeLocked(i *iface) attach.Attachment {
+	att := i.att
+	i.att, i.progIDs = nil, nil
 	if i.state == flow.StateAttached {
 		i.state = flow.StateDetached
 	}
-	c.log.Debug("detached", "netns", ns.name, "interface", i.name, "reason", why)
+	return att
+}
+
+func (c *Collector) closeAttachment(ns *namespace, name string, att attach.Attachment) {
+	if att == nil {
+		return
+	}
+	if err := att.Close(); err != nil {
+		c.log.Warn("detach", "netns", ns.name, "interface", name, "err", err)
+	}
 }
 
 // Remove stops observing a namespace: its interfaces are detached and every
@@ -623,24 +920,58 @@ func (c *Collector) remove(inode uint64, keep bool) {
 		c.mu.Unlock()
 		return
 	}
-	ns.gone = time.Now()
-	if !keep && !c.closed {
-		c.peerLostLocked(ns, -1) // host ends back before ns's ends go
+	// Host ends back before ns's ends go: the host's worker observes them
+	// again (urgent), and this waits for it. From now on no host end is
+	// left out for ns, nor waits for it.
+	ns.leaving = true
+	var back chan struct{}
+	if host := c.hostLocked(); !keep && !c.closed && !c.cfg.HostVeths && host != nil && host != ns && ns.nsid >= 0 && host.leftOutFor(ns.nsid) {
+		back = make(chan struct{})
+		c.pushLocked(host, work{kind: workPeerGone, nsid: ns.nsid, done: back})
 	}
-	for idx, i := range ns.ifaces {
-		if keep && i.att != nil {
-			if err := i.att.Release(); err != nil {
-				c.log.Warn("release", "netns", ns.name, "interface", i.name, "err", err)
+	c.mu.Unlock()
+	if back != nil {
+		<-back
+	}
+	c.mu.Lock()
+	ns.gone = time.Now()
+	c.unqueueLocked(ns)
+	c.finishFirstLocked(ns, nil)
+	type held struct {
+		name string
+		att  attach.Attachment
+	}
+	var atts []held
+	for _, i := range ns.ifaces {
+		if i.att == nil {
+			if i.state == flow.StateAttached {
+				i.state = flow.StateDetached
 			}
-			i.att = nil
 			continue
 		}
-		c.detachLocked(ns, idx, "namespace removed")
+		name := i.name
+		atts = append(atts, held{name, c.takeLocked(i)})
 	}
 	close(ns.stop)
 	ns.watch.Close() // unblocks follow()
 	c.mu.Unlock()
+	for _, h := range atts {
+		if keep {
+			if err := h.att.Release(); err != nil {
+				c.log.Warn("release", "netns", ns.name, "interface", h.name, "err", err)
+			}
+			continue
+		}
+		c.closeAttachment(ns, h.name, h.att)
+	}
 	<-ns.done // follow() has returned: the subscription socket is closed
+	// No worker uses its handles any more (one finishing an attach sees it
+	// gone and detaches that again).
+	c.mu.Lock()
+	for ns.users > 0 {
+		c.nsDone.Wait()
+	}
+	c.mu.Unlock()
 	ns.nl.Close()
 	ns.handle.Close()
 	c.log.Info("stopped observing netns", "netns", ns.name, "inode", inode)
@@ -717,6 +1048,7 @@ func (c *Collector) Close() error {
 		return nil
 	}
 	c.closed = true
+	c.work.Broadcast() // the workers stop after their batch
 	var live []uint64
 	for ino, ns := range c.namespaces {
 		if ns.gone.IsZero() {
@@ -726,6 +1058,16 @@ func (c *Collector) Close() error {
 	c.mu.Unlock()
 	for _, ino := range live {
 		c.remove(ino, c.pins != nil)
+	}
+	c.workersDone.Wait()
+	c.mu.Lock()
+	if c.active > 0 { // namespaces that were queued: nothing waits for them
+		c.active = 0
+		close(c.idle)
+	}
+	c.mu.Unlock()
+	if c.hostNl != nil {
+		c.hostNl.Close()
 	}
 	c.pins.ReleasePending()
 	err := c.objs.Close()

@@ -35,8 +35,9 @@ func netnsCookie(h netns.NsHandle) (uint64, error) {
 // releaseOtherNamespaces drops the pinned points (and their flows) of an
 // earlier namespace that had ino, the inode of the namespace of cookie now
 // being added: the kernel reused the inode, so that namespace is gone (and
-// its hooks with it) while no nsflow process ran. Called with c.mu held.
-func (c *Collector) releaseOtherNamespacesLocked(ino, cookie uint64) {
+// its hooks with it) while no nsflow process ran. Called without c.mu
+// (map work), before the namespace's first stub is loaded.
+func (c *Collector) releaseOtherNamespaces(ino, cookie uint64) {
 	n, err := c.objs.ReleaseOtherNamespaces(uint32(ino), cookie)
 	if err != nil {
 		c.log.Warn("release the points of a gone namespace", "inode", ino, "err", err)
@@ -44,6 +45,7 @@ func (c *Collector) releaseOtherNamespacesLocked(ino, cookie uint64) {
 	if n == 0 {
 		return
 	}
+	c.mu.Lock()
 	for k := range c.orphans {
 		if uint64(k.Netns) == ino {
 			delete(c.orphans, k)
@@ -51,14 +53,13 @@ func (c *Collector) releaseOtherNamespacesLocked(ino, cookie uint64) {
 	}
 	c.log.Info("a namespace got the inode of one that went while no nsflow ran: the gone one's pinned counts are dropped, the new one's start at zero",
 		"inode", ino, "points", n)
+	c.mu.Unlock()
 	for k := range c.objs.Slots() {
 		if uint64(k.Netns) == ino {
 			return // points of this namespace: its flows cannot be told apart
 		}
 	}
-	c.mu.Unlock()
 	err = c.forget(func(netns, _ uint32) bool { return uint64(netns) == ino })
-	c.mu.Lock()
 	if err != nil {
 		c.log.Warn("forget the flows of a gone namespace", "inode", ino, "err", err)
 	}
@@ -75,7 +76,6 @@ func (c *Collector) releaseOtherNamespacesLocked(ino, cookie uint64) {
 // processes and of other tools are left alone. It returns how many it
 // removed.
 func (c *Collector) SweepStaleFilters(targets []Target) int {
-	sweepObserved := c.Mode() == attach.ModeTCX
 	n := 0
 	for _, t := range targets {
 		h, err := netns.GetFromPath(t.Path)
@@ -87,6 +87,7 @@ func (c *Collector) SweepStaleFilters(targets []Target) int {
 			c.mu.Lock()
 			ns := c.namespaces[ino]
 			observed := ns != nil && ns.gone.IsZero()
+			sweepObserved := observed && c.modeOfLocked(ns) == attach.ModeTCX
 			c.mu.Unlock()
 			if !observed || sweepObserved {
 				if nl, err := netlink.NewHandleAt(h, unix.NETLINK_ROUTE); err == nil {

@@ -59,17 +59,16 @@ func pairPeer(l netlink.Link) (nsid, index int, ok bool) {
 }
 
 // nsidLocked returns the host's nsid for ns (-1 when the host has none for
-// it yet, or the host is not observed); a known one is cached: the kernel
-// does not change it while both namespaces live.
+// it yet); a known one is cached: the kernel does not change it while both
+// namespaces live. (One RTM_GETNSID request, not a dump.)
 func (c *Collector) nsidLocked(ns *namespace) int {
 	if ns.nsid >= 0 {
 		return ns.nsid
 	}
-	host := c.hostLocked()
-	if host == nil || host == ns {
+	if c.hostNl == nil || ns.inode == c.hostIno || !ns.gone.IsZero() {
 		return -1
 	}
-	id, err := host.nl.GetNetNsIdByFd(int(ns.handle))
+	id, err := c.hostNl.GetNetNsIdByFd(int(ns.handle))
 	if err != nil || id < 0 {
 		return -1
 	}
@@ -77,21 +76,31 @@ func (c *Collector) nsidLocked(ns *namespace) int {
 	return id
 }
 
+// waitingEnd is a host end waiting for its peer's namespace's attach work.
+type waitingEnd struct {
+	name string
+	nsid int
+}
+
 // peerLocked returns the observed namespace of host nsid nsid and its
-// attached interface of that index, if any. Namespaces whose nsid is not
-// known yet are all asked at once on a miss (not one per miss: a host
-// listed after 1,000 pods would ask O(pods²) times).
-func (c *Collector) peerLocked(nsid, index int) (*namespace, *iface) {
+// attached interface of that index, if any; wait is true when that
+// namespace has attach work under way (its first pass, queued link events)
+// and the interface is not attached yet: the host end waits for it rather
+// than being attached and then left out (a TCX attach and detach in the
+// host each wait for a grace period). Namespaces whose nsid is not known
+// yet are all asked at once on a miss (not one per miss: a host listed
+// after 1,000 pods would ask O(pods²) times).
+func (c *Collector) peerLocked(nsid, index int) (p *namespace, pi *iface, wait bool) {
 	host := c.hostLocked()
 	find := func() *namespace {
 		for _, ns := range c.namespaces {
-			if ns != host && ns.gone.IsZero() && ns.nsid == nsid {
+			if ns != host && ns.gone.IsZero() && !ns.leaving && ns.nsid == nsid {
 				return ns
 			}
 		}
 		return nil
 	}
-	p := find()
+	p = find()
 	if p == nil {
 		for _, ns := range c.namespaces {
 			if ns != host && ns.gone.IsZero() && ns.nsid < 0 {
@@ -101,49 +110,68 @@ func (c *Collector) peerLocked(nsid, index int) (*namespace, *iface) {
 		p = find()
 	}
 	if p == nil {
-		return nil, nil
+		return nil, nil, false
 	}
 	if i := p.ifaces[index]; i != nil && i.state == flow.StateAttached && i.gone.IsZero() {
-		return p, i
+		return p, i, false
 	}
-	return nil, nil
+	return nil, nil, !p.firstDone || p.busy || p.queued
 }
 
-// placeLocked attaches to one interface of ns, or, for a host end whose
-// peer is attached in an observed namespace, leaves it out; an interface
-// attached elsewhere may leave its host end out.
-func (c *Collector) placeLocked(ns *namespace, l netlink.Link) error {
+// place attaches to one interface of ns, or, for a host end whose peer is
+// attached in an observed namespace, leaves it out (or lets it wait for
+// its peer's namespace). It reports whether it attached.
+func (c *Collector) place(ns *namespace, l netlink.Link) (bool, error) {
 	a := l.Attrs()
 	if ns.inode != c.hostIno {
-		err := c.attachLocked(ns, a.Index, a.Name)
-		if err == nil {
-			c.peerAttachedLocked(ns, a.Index)
-		}
-		return err
+		return c.attach(ns, a.Index, a.Name, l)
 	}
 	nsid, index, paired := pairPeer(l)
 	if paired && !c.cfg.HostVeths {
-		if p, pi := c.peerLocked(nsid, index); p != nil {
-			c.skipLocked(ns, a.Index, a.Name, nsid, index, p.name+"/"+pi.name)
-			return nil
+		c.mu.Lock()
+		delete(ns.waiting, a.Index)
+		p, pi, wait := c.peerLocked(nsid, index)
+		if wait {
+			if i := ns.ifaces[a.Index]; i != nil && i.gone.IsZero() && (i.state == flow.StateAttached || i.state == flow.StatePeerObserved) {
+				i.name = a.Name // as it is until the peer's namespace is done
+			} else {
+				ns.waiting[a.Index] = waitingEnd{name: a.Name, nsid: nsid}
+			}
+			c.mu.Unlock()
+			return false, nil
+		}
+		var peer string
+		if p != nil {
+			peer = p.name + "/" + pi.name
+		}
+		c.mu.Unlock()
+		if p != nil {
+			c.skip(ns, a.Index, a.Name, nsid, index, peer)
+			return false, nil
 		}
 	}
-	err := c.attachLocked(ns, a.Index, a.Name)
+	attached, err := c.attach(ns, a.Index, a.Name, l)
+	c.mu.Lock()
 	if i := ns.ifaces[a.Index]; i != nil {
 		i.peerNsid, i.peerIndex = nsid, index // a peer that moved back: none
 	}
-	return err
+	c.mu.Unlock()
+	return attached, err
 }
 
-// skipLocked leaves a host end out: detached, its counters (if it had
-// any) kept for the grace period.
-func (c *Collector) skipLocked(ns *namespace, index int, name string, nsid, peerIndex int, peer string) {
-	i := ns.ifaces[index]
-	if i != nil && i.state == flow.StatePeerObserved {
+// skip leaves a host end out: detached, its counters (if it had any) kept
+// for the grace period.
+func (c *Collector) skip(host *namespace, index int, name string, nsid, peerIndex int, peer string) {
+	c.mu.Lock()
+	i := host.ifaces[index]
+	if i != nil && i.state == flow.StatePeerObserved && i.gone.IsZero() {
 		i.name, i.peerNsid, i.peerIndex, i.peer = name, nsid, peerIndex, peer
+		c.mu.Unlock()
 		return
 	}
-	if i == nil && c.mode == attach.ModeClsact {
+	firstSight := i == nil && c.modeOfLocked(host) == attach.ModeClsact
+	c.mu.Unlock()
+	if firstSight {
 		// First sight: a dead process's clsact filter, or a previous
 		// pinned process's, may be on it, counting into a slot that is
 		// handed to another point once this one is forgotten. Attaching
@@ -151,91 +179,129 @@ func (c *Collector) skipLocked(ns *namespace, index int, name string, nsid, peer
 		// previous process's pinned TCX link, unclaimed, is released by
 		// DropStalePins after the first scan, and SweepStaleFilters covers
 		// observed namespaces under TCX: no attach needed, none paid for.)
-		if err := c.attachLocked(ns, index, name); err != nil {
+		if _, err := c.attach(host, index, name, nil); err != nil {
 			c.log.Debug("clear hooks of a host end left out", "interface", name, "err", err)
 		}
 	}
-	if i = ns.ifaces[index]; i != nil {
-		c.detachLocked(ns, index, "peer observed")
+	c.mu.Lock()
+	var att attach.Attachment
+	if i = host.ifaces[index]; i != nil {
+		att = c.takeLocked(i)
 	}
-	ns.ifaces[index] = &iface{
+	host.ifaces[index] = &iface{
 		index: index, name: name, state: flow.StatePeerObserved,
 		peerNsid: nsid, peerIndex: peerIndex, peer: peer, skipped: time.Now(),
 	}
+	c.mu.Unlock()
+	c.closeAttachment(host, name, att)
 	c.log.Debug("host end left out: its peer counts it", "interface", name, "peer", peer)
 }
 
-// peerAttachedLocked leaves out the host ends whose peer is ns's interface
-// of that index (any interface: index < 0), now attached.
-func (c *Collector) peerAttachedLocked(ns *namespace, index int) {
-	host := c.hostLocked()
-	if host == nil || c.cfg.HostVeths || ns == host {
+// peersOf applies the rule again to the host ends whose peer lies in the
+// namespace of that inode (its attach work done), or of that nsid (inode
+// 0: the namespace is being removed).
+func (c *Collector) peersOf(host *namespace, inode uint64, nsid int) {
+	c.mu.Lock()
+	if inode != 0 {
+		p := c.namespaces[inode]
+		if p == nil || !p.gone.IsZero() {
+			c.mu.Unlock()
+			return
+		}
+		nsid = c.nsidLocked(p)
+	}
+	if nsid < 0 {
+		c.mu.Unlock()
 		return
 	}
-	var nsid = -2
-	for _, hi := range host.ifaces {
-		if hi.state != flow.StateAttached || !hi.gone.IsZero() || hi.peerIndex <= 0 || (index >= 0 && hi.peerIndex != index) {
-			continue
+	var idx []int
+	for index, i := range host.ifaces {
+		if i.gone.IsZero() && i.peerIndex > 0 && i.peerNsid == nsid && (i.state == flow.StateAttached || i.state == flow.StatePeerObserved) {
+			idx = append(idx, index)
 		}
-		if nsid == -2 {
-			nsid = c.nsidLocked(ns)
+	}
+	for index, w := range host.waiting {
+		if w.nsid == nsid {
+			idx = append(idx, index)
 		}
-		if nsid < 0 || hi.peerNsid != nsid {
-			continue
-		}
-		if pi := ns.ifaces[hi.peerIndex]; pi != nil && pi.state == flow.StateAttached && pi.gone.IsZero() {
-			c.skipLocked(host, hi.index, hi.name, hi.peerNsid, hi.peerIndex, ns.name+"/"+pi.name)
-		}
+	}
+	c.mu.Unlock()
+	for _, index := range idx {
+		c.replace(host, index)
 	}
 }
 
-// peerLostLocked observes again the host ends left out for ns's interface
-// of that index (any: index < 0), which is gone, or whose namespace is no
-// longer observed (call it with ns.gone set).
-func (c *Collector) peerLostLocked(ns *namespace, index int) {
-	host := c.hostLocked()
-	if host == nil || ns == host || ns.nsid < 0 {
-		return
-	}
-	for _, hi := range host.ifaces {
-		if hi.state != flow.StatePeerObserved || hi.peerNsid != ns.nsid || (index >= 0 && hi.peerIndex != index) {
-			continue
+// leftOutFor reports whether host ends are left out for (or wait for) the
+// namespace of that nsid. Called on the host with c.mu held.
+func (host *namespace) leftOutFor(nsid int) bool {
+	for _, i := range host.ifaces {
+		if i.state == flow.StatePeerObserved && i.gone.IsZero() && i.peerNsid == nsid {
+			return true
 		}
-		c.replaceLocked(host, hi.index)
 	}
+	return host.waitsFor(nsid)
 }
 
-// replaceLocked applies the rule again to the host's interface of that
-// index, from a fresh look at it (its peer may have moved).
-func (c *Collector) replaceLocked(host *namespace, index int) {
-	l, err := host.nl.LinkByIndex(index)
+// waitingFor reports whether host ends wait for ns's attach work. Called
+// on the host with c.mu held.
+func (host *namespace) waitingFor(ns *namespace) bool {
+	return ns.nsid >= 0 && host.waitsFor(ns.nsid)
+}
+
+func (host *namespace) waitsFor(nsid int) bool {
+	for _, w := range host.waiting {
+		if w.nsid == nsid {
+			return true
+		}
+	}
+	return false
+}
+
+// replace applies the rule again to ns's interface of that index, from a
+// fresh look at it (its peer may have moved).
+func (c *Collector) replace(ns *namespace, index int) {
+	l, err := ns.nl.LinkByIndex(index)
 	if err != nil {
 		return // gone: its DELLINK marks it
 	}
-	if err := c.placeLocked(host, l); err != nil {
-		if vanished(host.nl, index) {
+	if _, err := c.place(ns, l); err != nil {
+		if vanished(ns.nl, index) {
 			return
 		}
 		c.log.Warn("attach", "err", err)
 	}
 }
 
-// linkGoneLocked follows an interface's removal: in the host, a veth end
-// that leaves it (moved to another namespace) names the end it leaves
-// behind, whose peer now lies elsewhere; elsewhere, a removed peer
-// brings its host end back.
-func (c *Collector) linkGoneLocked(ns *namespace, l netlink.Link) {
+// linkGone follows an interface's removal: in the host, a veth end that
+// leaves it (moved to another namespace) names the end it leaves behind,
+// whose peer now lies elsewhere; elsewhere, a removed peer brings its host
+// end back.
+func (c *Collector) linkGone(ns *namespace, l netlink.Link) {
 	if c.cfg.HostVeths {
 		return
 	}
+	a := l.Attrs()
 	if ns.inode != c.hostIno {
-		c.peerLostLocked(ns, l.Attrs().Index)
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		host := c.hostLocked()
+		if host == nil || ns.nsid < 0 {
+			return
+		}
+		for _, hi := range host.ifaces {
+			if hi.state == flow.StatePeerObserved && hi.gone.IsZero() && hi.peerNsid == ns.nsid && hi.peerIndex == a.Index {
+				c.pushLocked(host, work{kind: workPlace, index: hi.index})
+			}
+		}
 		return
 	}
-	a := l.Attrs()
 	if (l.Type() == "veth" || l.Type() == "netkit") && a.NetNsID < 0 && a.ParentIndex > 0 {
-		if i := ns.ifaces[a.ParentIndex]; i != nil && i.gone.IsZero() {
-			c.replaceLocked(ns, a.ParentIndex)
+		c.mu.Lock()
+		i := ns.ifaces[a.ParentIndex]
+		live := i != nil && i.gone.IsZero()
+		c.mu.Unlock()
+		if live {
+			c.replace(ns, a.ParentIndex)
 		}
 	}
 }
