@@ -58,6 +58,12 @@ type Source interface {
 	Mode() attach.Mode
 }
 
+// RefusedSource is a Source that counts the interfaces it refused to
+// attach, by reason (collector.Collector.Refused).
+type RefusedSource interface {
+	Refused() map[string]uint64
+}
+
 // Exporter is a prometheus.Collector over a Source.
 type Exporter struct {
 	c   Source
@@ -70,6 +76,7 @@ type Exporter struct {
 	flowInsertErrors, unparsed, totalsFull    *prometheus.Desc
 	attachMode, flowSeriesDropped, scrapeErrs *prometheus.Desc
 	ctrPackets, ctrBytes                      *prometheus.Desc
+	attachRefused                             *prometheus.Desc
 
 	flows      *capped[flowGroup, flowLabels, flowEntry]
 	containers *capped[ctrGroup, ctrLabels, ctrEntry]
@@ -116,6 +123,7 @@ func New(c Source, cfg Config) *Exporter {
 		namespaces:        d("namespaces", "Network namespaces observed (state=observed) or removed and awaiting their grace period (state=gone).", "state"),
 		attachments:       d("attachments", "Interfaces by the state of nsflow's programs on them.", "state"),
 		attachErrors:      d("attach_errors_total", "Failed attaches, by reason.", "reason"),
+		attachRefused:     d("attach_refused_total", "Interfaces not attached by policy, by reason (interfaces: over the cap of interfaces per namespace; reserve: a process-only namespace at the totals slots reserved for named ones).", "reason"),
 		flowEntries:       d("flow_map_entries", "Flows in the flow map."),
 		flowCapacity:      d("flow_map_capacity", "Capacity of the flow map (--flow-entries)."),
 		flowsEvicted:      d("flows_evicted_total", "Flows evicted from the full flow map (their packets stay in the exact totals)."),
@@ -130,7 +138,7 @@ func New(c Source, cfg Config) *Exporter {
 
 // Describe implements prometheus.Collector.
 func (e *Exporter) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{e.packets, e.bytes, e.namespaces, e.attachments, e.attachErrors,
+	for _, d := range []*prometheus.Desc{e.packets, e.bytes, e.namespaces, e.attachments, e.attachErrors, e.attachRefused,
 		e.flowEntries, e.flowCapacity, e.flowsEvicted, e.flowInsertErrors, e.unparsed, e.totalsFull,
 		e.attachMode, e.flowSeriesDropped, e.scrapeErrs} {
 		ch <- d
@@ -308,6 +316,11 @@ func (e *Exporter) Collect(ch chan<- prometheus.Metric) {
 	}
 	for reason, n := range e.c.AttachErrors() {
 		counter(e.attachErrors, n, reason)
+	}
+	if rs, ok := e.c.(RefusedSource); ok {
+		for reason, n := range rs.Refused() {
+			counter(e.attachRefused, n, reason)
+		}
 	}
 	gauge(e.attachMode, 1, string(e.c.Mode()))
 
