@@ -85,6 +85,10 @@ func TestValidation(t *testing.T) {
 		{[]string{"trace", "--aggregate-by", "cgroup"}, 2, "--aggregate-by"},
 		{[]string{"top", "--aggregate-by", "container", "--containers"}, 0, ""},
 		{[]string{"top", "--aggregate-by", "5tuple"}, 2, "--aggregate-by"},
+		{[]string{"trace", "--containers=false"}, 0, ""},
+		{[]string{"trace", "--containers=false", "--aggregate-by", "netns"}, 0, ""},
+		{[]string{"trace", "--containers=false", "--aggregate-by", "container"}, 2, "needs --containers"},
+		{[]string{"top", "--containers=false", "--aggregate-by", "pod"}, 2, "needs --containers"},
 		// trace and top: filter
 		{[]string{"trace", "tcp", "port", "80"}, 0, ""},
 		{[]string{"trace", "--filter", "udp"}, 0, ""},

@@ -44,8 +44,8 @@ type traceFlags struct {
 
 // registerAttribution adds --aggregate-by and --containers (trace, top).
 func (f *traceFlags) registerAttribution(fl *pflag.FlagSet) {
-	fl.StringVar(&f.aggregate, "aggregate-by", string(report.ByFlow), "show flows (flow), or sum them per observation point by source and destination container, by pod, or by netns (docs/OUTPUT.md); container and pod turn --containers on")
-	fl.BoolVar(&f.containers, "containers", false, "name each flow's source and destination container (the sending and the receiving socket's cgroup, named by the container runtime or the cgroup path)")
+	fl.StringVar(&f.aggregate, "aggregate-by", string(report.ByFlow), "show flows (flow), or sum them per observation point by source and destination container, by pod, or by netns (docs/OUTPUT.md)")
+	fl.BoolVar(&f.containers, "containers", true, "name each flow's source and destination container (the sending and the receiving socket's cgroup, named by the container runtime or the cgroup path); false leaves the flow path as it is without attribution (--aggregate-by container or pod needs it)")
 }
 
 func newTraceCmd() *cobra.Command {
@@ -71,11 +71,12 @@ tcp, udp, icmp, icmp6, sctp, ip, ip6, proto N, [src|dst] host ADDR,
 combined with and/&&, or/||, not/! and parentheses. The per-interface totals
 are never filtered.
 
---containers names each flow's source and destination container (columns
-SRC CONTAINER and DST CONTAINER; JSON src_container, dst_container).
---aggregate-by container sums the flows per observation point by source and
-destination container (pod: by pod; netns: per observation point); flows
-received on lo are left out there, as each was counted when sent on lo.`,
+Each flow names its source and destination container (columns SRC
+CONTAINER and DST CONTAINER when any flow has one; JSON src_container,
+dst_container; --containers=false turns this off). --aggregate-by container
+sums the flows per observation point by source and destination container
+(pod: by pod; netns: per observation point); flows received on lo are left
+out there, as each was counted when sent on lo.`,
 		Example: `  nsflow trace --duration 10s
   nsflow trace --netns web --netns db --duration 10s
   nsflow trace --netns 'web-*' tcp port 8080
@@ -83,7 +84,6 @@ received on lo are left out there, as each was counted when sent on lo.`,
   nsflow trace --exclude host --exclude 'cni-test-*'
   nsflow trace --netns pid:4242 --output json
   nsflow trace --netns web --events --output jsonl 'not port 53'
-  nsflow trace --netns web --containers
   nsflow trace --netns web --aggregate-by container --duration 30s`,
 		PreRunE: func(_ *cobra.Command, args []string) (err error) {
 			tc, err = f.validate(args)
@@ -178,7 +178,10 @@ func (f *traceFlags) validate(args []string) (*traceConfig, error) {
 	if tc.aggregate, err = report.ParseAggregateBy(f.aggregate); err != nil {
 		return nil, usagef("--aggregate-by %v", err)
 	}
-	tc.attribution = f.containers || tc.aggregate.Attributed()
+	if tc.aggregate.Attributed() && !f.containers {
+		return nil, usagef("--aggregate-by %s needs --containers", tc.aggregate)
+	}
+	tc.attribution = f.containers
 	return tc, nil
 }
 
