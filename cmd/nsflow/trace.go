@@ -290,8 +290,11 @@ loop:
 				return fmt.Errorf("discovery: %w", err)
 			}
 		case <-statusTick.C:
-			if status.enabled {
-				if snap, err := c.Snapshot(); err == nil {
+			// With attribution, a snapshot every second also names the
+			// flows' cgroups while they exist (the resolver caches names;
+			// a container that exits before the trace ends is gone then).
+			if status.enabled || tc.attribution {
+				if snap, err := c.Snapshot(); err == nil && status.enabled {
 					status.show(snap, time.Since(start))
 				}
 			}
