@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"sort"
 	"strconv"
 	"strings"
@@ -383,7 +384,7 @@ func newScanner(cfg Config) (*scanner, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	host, err := nsInode("/proc/self/ns/net")
+	host, err := ownNetns()
 	if err != nil {
 		return nil, fmt.Errorf("own network namespace: %w", err)
 	}
@@ -651,6 +652,25 @@ func (d *Discovery) reconcile() {
 			d.mu.Unlock()
 			continue
 		}
+		if ino != f.Inode {
+			// The path named another namespace by the time the observer
+			// opened it: the process's (its main thread's) namespace
+			// changed since the scan (a multi-threaded process that
+			// switches namespaces, as Go programs do), or its pid was
+			// reused. That namespace was not selected: undone, unless
+			// observed for itself already; the next scan settles it.
+			d.mu.Lock()
+			_, known := d.known[ino]
+			d.mu.Unlock()
+			if !known {
+				d.o.Remove(ino)
+			}
+			d.mu.Lock()
+			d.skips.record(Skipped{Key: "inode:" + strconv.FormatUint(f.Inode, 10), Path: f.Target.Path, Inode: f.Inode,
+				Reason: SkipGone, Err: fmt.Sprintf("%s refers to namespace %d since the scan found %d there", f.Target.Path, ino, f.Inode)}, scan, d.log)
+			d.mu.Unlock()
+			continue
+		}
 		if err != nil {
 			d.log.Warn("observe namespace", "netns", f.Target.Name, "err", err)
 		}
@@ -661,6 +681,17 @@ func (d *Discovery) reconcile() {
 	d.mu.Lock()
 	d.skips.prune(scan)
 	d.mu.Unlock()
+}
+
+// ownNetns returns the inode of nsflow's own network namespace. Not through
+// /proc/self: that is the main thread's, which may be inside another
+// namespace for a moment (collector/nsenter runs on locked threads, the
+// main one among them); a thread this goroutine has locked is in the
+// process's own (nsenter gives a thread back only once it has returned).
+func ownNetns() (uint64, error) {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	return nsInode("/proc/thread-self/ns/net")
 }
 
 // errNotNamespace: a path that refers to no namespace.
