@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -182,6 +183,29 @@ func runServe(ctx context.Context, f serveFlags, sc serveConfig) (err error) {
 		log.Info("labelling namespaces with pods", "cri", sc.session.CRIEndpoint)
 	}
 	c := sess.Collector()
+	if f.containers {
+		// Containers are named from their cgroups while these exist: a
+		// read every 2 s names those that start and end between two
+		// scrapes (names are cached by cgroup id).
+		ctx, cancel := context.WithCancel(ctx)
+		var wg sync.WaitGroup
+		defer wg.Wait()
+		defer cancel()
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			t := time.NewTicker(2 * time.Second)
+			defer t.Stop()
+			for {
+				select {
+				case <-ctx.Done():
+					return
+				case <-t.C:
+					c.Totals()
+				}
+			}
+		}()
+	}
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(
