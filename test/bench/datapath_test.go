@@ -4,11 +4,14 @@
 package bench
 
 import (
+	"encoding/binary"
 	"fmt"
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"sort"
+	"strings"
 	"testing"
 	"time"
 
@@ -19,6 +22,7 @@ import (
 
 	"github.com/nsflow/nsflow/bpf"
 	"github.com/nsflow/nsflow/collector"
+	"github.com/nsflow/nsflow/collector/attach"
 	"github.com/nsflow/nsflow/test/podns"
 	"github.com/nsflow/nsflow/test/testenv"
 )
@@ -84,6 +88,33 @@ func udpBlast(b *testing.B, a *podns.Pod, dst netip.Addr, n, size, ports int) {
 	}
 }
 
+// udpRawBlast sends n datagrams of size bytes from pod a to dst:port, the
+// i-th from source port 1024+i (n at most 64,000): through a raw socket, so
+// that every packet is a new flow to the same receiving socket (the socket
+// lookup at ingress finds it), without a socket per source port.
+func udpRawBlast(b *testing.B, a *podns.Pod, dst netip.Addr, port uint16, n, size int) {
+	b.Helper()
+	if n > 64000 {
+		b.Fatalf("%d packets: at most 64,000 source ports", n)
+	}
+	var fd int
+	if err := a.Do(func() (err error) { fd, err = unix.Socket(unix.AF_INET, unix.SOCK_RAW, unix.IPPROTO_UDP); return err }); err != nil {
+		b.Fatal(err)
+	}
+	defer unix.Close(fd)
+	to := &unix.SockaddrInet4{Addr: dst.As4()}
+	dgram := make([]byte, 8+size) // checksum 0: none (IPv4)
+	binary.BigEndian.PutUint16(dgram[2:], port)
+	binary.BigEndian.PutUint16(dgram[4:], uint16(len(dgram)))
+	deadline := time.Now().Add(60 * time.Second)
+	for i := 0; i < n && time.Now().Before(deadline); i++ {
+		binary.BigEndian.PutUint16(dgram[0:], uint16(1024+i))
+		if err := unix.Sendto(fd, dgram, 0, to); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
 type progStats struct {
 	prog *ebpf.Program
 	last ebpf.ProgramStats
@@ -109,9 +140,12 @@ func median(v []float64) float64 {
 }
 
 // variant is one program set under test, attached only for its own rounds.
+// reset, when set, empties its flow map before a round (the variants of
+// nsflow's objects alone: bpfVariant).
 type variant struct {
 	name   string
 	attach func(b *testing.B) (ingress, egress *ebpf.Program, detach func())
+	reset  func(b *testing.B)
 }
 
 // BenchmarkDataPath measures the programs' cost per packet in the real data
@@ -121,6 +155,20 @@ type variant struct {
 // alone to the same hooks (pod a's egress, pod b's ingress), the variants
 // interleaved A B C A B C …, and each figure is the median of its rounds;
 // what matters is each one's distance to the empty program.
+//
+// The per-container attribution variants (issue 15), nsflow's stubs alone
+// on the two hooks as flows_direct: attribution (the sending socket's
+// cgroup into each egress flow), attribution_sklookup (plus the receiving
+// socket's at ingress, looked up at each flow's first packet) and
+// containers (both, plus the per (point, cgroup) map). Three traffic
+// cases: one_flow (the steady state: nothing is looked up after the first
+// packet), new_flow_storm (every packet a new flow to a port where no
+// socket listens: the lookup misses) and new_flows_to_socket (every packet
+// a new flow, from a new source port through a raw socket, to pod b's
+// socket: the lookup finds it and reads its cgroup; only the variants whose
+// flow map can be emptied between rounds take part, so that every packet is
+// new in every round; 30,000 per round: the two hooks' flows fit the map,
+// which does not evict).
 func BenchmarkDataPath(b *testing.B) {
 	testenv.RequireRoot(b)
 	stats, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
@@ -179,7 +227,7 @@ func BenchmarkDataPath(b *testing.B) {
 	}
 	// bpfVariant loads nsflow's objects with opts and attaches the stubs
 	// of the two measured hooks alone (no collector).
-	bpfVariant := func(opts bpf.Options) func(b *testing.B) (*ebpf.Program, *ebpf.Program, func()) {
+	bpfVariant := func(opts bpf.Options) (func(b *testing.B) (*ebpf.Program, *ebpf.Program, func()), func(b *testing.B)) {
 		objs, err := bpf.Load(opts)
 		if err != nil {
 			b.Fatal(err)
@@ -196,40 +244,88 @@ func BenchmarkDataPath(b *testing.B) {
 		}
 		b.Cleanup(func() { egr.Close() })
 		return func(b *testing.B) (*ebpf.Program, *ebpf.Program, func()) {
-			le := attachTCXLink(b, a, "eth0", egr, ebpf.AttachTCXEgress)
-			li := attachTCXLink(b, bb, "eth0", ing, ebpf.AttachTCXIngress)
-			return ing, egr, func() { le.Close(); li.Close() }
-		}
+				le := attachTCXLink(b, a, "eth0", egr, ebpf.AttachTCXEgress)
+				li := attachTCXLink(b, bb, "eth0", ing, ebpf.AttachTCXIngress)
+				return ing, egr, func() { le.Close(); li.Close() }
+			}, func(b *testing.B) {
+				var k bpf.NsflowFlowKey
+				var v bpf.NsflowFlowVal
+				var keys []bpf.NsflowFlowKey
+				for it := objs.Flows.Iterate(); it.Next(&k, &v); {
+					keys = append(keys, k)
+				}
+				for _, k := range keys {
+					objs.Flows.Delete(k)
+				}
+			}
+	}
+	direct := func(name string, opts bpf.Options) variant {
+		attach, reset := bpfVariant(opts)
+		return variant{name: name, attach: attach, reset: reset}
 	}
 	variants := []variant{
-		{"empty", func(b *testing.B) (*ebpf.Program, *ebpf.Program, func()) {
+		{name: "empty", attach: func(b *testing.B) (*ebpf.Program, *ebpf.Program, func()) {
 			le := attachTCXLink(b, a, "eth0", emptyE, ebpf.AttachTCXEgress)
 			li := attachTCXLink(b, bb, "eth0", emptyI, ebpf.AttachTCXIngress)
 			return emptyI, emptyE, func() { le.Close(); li.Close() }
 		}},
-		{"totals", collectorVariant(collector.Config{NoFlows: true})},
-		{"flows", collectorVariant(collector.Config{})},
+		// TCX in the pods too (the default attaches there with clsact):
+		// the hooks measured are the same as the other variants'.
+		{name: "totals", attach: collectorVariant(collector.Config{NoFlows: true, Mode: attach.ModeTCX})},
+		{name: "flows", attach: collectorVariant(collector.Config{Mode: attach.ModeTCX})},
 		// The stubs alone on the measured hooks (no collector, nothing on
-		// the pods' other hooks): the control for the map variant after it.
-		{"flows_direct", bpfVariant(bpf.Options{})},
-		{"flows_nocommonlru", bpfVariant(bpf.Options{NoCommonLRU: true})},
+		// the pods' other hooks): the control for the variants after it.
+		direct("flows_direct", bpf.Options{}),
+		direct("flows_nocommonlru", bpf.Options{NoCommonLRU: true}),
+		direct("attribution", bpf.Options{Attribution: true}),
+		direct("attribution_sklookup", bpf.Options{Attribution: true, SocketLookup: true}),
+		direct("containers", bpf.Options{Attribution: true, SocketLookup: true, ContainerEntries: 4096}),
 	}
 
+	// NSFLOW_BENCH_VARIANTS (comma-separated names) keeps only those
+	// variants (empty always), e.g. to compare one variant between two
+	// builds of nsflow.
+	if only := os.Getenv("NSFLOW_BENCH_VARIANTS"); only != "" {
+		keep := map[string]bool{"empty": true}
+		for _, n := range strings.Split(only, ",") {
+			keep[n] = true
+		}
+		variants = slices.DeleteFunc(variants, func(v variant) bool { return !keep[v.name] })
+	}
 	for _, tc := range []struct {
 		name  string
-		ports int
-	}{{"one_flow", 1}, {"new_flow_storm", 40000}} {
+		ports int // 0: raw socket, a new source port per packet
+	}{{"one_flow", 1}, {"new_flow_storm", 40000}, {"new_flows_to_socket", 0}} {
 		b.Run(tc.name, func(b *testing.B) {
+			vs := variants
+			perRound := 100000
+			if tc.ports == 0 {
+				// Every flow fits the emptied map (both hooks' flows):
+				// inserts, no evictions.
+				perRound = 30000
+				vs = nil
+				for _, v := range variants {
+					if v.name == "empty" || v.reset != nil {
+						vs = append(vs, v)
+					}
+				}
+			}
 			rounds := map[string][]float64{}
-			const perRound = 100000
 			for r := 0; r < 5; r++ {
-				for k := range variants {
-					v := variants[(k+r)%len(variants)] // rotate the order between rounds
+				for k := range vs {
+					v := vs[(k+r)%len(vs)] // rotate the order between rounds
+					if v.reset != nil && tc.ports == 0 {
+						v.reset(b)
+					}
 					ing, egr, detach := v.attach(b)
 					pi, pe := &progStats{prog: ing}, &progStats{prog: egr}
 					pi.delta(b)
 					pe.delta(b)
-					udpBlast(b, a, bb.IPv4, perRound, 64, tc.ports)
+					if tc.ports == 0 {
+						udpRawBlast(b, a, bb.IPv4, 20000, perRound, 64)
+					} else {
+						udpBlast(b, a, bb.IPv4, perRound, 64, tc.ports)
+					}
 					rounds[v.name+"_egress"] = append(rounds[v.name+"_egress"], pe.delta(b))
 					rounds[v.name+"_ingress"] = append(rounds[v.name+"_ingress"], pi.delta(b))
 					detach()
@@ -238,7 +334,7 @@ func BenchmarkDataPath(b *testing.B) {
 			for _, dir := range []string{"egress", "ingress"} {
 				e := median(rounds["empty_"+dir])
 				b.ReportMetric(e, "ns/empty_"+dir)
-				for _, v := range variants[1:] {
+				for _, v := range vs[1:] {
 					r := rounds[v.name+"_"+dir]
 					b.ReportMetric(median(r)-e, "ns_above_empty/"+v.name+"_"+dir)
 					// The spread: the lowest and highest round.
