@@ -744,9 +744,12 @@ func (c *Collector) attach(ns *namespace, index int, name string, l netlink.Link
 			return false, nil
 		}
 	}
-	// New slots this attach takes (a point that had one keeps it).
-	need := 0
-	if ns.class == ClassProcess || c.reservedPoints() > 0 {
+	// New slots this attach takes (a point that had one keeps it); the
+	// slots of the attaches in progress count as taken. Counted exactly
+	// only where the reserve applies.
+	need := 2
+	if ns.class == ClassProcess && c.reservedPoints() > 0 {
+		need = 0
 		slots := c.objs.Slots()
 		for _, dir := range []bpf.Direction{bpf.RX, bpf.TX} {
 			if _, ok := slots[bpf.NsflowObsKey{Netns: uint32(ns.inode), Ifindex: uint32(index), Dir: uint8(dir)}]; !ok {
