@@ -98,7 +98,14 @@ func testFlood(t *testing.T, userns bool, name, subnet string) {
 	t.Logf("pod %s: hooks attached %s after its veth appeared (%s after podns.Create began), flood: %d started", name,
 		lat.Round(time.Millisecond), at.Sub(created).Round(time.Millisecond), fl.started())
 	if lat > podAttachBound {
-		t.Errorf("pod %s: hooks attached %s after its veth appeared, want <= %s", name, lat.Round(time.Millisecond), podAttachBound)
+		var lines []string
+		for _, l := range strings.Split(srv.logText(), "\n") {
+			if strings.Contains(l, name) {
+				lines = append(lines, l)
+			}
+		}
+		t.Errorf("pod %s: hooks attached %s after its veth appeared (%s), want <= %s; serve's lines about it:\n%s", name, lat.Round(time.Millisecond),
+			seen.UTC().Format("15:04:05.000"), podAttachBound, strings.Join(lines, "\n"))
 	}
 
 	// The pod's counts are exact: deltas of a bounded ping to its gateway
