@@ -109,6 +109,13 @@ func (c *containerd) stop() {
 
 func startContainerd(t *testing.T) *containerd {
 	t.Helper()
+	return startContainerdNet(t, "nsfcni0", "10.213.170.0/24")
+}
+
+// startContainerdNet starts a containerd whose CNI network is a bridge of
+// that name on that subnet (tests that may run at once use their own).
+func startContainerdNet(t *testing.T, bridge, subnet string) *containerd {
+	t.Helper()
 	for _, tool := range []string{"containerd", "ctr", "runc", "/usr/lib/cni/bridge"} {
 		if _, err := exec.LookPath(tool); err != nil {
 			t.Fatalf("%s not installed (make deps): %v", tool, err)
@@ -141,8 +148,8 @@ func startContainerd(t *testing.T) *containerd {
 	}
 	// The CNI bridge plugin, with a subnet only this test uses; no NAT.
 	conflist := fmt.Sprintf(`{"cniVersion": "1.0.0", "name": "nsflow-e2e", "plugins": [
-  {"type": "bridge", "bridge": "nsfcni0", "isGateway": true, "ipMasq": false,
-   "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.213.170.0/24"}]], "dataDir": %q}}]}`, filepath.Join(dir, "ipam"))
+  {"type": "bridge", "bridge": %q, "isGateway": true, "ipMasq": false,
+   "ipam": {"type": "host-local", "ranges": [[{"subnet": %q}]], "dataDir": %q}}]}`, bridge, subnet, filepath.Join(dir, "ipam"))
 	if err := os.WriteFile(filepath.Join(dir, "cni", "10-nsflow.conflist"), []byte(conflist), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -152,7 +159,7 @@ func startContainerd(t *testing.T) *containerd {
 			log, _ := os.ReadFile(filepath.Join(dir, "containerd.log"))
 			t.Logf("containerd log (end):\n%s", log[max(0, len(log)-4000):])
 		}
-		exec.Command("ip", "link", "del", "nsfcni0").Run()
+		exec.Command("ip", "link", "del", bridge).Run()
 		// Shims outlive containerd: end any of this test's that remain.
 		procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
 		for _, p := range procs {

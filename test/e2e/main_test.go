@@ -126,5 +126,8 @@ func helperMain(role, argstr string) int {
 		}
 		return 0
 	}
+	if fn, ok := extraRoles[role]; ok {
+		return fn(args)
+	}
 	return fail(fmt.Errorf("unknown role"))
 }
