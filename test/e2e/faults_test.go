@@ -55,14 +55,15 @@ func TestFaultMissingCapability(t *testing.T) {
 }
 
 // A kernel without TCX (simulated) makes auto mode fall back to clsact,
-// with exact counts.
+// with exact counts. Auto tries TCX only in the host namespace (pods get
+// clsact anyway: attach.Mode.For), so the host is observed here.
 func TestFaultNoTCXFallsBack(t *testing.T) {
 	testenv.RequireRoot(t)
 	os.Setenv("NSFLOW_FAULT_NO_TCX", "1")
 	defer os.Unsetenv("NSFLOW_FAULT_NO_TCX")
 	pods := newPods(t, "10.213.131.0/24", "e2e-ft-a")
 	a := pods[0]
-	srv := startServe(t, "http", "--netns.host=false", "--netns.proc=false", "--netns.include", "^e2e-ft-a$")
+	srv := startServe(t, "http", "--netns.proc=false", "--netns.include", "^(e2e-ft-a|host)$")
 	waitUntil(t, 10*time.Second, "pod a in /metrics", func() bool {
 		s, _ := srv.scrape(t)
 		_, ok := s[pointSeries("nsflow_packets_total", a.Name, "lo", "tx")]

@@ -20,12 +20,35 @@ import (
 // With --pin, a restarted serve adopts the programs, links and maps of the
 // previous one: counters continue without a reset, and packets sent while no
 // nsflow process ran are counted too.
+// Both mechanisms: TCX links (pinned) and clsact filters (left in the
+// kernel, adopted by name), which auto uses in pod namespaces.
 func TestServePinRestart(t *testing.T) {
 	testenv.RequireRoot(t)
-	pin := fmt.Sprintf("/sys/fs/bpf/nsflow-e2e-%d", os.Getpid())
+	for i, mode := range []string{"tcx", "clsact"} {
+		t.Run(mode, func(t *testing.T) { testServePinRestart(t, mode, i) })
+	}
+}
+
+// nsflowHooks counts the hooks of pod a that hold an nsflow program of the
+// mechanism: TCX programs, or nsflow's cls_bpf filters.
+func nsflowHooks(t *testing.T, a *podns.Pod, mode string) int {
+	if mode == "tcx" {
+		return tcxPrograms(t, a)
+	}
+	n := 0
+	for name, c := range bpfFilters(t, a.NetnsPath) {
+		if attach.IsNsflowFilter(name) {
+			n += c
+		}
+	}
+	return n
+}
+
+func testServePinRestart(t *testing.T, mode string, i int) {
+	pin := fmt.Sprintf("/sys/fs/bpf/nsflow-e2e-%d-%s", os.Getpid(), mode)
 	t.Cleanup(func() { os.RemoveAll(pin) }) // unpinning detaches what is left
-	args := []string{"--pin", "--pin.path", pin, "--netns.host=false", "--netns.proc=false", "--netns.include", "^e2e-pin-"}
-	pods := newPods(t, "10.213.126.0/24", "e2e-pin-a")
+	args := []string{"--pin", "--pin.path", pin, "--attach-mode", mode, "--netns.host=false", "--netns.proc=false", "--netns.include", "^e2e-pin-"}
+	pods := newPods(t, fmt.Sprintf("10.213.%d.0/24", 126+100*i), fmt.Sprintf("e2e-pin-%s", mode))
 	a := pods[0]
 	byIno := map[uint64]*podns.Pod{inodeOf(t, a): a}
 	lo := point{inodeOf(t, a), "lo", flow.TX}
@@ -43,8 +66,8 @@ func TestServePinRestart(t *testing.T) {
 	udpExchange(t, a, a, netip.MustParseAddrPort("127.0.0.1:9700"), 10, 20)
 	srv.stop(t)
 
-	if n := tcxPrograms(t, a); n != 4 {
-		t.Fatalf("%d tcx programs in pod a after serve --pin exited, want 4 (left attached)", n)
+	if n := nsflowHooks(t, a, mode); n != 4 {
+		t.Fatalf("%d %s hooks with nsflow programs in pod a after serve --pin exited, want 4 (left attached)", n, mode)
 	}
 	// Pins are private to root: directories 0700, files 0600.
 	filepath.Walk(pin, func(path string, fi os.FileInfo, err error) error {
@@ -65,8 +88,8 @@ func TestServePinRestart(t *testing.T) {
 
 	srv = startServe(t, "http", args...)
 	seriesUp(srv)
-	if n := tcxPrograms(t, a); n != 4 {
-		t.Errorf("%d tcx programs after the restart, want 4: adopted, not attached twice", n)
+	if n := nsflowHooks(t, a, mode); n != 4 {
+		t.Errorf("%d %s hooks with nsflow programs after the restart, want 4: adopted, not attached twice", n, mode)
 	}
 	udpExchange(t, a, a, netip.MustParseAddrPort("127.0.0.1:9702"), 5, 20)
 	k1, s1, _ := quiescentScrape(t, srv, byIno)
@@ -80,7 +103,7 @@ func TestServePinRestart(t *testing.T) {
 		t.Errorf("lo tx %d packets, want at least the 30 datagrams sent", kd[lo].Packets)
 	}
 	t.Logf("across a restart with traffic while down: lo tx %+v, equal to the kernel's", sd[lo])
-	if !strings.Contains(srv.logText(), "adopted pinned link") {
+	if mode == "tcx" && !strings.Contains(srv.logText(), "adopted pinned link") {
 		t.Errorf("the restarted serve did not adopt the links:\n%s", srv.logText())
 	}
 	srv.stop(t)
