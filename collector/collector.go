@@ -87,7 +87,8 @@ type Collector struct {
 	mu           sync.Mutex
 	noTCX        bool // under ModeAuto: an attach found the kernel without TCX
 	tcx, clsact  attach.Attacher
-	hostNl       *netlink.Handle // in the host namespace: nsids of the others
+	hostNlMu     sync.Mutex      // a netlink handle serves one request at a time
+	hostNl       *netlink.Handle // in the host namespace: nsids of the others (nsidOf)
 	namespaces   map[uint64]*namespace
 	hostIno      uint64 // the namespace nsflow runs in (HostVeths)
 	closed       bool
@@ -408,10 +409,8 @@ func (c *Collector) register(t Target) (*namespace, bool, error) {
 		return nil, false, fmt.Errorf("subscribe to link events in netns %s: %w", t.Name, err)
 	}
 	nsid := -1
-	if c.hostNl != nil && ino != c.hostIno {
-		if id, err := c.hostNl.GetNetNsIdByFd(int(h)); err == nil && id >= 0 {
-			nsid = id
-		}
+	if ino != c.hostIno {
+		nsid = c.nsidOf(h)
 	}
 	drop := func() {
 		w.Close()
@@ -1069,9 +1068,12 @@ func (c *Collector) Close() error {
 		close(c.idle)
 	}
 	c.mu.Unlock()
+	c.hostNlMu.Lock()
 	if c.hostNl != nil {
 		c.hostNl.Close()
+		c.hostNl = nil
 	}
+	c.hostNlMu.Unlock()
 	c.pins.ReleasePending()
 	err := c.objs.Close()
 	// Last: a pinned owner's lock on the pin path, a live one's liveness.

@@ -29,6 +29,7 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
 
 	"github.com/nsflow/nsflow/collector/attach"
 	"github.com/nsflow/nsflow/collector/flow"
@@ -65,14 +66,26 @@ func (c *Collector) nsidLocked(ns *namespace) int {
 	if ns.nsid >= 0 {
 		return ns.nsid
 	}
-	if c.hostNl == nil || ns.inode == c.hostIno || !ns.gone.IsZero() {
+	if ns.inode == c.hostIno || !ns.gone.IsZero() {
 		return -1
 	}
-	id, err := c.hostNl.GetNetNsIdByFd(int(ns.handle))
+	ns.nsid = c.nsidOf(ns.handle)
+	return ns.nsid
+}
+
+// nsidOf asks the host's nsid for the namespace of h (-1: none yet).
+func (c *Collector) nsidOf(h netns.NsHandle) int {
+	// One request at a time on the handle's socket: concurrent ones read
+	// each other's replies.
+	c.hostNlMu.Lock()
+	defer c.hostNlMu.Unlock()
+	if c.hostNl == nil { // none, or closed
+		return -1
+	}
+	id, err := c.hostNl.GetNetNsIdByFd(int(h))
 	if err != nil || id < 0 {
 		return -1
 	}
-	ns.nsid = id
 	return id
 }
 

@@ -398,7 +398,7 @@ func sendUDP(t *testing.T, n *anonNetns, to string, count int) {
 func TestMaxInterfaces(t *testing.T) {
 	testenv.RequireRoot(t)
 	n := newAnonNetns(t)
-	n.addDummies(t, 69) // with lo: 70 interfaces
+	n.addDummies(t, 69)                         // with lo: 70 interfaces
 	c, err := collector.New(collector.Config{}) // MaxInterfaces: the default, 64
 	if err != nil {
 		t.Fatal(err)
