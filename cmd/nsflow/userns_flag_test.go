@@ -1,6 +1,8 @@
 package main
 
 import (
+	"os"
+	"strconv"
 	"testing"
 
 	"github.com/spf13/pflag"
@@ -35,5 +37,17 @@ func TestUsernsFlag(t *testing.T) {
 				t.Errorf("selectFlags %v: discovery %+v (err %v), want UserNamespaces %v", append(sel, args...), got.discovery, err, want)
 			}
 		}
+	}
+	// pid:PID alone is a target, opened as given: no discovery, so no
+	// user-namespace rule applies to it.
+	var s selectFlags
+	fs := pflag.NewFlagSet("trace", pflag.ContinueOnError)
+	s.register(fs)
+	if err := fs.Parse([]string{"--netns", "pid:" + strconv.Itoa(os.Getpid())}); err != nil {
+		t.Fatal(err)
+	}
+	got, err := s.validate()
+	if err != nil || got.discovery != nil || len(got.targets) != 1 {
+		t.Errorf("--netns pid:%d: targets %+v, discovery %+v (err %v), want one target and no discovery", os.Getpid(), got.targets, got.discovery, err)
 	}
 }
