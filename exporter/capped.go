@@ -44,12 +44,18 @@ import (
 type capped[G, I, E comparable] struct {
 	mu     sync.Mutex
 	max    int // < 0: no cap
+	gen    uint64
 	groups map[G]*cappedGroup
 	items  map[I]*cappedItem[G, E]
 }
 
 type cappedGroup struct {
 	total, rem flow.Counters
+	// One scrape's scratch: its total as read, the sum of its item
+	// series, what its remainder can give up, and the scrape it was read
+	// in.
+	next, sum, slack flow.Counters
+	gen              uint64
 }
 
 type cappedItem[G, E comparable] struct {
@@ -99,27 +105,35 @@ func (c *capped[G, I, E]) entries() map[E]bool {
 	return out
 }
 
-// update takes one scrape's group totals and entry counts, and returns the
-// item series and the remainders to export, and how many items were left
-// without a series.
-func (c *capped[G, I, E]) update(totals map[G]flow.Counters, obs []observation[G, I, E]) (items map[I]flow.Counters, rems map[G]flow.Counters, left int) {
+// update takes one scrape's group totals (totals calls add for each group,
+// any number of times: they are summed) and entry counts, passes the item
+// series and the remainders to export to item and rem, and returns how many
+// items were left without a series.
+func (c *capped[G, I, E]) update(totals func(add func(G, flow.Counters)), obs []observation[G, I, E],
+	item func(I, flow.Counters), rem func(G, flow.Counters)) (left int) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	c.gen++
+	totals(func(g G, t flow.Counters) {
+		st := c.groups[g]
+		if st == nil {
+			st = &cappedGroup{}
+			c.groups[g] = st
+		}
+		if st.gen != c.gen {
+			st.gen, st.next = c.gen, flow.Counters{}
+		}
+		st.next = add(st.next, t)
+	})
 	for g, st := range c.groups {
-		t, ok := totals[g]
-		if !ok {
+		if st.gen != c.gen {
 			delete(c.groups, g)
 			continue
 		}
-		if t.Packets < st.total.Packets || t.Bytes < st.total.Bytes {
+		if st.next.Packets < st.total.Packets || st.next.Bytes < st.total.Bytes {
 			st.rem = flow.Counters{} // re-created under its name: start over
 		}
-		st.total = t
-	}
-	for g, t := range totals {
-		if c.groups[g] == nil {
-			c.groups[g] = &cappedGroup{total: t}
-		}
+		st.total, st.sum = st.next, flow.Counters{}
 	}
 
 	// The items read, in the order first seen (deterministic for a
@@ -167,7 +181,6 @@ func (c *capped[G, I, E]) update(totals map[G]flow.Counters, obs []observation[G
 
 	// Placed items: add their entries' increments; gone ones lose their
 	// series.
-	sums := map[G]flow.Counters{}
 	for id, it := range c.items {
 		j, ok := present[id]
 		if !ok || reads[j].group != it.group {
@@ -188,13 +201,13 @@ func (c *capped[G, I, E]) update(totals map[G]flow.Counters, obs []observation[G
 			it.value = add(it.value, inc)
 		}
 		it.last = append(it.last[:0], es...)
-		sums[it.group] = add(sums[it.group], it.value)
+		st := c.groups[it.group]
+		st.sum = add(st.sum, it.value)
 	}
 
 	// What each group's remainder can give up to newly placed items.
-	slack := map[G]flow.Counters{}
-	for g, st := range c.groups {
-		slack[g] = sub0(sub0(st.total, sums[g]), st.rem)
+	for _, st := range c.groups {
+		st.slack = sub0(sub0(st.total, st.sum), st.rem)
 	}
 
 	// New items take the free places, largest first.
@@ -215,26 +228,24 @@ func (c *capped[G, I, E]) update(totals map[G]flow.Counters, obs []observation[G
 	for _, id := range cands[:free] {
 		r := &reads[present[id]]
 		it := &cappedItem[G, E]{group: r.group, last: append([]entryCount[E](nil), entries(r)...)}
-		if s := slack[r.group]; r.sum.Packets <= s.Packets && r.sum.Bytes <= s.Bytes {
+		st := c.groups[r.group]
+		if r.sum.Packets <= st.slack.Packets && r.sum.Bytes <= st.slack.Bytes {
 			it.value = r.sum
-			slack[r.group] = sub(s, r.sum)
+			st.slack = sub(st.slack, r.sum)
 		}
 		c.items[id] = it
-		sums[r.group] = add(sums[r.group], it.value)
+		st.sum = add(st.sum, it.value)
 	}
-	left = len(cands) - free
 
-	items = make(map[I]flow.Counters, len(c.items))
 	for id, it := range c.items {
-		items[id] = it.value
+		item(id, it.value)
 	}
-	rems = make(map[G]flow.Counters, len(c.groups))
 	for g, st := range c.groups {
-		r := sub0(st.total, sums[g])
+		r := sub0(st.total, st.sum)
 		st.rem = flow.Counters{Packets: max(st.rem.Packets, r.Packets), Bytes: max(st.rem.Bytes, r.Bytes)}
-		rems[g] = st.rem
+		rem(g, st.rem)
 	}
-	return items, rems, left
+	return len(cands) - free
 }
 
 func add(a, b flow.Counters) flow.Counters {

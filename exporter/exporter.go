@@ -95,9 +95,13 @@ type Exporter struct {
 	labels map[pointKey][]*dto.LabelPair
 	// flowLabels and ctrLabels keep the label pairs of the flow and
 	// container series (remainders included) from one scrape to the next
-	// likewise (they are sticky: most are the same).
-	flowLabels map[flowLabels][]*dto.LabelPair
-	ctrLabels  map[ctrLabels][]*dto.LabelPair
+	// likewise (they are sticky: most are the same), under scrapeMu;
+	// entries not used in a scrape are dropped. flowSeries is the flow
+	// scrape's buffer.
+	flowLabels       map[flowLabels]*cachedLabels
+	ctrLabels        map[ctrLabels]*cachedLabels
+	labelGen, ctrGen uint64
+	flowSeries       []seriesValue
 }
 
 // New returns an exporter for c.
@@ -113,6 +117,8 @@ func New(c Source, cfg Config) *Exporter {
 	return &Exporter{
 		c: c, cfg: cfg,
 		flows:             newCapped[flowGroup, flowLabels, flowEntry](cfg.MaxFlowSeries),
+		flowLabels:        map[flowLabels]*cachedLabels{},
+		ctrLabels:         map[ctrLabels]*cachedLabels{},
 		containers:        newCapped[ctrGroup, ctrLabels, ctrEntry](cfg.MaxContainerSeries),
 		ctrPackets:        d("container_packets_total", "Packets per container (cgroup) sent (tx) or received (rx) in a network namespace, all its interfaces (only with --containers; capped: container=\"\" holds the rest of the namespace's traffic).", ctr...),
 		ctrBytes:          d("container_bytes_total", "Bytes per container (cgroup) sent or received in a network namespace (only with --containers; capped like the packets).", ctr...),
@@ -397,18 +403,19 @@ type members func(k int) ([]ifaceID, flow.Counters, flow.Counters)
 // remainder per observation point (capped), and returns how many flows in the
 // map have no series.
 func (e *Exporter) collectFlows(snap *flow.Snapshot, points []pointKey, sums members, ch chan<- prometheus.Metric) int {
-	totals := map[flowGroup]flow.Counters{}
-	point := map[[2]uint64]flowGroup{} // (inode, ifindex) of a summed interface -> its point
+	point := make(map[[2]uint64]flowGroup, len(points)) // (inode, ifindex) of a summed interface -> its point
 	for k, p := range points {
-		ifs, rx, tx := sums(k)
-		g := flowGroup{netns: p.netns, iface: p.iface}
+		ifs, _, _ := sums(k)
 		for _, m := range ifs {
-			point[[2]uint64{m.ino, uint64(m.idx)}] = g
+			point[[2]uint64{m.ino, uint64(m.idx)}] = flowGroup{netns: p.netns, iface: p.iface}
 		}
-		g.dir = flow.RX
-		totals[g] = add(totals[g], rx)
-		g.dir = flow.TX
-		totals[g] = add(totals[g], tx)
+	}
+	totals := func(add func(flowGroup, flow.Counters)) {
+		for k, p := range points {
+			_, rx, tx := sums(k)
+			add(flowGroup{p.netns, p.iface, flow.RX}, rx)
+			add(flowGroup{p.netns, p.iface, flow.TX}, tx)
+		}
 	}
 	obs := make([]observation[flowGroup, flowLabels, flowEntry], 0, len(snap.Flows))
 	for i := range snap.Flows {
@@ -425,49 +432,65 @@ func (e *Exporter) collectFlows(snap *flow.Snapshot, points []pointKey, sums mem
 			c:     flow.Counters{Packets: f.Packets, Bytes: f.Bytes},
 		})
 	}
-	items, rems, left := e.flows.update(totals, obs)
 	// Label pairs built once per series (remainders: a flowLabels with
 	// proto 0 and no addresses, which no flow has), emitted in the order
-	// the registry sorts them into.
-	e.mu.Lock()
-	old := e.flowLabels
-	e.mu.Unlock()
-	labels := make(map[flowLabels][]*dto.LabelPair, len(items)+len(rems))
-	type out struct {
-		labels []*dto.LabelPair
-		c      flow.Counters
-	}
-	series := make([]out, 0, len(items)+len(rems))
+	// the registry sorts them into. (The scrape lock is held: the cache is
+	// this scrape's.)
+	e.labelGen++
+	series := e.flowSeries[:0]
 	get := func(l flowLabels, values func() []string) []*dto.LabelPair {
-		lp, ok := old[l]
-		if !ok {
-			lp = labelPairs([]string{"direction", "dst", "dst_port", "interface", "netns", "protocol", "src", "src_port"}, values())
+		c := e.flowLabels[l]
+		if c == nil {
+			c = &cachedLabels{pairs: labelPairs([]string{"direction", "dst", "dst_port", "interface", "netns", "protocol", "src", "src_port"}, values())}
+			e.flowLabels[l] = c
 		}
-		labels[l] = lp
-		return lp
+		c.gen = e.labelGen
+		return c.pairs
 	}
-	for l, c := range items {
+	placed := 0
+	left := e.flows.update(totals, obs, func(l flowLabels, c flow.Counters) {
+		placed++
 		lp := get(l, func() []string {
 			return []string{string(l.dir), l.dst.String(), strconv.Itoa(int(l.dport)), l.iface, l.netns, l.proto.String(), l.src.String(), strconv.Itoa(int(l.sport))}
 		})
-		series = append(series, out{lp, c})
-	}
-	for g, c := range rems {
+		series = append(series, seriesValue{lp, c})
+	}, func(g flowGroup, c flow.Counters) {
 		lp := get(flowLabels{flowGroup: g}, func() []string { return []string{string(g.dir), "", "", g.iface, g.netns, "other", "", ""} })
-		series = append(series, out{lp, c})
+		series = append(series, seriesValue{lp, c})
+	})
+	for l, c := range e.flowLabels {
+		if c.gen != e.labelGen {
+			delete(e.flowLabels, l)
+		}
 	}
-	e.mu.Lock()
-	e.flowLabels = labels
-	e.mu.Unlock()
-	slices.SortFunc(series, func(a, b out) int { return compareLabels(a.labels, b.labels) })
-	for _, m := range series {
-		ch <- &counterMetric{desc: e.flowPackets, labels: m.labels, value: float64(m.c.Packets)}
-	}
-	for _, m := range series {
-		ch <- &counterMetric{desc: e.flowBytes, labels: m.labels, value: float64(m.c.Bytes)}
-	}
+	e.emitSorted(series, e.flowPackets, e.flowBytes, ch)
+	clear(series)
+	e.flowSeries = series[:0]
 	// With a SelectSource, flows beyond the free places were not read.
-	return max(left, int(snap.Stats.FlowEntries)-len(items))
+	return max(left, int(snap.Stats.FlowEntries)-placed)
+}
+
+// cachedLabels are a series' label pairs, and the last scrape that had it.
+type cachedLabels struct {
+	pairs []*dto.LabelPair
+	gen   uint64
+}
+
+// seriesValue is a series of a pair of packets and bytes metrics.
+type seriesValue struct {
+	labels []*dto.LabelPair
+	c      flow.Counters
+}
+
+// emitSorted sends the series' packets and bytes in the registry's order.
+func (e *Exporter) emitSorted(series []seriesValue, packets, bytes *prometheus.Desc, ch chan<- prometheus.Metric) {
+	slices.SortFunc(series, func(a, b seriesValue) int { return compareLabels(a.labels, b.labels) })
+	for _, m := range series {
+		ch <- &counterMetric{desc: packets, labels: m.labels, value: float64(m.c.Packets)}
+	}
+	for _, m := range series {
+		ch <- &counterMetric{desc: bytes, labels: m.labels, value: float64(m.c.Bytes)}
+	}
 }
 
 // ctrGroup is a namespace and direction: the container series' remainder.
@@ -496,15 +519,19 @@ type ctrEntry struct {
 // direction, that holds what no container series does: packets of unknown
 // cgroups, and of containers over the cap.
 func (e *Exporter) collectContainers(snap *flow.Snapshot, points []pointKey, sums members, ch chan<- prometheus.Metric) {
-	totals := map[ctrGroup]flow.Counters{}
 	netns := map[ifaceID]string{} // a summed interface (by name) -> its netns label
 	for k, p := range points {
-		ifs, rx, tx := sums(k)
+		ifs, _, _ := sums(k)
 		for _, m := range ifs {
 			netns[ifaceID{ino: m.ino, name: m.name}] = p.netns
 		}
-		totals[ctrGroup{p.netns, flow.RX}] = add(totals[ctrGroup{p.netns, flow.RX}], rx)
-		totals[ctrGroup{p.netns, flow.TX}] = add(totals[ctrGroup{p.netns, flow.TX}], tx)
+	}
+	totals := func(add func(ctrGroup, flow.Counters)) {
+		for k, p := range points {
+			_, rx, tx := sums(k)
+			add(ctrGroup{p.netns, flow.RX}, rx)
+			add(ctrGroup{p.netns, flow.TX}, tx)
+		}
 	}
 	obs := make([]observation[ctrGroup, ctrLabels, ctrEntry], 0, len(snap.Containers))
 	for i := range snap.Containers {
@@ -526,40 +553,24 @@ func (e *Exporter) collectContainers(snap *flow.Snapshot, points []pointKey, sum
 			c:     cs.Counters,
 		})
 	}
-	items, rems, _ := e.containers.update(totals, obs)
-	e.mu.Lock()
-	old := e.ctrLabels
-	e.mu.Unlock()
-	labels := make(map[ctrLabels][]*dto.LabelPair, len(items)+len(rems))
-	type out struct {
-		labels []*dto.LabelPair
-		c      flow.Counters
-	}
-	series := make([]out, 0, len(items)+len(rems))
+	e.ctrGen++
+	series := make([]seriesValue, 0, len(points)*2)
 	add := func(l ctrLabels, c flow.Counters) {
-		lp, ok := old[l]
-		if !ok {
-			lp = labelPairs([]string{"container", "direction", "namespace", "netns", "pod"}, []string{l.container, string(l.dir), l.podNS, l.netns, l.pod})
+		lc := e.ctrLabels[l]
+		if lc == nil {
+			lc = &cachedLabels{pairs: labelPairs([]string{"container", "direction", "namespace", "netns", "pod"}, []string{l.container, string(l.dir), l.podNS, l.netns, l.pod})}
+			e.ctrLabels[l] = lc
 		}
-		labels[l] = lp
-		series = append(series, out{lp, c})
+		lc.gen = e.ctrGen
+		series = append(series, seriesValue{lc.pairs, c})
 	}
-	for l, c := range items {
-		add(l, c)
+	e.containers.update(totals, obs, add, func(g ctrGroup, c flow.Counters) { add(ctrLabels{ctrGroup: g}, c) })
+	for l, c := range e.ctrLabels {
+		if c.gen != e.ctrGen {
+			delete(e.ctrLabels, l)
+		}
 	}
-	for g, c := range rems {
-		add(ctrLabels{ctrGroup: g}, c)
-	}
-	e.mu.Lock()
-	e.ctrLabels = labels
-	e.mu.Unlock()
-	slices.SortFunc(series, func(a, b out) int { return compareLabels(a.labels, b.labels) })
-	for _, m := range series {
-		ch <- &counterMetric{desc: e.ctrPackets, labels: m.labels, value: float64(m.c.Packets)}
-	}
-	for _, m := range series {
-		ch <- &counterMetric{desc: e.ctrBytes, labels: m.labels, value: float64(m.c.Bytes)}
-	}
+	e.emitSorted(series, e.ctrPackets, e.ctrBytes, ch)
 }
 
 // labelPairs returns label pairs of names (sorted) and their values.
