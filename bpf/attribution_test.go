@@ -404,6 +404,16 @@ func TestAttribution(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			objs := load(t, c.opts)
+			// Off, the parsers are those without the attribution's code.
+			wantIn, wantEg := "nsflow_attr_in", map[bool]string{false: "nsflow_attr_eg", true: "nsflow_attr_egk"}[objs.KernCtx]
+			if c.name == "off" {
+				wantIn, wantEg = "nsflow_ingress", map[bool]string{false: "nsflow_egress", true: "nsflow_egress_k"}[objs.KernCtx]
+			}
+			for p, want := range map[*ebpf.Program]string{objs.NsflowIngress: wantIn, objs.NsflowEgress: wantEg} {
+				if info, err := p.Info(); err != nil || info.Name != want {
+					t.Errorf("parser %+v (%v), want %s", info, err, want)
+				}
+			}
 			ns, rx, tx, _, h := attachLo(t, objs)
 			srv, srvErr := startPeer(t, ns, server, "server", true)
 			cli, cliErr := startPeer(t, ns, client, "client", false)

@@ -224,12 +224,23 @@ func Load(opts Options) (*Objects, error) {
 		copts = &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: opts.PinPath}}
 	}
 	// The egress parser: with bpf_cast_to_kern_ctx where the kernel's BTF
-	// has it (a feature probe, not a version), else with probe reads.
+	// has it (a feature probe, not a version), else with probe reads. The
+	// parsers with the per-container attribution only where it is on:
+	// without it, the parsers are those from before it, unchanged.
 	o := &Objects{KernCtx: !opts.ProbeReads && haveKernCtx()}
-	if o.KernCtx {
-		spec.Programs[NsflowProgNsflowEgress] = spec.Programs[NsflowProgNsflowEgressK]
+	ingress, egress, egressK := NsflowProgNsflowIngress, NsflowProgNsflowEgress, NsflowProgNsflowEgressK
+	if opts.ContainerEntries > 0 || !opts.NoFlows && (opts.Attribution || opts.SocketLookup) {
+		ingress, egress, egressK = NsflowProgNsflowAttrIn, NsflowProgNsflowAttrEg, NsflowProgNsflowAttrEgk
 	}
-	delete(spec.Programs, NsflowProgNsflowEgressK)
+	if o.KernCtx {
+		egress = egressK
+	}
+	ing, egr := spec.Programs[ingress], spec.Programs[egress]
+	for _, name := range []string{NsflowProgNsflowIngress, NsflowProgNsflowEgress, NsflowProgNsflowEgressK,
+		NsflowProgNsflowAttrIn, NsflowProgNsflowAttrEg, NsflowProgNsflowAttrEgk} {
+		delete(spec.Programs, name)
+	}
+	spec.Programs[NsflowProgNsflowIngress], spec.Programs[NsflowProgNsflowEgress] = ing, egr
 	if err := spec.LoadAndAssign(&o.objects, copts); err != nil {
 		var verr *ebpf.VerifierError
 		if errors.As(err, &verr) {

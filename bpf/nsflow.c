@@ -168,9 +168,8 @@ volatile const __u32 napi_id_min = 0xffffffff;
 /* Set on PREEMPT_RT kernels: counters are added atomically (below). */
 volatile const __u8 atomic_counts = 0;
 /* Per-container attribution (Options.Attribution, SocketLookup,
- * ContainerEntries), all off by default: the verifier then removes their
- * branches, and the programs are the ones without them (the loads of these
- * constants aside; docs/BENCHMARKS.md). */
+ * ContainerEntries), all off by default: the loader then loads the parsers
+ * without it (account's attr), which never read these. */
 volatile const __u8 attribution = 0;        /* egress: the sending socket's cgroup into the flow */
 volatile const __u8 sk_lookup = 0;          /* ingress: the receiving socket's cgroup, at a flow's first packet */
 volatile const __u8 containers_enabled = 0; /* per (slot, cgroup) counters (containers map) */
@@ -357,9 +356,11 @@ static __always_inline __u64 flow_cgroup(struct __sk_buff *ctx, struct flow_key 
 	return sk_lookup ? socket_cgroup(ctx, key) : 0;
 }
 
-/* Counts a packet in its flow; returns the flow's cgroup. */
+/* Counts a packet in its flow; returns the flow's cgroup when want_cg (else
+ * 0: the flow value's cgroup is not read). attr: the program of the
+ * attribution variant (a constant: account). */
 static __always_inline __u64 count_flow(struct __sk_buff *ctx, struct flow_key *key, __u32 packets, __u64 len,
-					__u8 tcp_flags, __u8 dir, __u64 skb_cg)
+					__u8 tcp_flags, __u8 dir, __u64 skb_cg, __u8 want_cg, int attr)
 {
 	__u64 now = bpf_ktime_get_coarse_ns();
 	struct flow_val *v = bpf_map_lookup_elem(&flows, key);
@@ -370,7 +371,7 @@ static __always_inline __u64 count_flow(struct __sk_buff *ctx, struct flow_key *
 			.bytes = len,
 			.first_ns = now,
 			.last_ns = now,
-			.cgroup = flow_cgroup(ctx, key, dir, skb_cg),
+			.cgroup = attr ? flow_cgroup(ctx, key, dir, skb_cg) : 0,
 			.tcp_flags = tcp_flags,
 		};
 		long err = bpf_map_update_elem(&flows, key, &init, BPF_NOEXIST);
@@ -401,14 +402,14 @@ static __always_inline __u64 count_flow(struct __sk_buff *ctx, struct flow_key *
 		v->tcp_flags |= tcp_flags;
 	/* An egress flow whose first packets had no socket (or no cgroup)
 	 * takes the first one a later packet has; once set, it is only read. */
-	if (dir == DIR_TX && attribution && !v->cgroup) {
+	if (attr && dir == DIR_TX && attribution && !v->cgroup) {
 		__u64 cg = skb_cg ? skb_cg : bpf_skb_cgroup_id(ctx);
 
 		if (cg)
 			v->cgroup = cg;
 		return cg;
 	}
-	return v->cgroup;
+	return attr && want_cg ? v->cgroup : 0;
 }
 
 /* Counts a packet under its observation point and cgroup (containers). */
@@ -876,8 +877,13 @@ static __always_inline struct handoff take_handoff(struct __sk_buff *ctx)
 }
 
 /* The parser: totals with GSO segments, then the flow. trusted: the GSO
- * replay reads through bpf_cast_to_kern_ctx (KREAD). */
-static __always_inline int account(struct __sk_buff *ctx, __u8 dir, int trusted)
+ * replay reads through bpf_cast_to_kern_ctx (KREAD). attr: the variant with
+ * the per-container attribution (attribution, sk_lookup, containers_enabled),
+ * which the loader loads in place of the one without when any is on: the
+ * one without is the parser as it was before them, instruction for
+ * instruction (nothing of theirs, not even the loads of their switches, is
+ * in it; docs/BENCHMARKS.md). */
+static __always_inline int account(struct __sk_buff *ctx, __u8 dir, int trusted, int attr)
 {
 	struct handoff h = take_handoff(ctx);
 	__u64 bytes = ctx->len;
@@ -909,21 +915,23 @@ static __always_inline int account(struct __sk_buff *ctx, __u8 dir, int trusted)
 	if (!flows_enabled)
 		return TC_NEXT;
 	/* The containers map counts an egress packet under its own socket's
-	 * cgroup (read once, for the flow too). */
+	 * cgroup (read once, for the flow too), an ingress one under its
+	 * flow's. The switch is read once: off, the packet pays one load. */
+	__u8 containers_on = attr && containers_enabled;
 	__u64 skb_cg = 0, cg;
 
-	if (containers_enabled && dir == DIR_TX)
+	if (containers_on && dir == DIR_TX)
 		skb_cg = bpf_skb_cgroup_id(ctx);
 	if (res == PARSE_NOT_YET)
 		res = parse(ctx, h.link, &fkey, &l4i);
 	if (res != PARSE_FLOW) {
 		stat_inc(parse_stat(res));
-		if (containers_enabled)
+		if (containers_on)
 			count_container(h.slot, skb_cg, packets, bytes);
 		return TC_NEXT;
 	}
-	cg = count_flow(ctx, &fkey, packets, bytes, l4i.tcp_flags, dir, skb_cg);
-	if (containers_enabled)
+	cg = count_flow(ctx, &fkey, packets, bytes, l4i.tcp_flags, dir, skb_cg, containers_on && dir == DIR_RX, attr);
+	if (containers_on)
 		count_container(h.slot, dir == DIR_TX ? skb_cg : cg, packets, bytes);
 	return TC_NEXT;
 }
@@ -931,14 +939,14 @@ static __always_inline int account(struct __sk_buff *ctx, __u8 dir, int trusted)
 SEC("tc")
 int nsflow_ingress(struct __sk_buff *ctx)
 {
-	return account(ctx, DIR_RX, 0);
+	return account(ctx, DIR_RX, 0, 0);
 }
 
 /* The egress parser for kernels without bpf_cast_to_kern_ctx (probe reads). */
 SEC("tc")
 int nsflow_egress(struct __sk_buff *ctx)
 {
-	return account(ctx, DIR_TX, 0);
+	return account(ctx, DIR_TX, 0, 0);
 }
 
 /* The egress parser where the kernel has bpf_cast_to_kern_ctx: the loader
@@ -946,7 +954,28 @@ int nsflow_egress(struct __sk_buff *ctx)
 SEC("tc")
 int nsflow_egress_k(struct __sk_buff *ctx)
 {
-	return account(ctx, DIR_TX, 1);
+	return account(ctx, DIR_TX, 1, 0);
+}
+
+/* The same three with the per-container attribution (account's attr): the
+ * loader loads them in place of the three above when it is on (names of at
+ * most 15 characters: the kernel's program names). */
+SEC("tc")
+int nsflow_attr_in(struct __sk_buff *ctx)
+{
+	return account(ctx, DIR_RX, 0, 1);
+}
+
+SEC("tc")
+int nsflow_attr_eg(struct __sk_buff *ctx)
+{
+	return account(ctx, DIR_TX, 0, 1);
+}
+
+SEC("tc")
+int nsflow_attr_egk(struct __sk_buff *ctx)
+{
+	return account(ctx, DIR_TX, 1, 1);
 }
 
 /*

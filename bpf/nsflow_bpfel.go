@@ -119,6 +119,9 @@ const (
 	NsflowMapPoints             = "points"
 	NsflowMapStats              = "stats"
 	NsflowMapTotals             = "totals"
+	NsflowProgNsflowAttrEg      = "nsflow_attr_eg"
+	NsflowProgNsflowAttrEgk     = "nsflow_attr_egk"
+	NsflowProgNsflowAttrIn      = "nsflow_attr_in"
 	NsflowProgNsflowEgress      = "nsflow_egress"
 	NsflowProgNsflowEgressK     = "nsflow_egress_k"
 	NsflowProgNsflowIngress     = "nsflow_ingress"
@@ -182,6 +185,9 @@ type NsflowSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type NsflowProgramSpecs struct {
+	NsflowAttrEg      *ebpf.ProgramSpec `ebpf:"nsflow_attr_eg"`
+	NsflowAttrEgk     *ebpf.ProgramSpec `ebpf:"nsflow_attr_egk"`
+	NsflowAttrIn      *ebpf.ProgramSpec `ebpf:"nsflow_attr_in"`
 	NsflowEgress      *ebpf.ProgramSpec `ebpf:"nsflow_egress"`
 	NsflowEgressK     *ebpf.ProgramSpec `ebpf:"nsflow_egress_k"`
 	NsflowIngress     *ebpf.ProgramSpec `ebpf:"nsflow_ingress"`
@@ -287,6 +293,9 @@ type NsflowVariables struct {
 //
 // It can be passed to LoadNsflowObjects or ebpf.CollectionSpec.LoadAndAssign.
 type NsflowPrograms struct {
+	NsflowAttrEg      *ebpf.Program `ebpf:"nsflow_attr_eg"`
+	NsflowAttrEgk     *ebpf.Program `ebpf:"nsflow_attr_egk"`
+	NsflowAttrIn      *ebpf.Program `ebpf:"nsflow_attr_in"`
 	NsflowEgress      *ebpf.Program `ebpf:"nsflow_egress"`
 	NsflowEgressK     *ebpf.Program `ebpf:"nsflow_egress_k"`
 	NsflowIngress     *ebpf.Program `ebpf:"nsflow_ingress"`
@@ -296,6 +305,9 @@ type NsflowPrograms struct {
 
 func (p *NsflowPrograms) Close() error {
 	return _NsflowClose(
+		p.NsflowAttrEg,
+		p.NsflowAttrEgk,
+		p.NsflowAttrIn,
 		p.NsflowEgress,
 		p.NsflowEgressK,
 		p.NsflowIngress,

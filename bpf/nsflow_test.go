@@ -5,6 +5,9 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -185,7 +188,8 @@ func readMaps(t testing.TB, objs *Objects) mapState {
 }
 
 // clearMaps zeroes every totals slot (the points keep their slots, as the
-// test's stubs keep counting into them), empties flows and zeroes the stats.
+// test's stubs keep counting into them), empties flows and containers and
+// zeroes the stats.
 func clearMaps(t testing.TB, objs *Objects) {
 	t.Helper()
 	zeroes := make([]NsflowCounters, ebpf.MustPossibleCPU())
@@ -206,6 +210,17 @@ func clearMaps(t testing.TB, objs *Objects) {
 	}
 	for _, k := range fkeys {
 		if err := objs.Flows.Delete(k); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var ck NsflowContainerKey
+	var cv NsflowCounters
+	var ckeys []NsflowContainerKey
+	for it := objs.Containers.Iterate(); it.Next(&ck, &cv); {
+		ckeys = append(ckeys, ck)
+	}
+	for _, k := range ckeys {
+		if err := objs.Containers.Delete(k); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -274,10 +289,52 @@ func coarseNow(t testing.TB) uint64 {
 }
 
 // TestFrames runs every frame kind of the table through both programs, on
-// emptied maps, and checks everything they wrote, exactly.
+// emptied maps, and checks everything they wrote, exactly. Twice: with the
+// parsers of the default, and with those of the per-container attribution
+// (all of it on), which must count the same and, besides, write the cgroup
+// of the socket BPF_PROG_TEST_RUN gives its sk_buff (one it makes in the
+// calling process's cgroup) into egress flows, 0 into ingress ones (no
+// socket has the table's addresses), and the same counts per (slot,
+// cgroup) into the containers map as into the totals.
 func TestFrames(t *testing.T) {
-	objs := load(t, Options{}) // one load: a load takes ~0.1 s here
+	for _, attr := range []bool{false, true} {
+		t.Run(map[bool]string{false: "plain", true: "attribution"}[attr], func(t *testing.T) {
+			opts := Options{}
+			if attr {
+				opts = Options{Attribution: true, SocketLookup: true, ContainerEntries: 64}
+			}
+			frames(t, opts)
+		})
+	}
+}
+
+// selfCgroup is the cgroup v2 id of the calling process's cgroup.
+func selfCgroup(t *testing.T) uint64 {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/cgroup")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if path, ok := strings.CutPrefix(line, "0::"); ok {
+			var st unix.Stat_t
+			if err := unix.Stat(filepath.Join(cgroup2Mount(t), path), &st); err != nil {
+				t.Fatal(err)
+			}
+			return st.Ino
+		}
+	}
+	t.Fatalf("no cgroup v2 line in /proc/self/cgroup: %q", b)
+	return 0
+}
+
+func frames(t *testing.T, opts Options) {
+	objs := load(t, opts) // one load: a load takes ~0.1 s here
 	netns := selfNetns(t)
+	var selfCg uint64
+	if opts.Attribution {
+		selfCg = selfCgroup(t)
+	}
 	// Three separate runs: RunOptions.Repeat would do, but cilium/ebpf
 	// restarts a repeated run from scratch when a signal interrupts it,
 	// which would break exact counts once in a long while.
@@ -319,6 +376,22 @@ func TestFrames(t *testing.T) {
 					if v.FirstNs < before || v.LastNs < v.FirstNs || v.LastNs > after {
 						t.Errorf("flow seen first %d, last %d: want both within [%d, %d], first <= last", v.FirstNs, v.LastNs, before, after)
 					}
+					if want := map[Direction]uint64{TX: selfCg}[dir]; v.Cgroup != want {
+						t.Errorf("flow cgroup %d, want %d", v.Cgroup, want)
+					}
+				}
+				containers := map[NsflowContainerKey]NsflowCounters{}
+				if err := objs.ReadContainers(func(slot uint32, _ NsflowObsKey, cg uint64, c NsflowCounters) {
+					containers[NsflowContainerKey{Slot: slot, Cgroup: cg}] = c
+				}); err != nil {
+					t.Fatal(err)
+				}
+				wantContainers := map[NsflowContainerKey]NsflowCounters{}
+				if opts.ContainerEntries > 0 {
+					wantContainers[NsflowContainerKey{Slot: objs.Slots()[ok], Cgroup: map[Direction]uint64{TX: selfCg}[dir]}] = wantTotals[ok]
+				}
+				if !equalMaps(containers, wantContainers) {
+					t.Errorf("containers %+v, want %+v", containers, wantContainers)
 				}
 				if st.stats != wantStats {
 					t.Errorf("stats %v, want %v", st.stats, wantStats)
