@@ -535,6 +535,244 @@ func quietCounts(t *testing.T, paths map[uint64]string, filter ...func(counts) c
 	return nil
 }
 
+// Two containers of pod a (web and sidecar) talk over lo, TCP both ways
+// and UDP request/response and one-way, and web talks TCP to container srv
+// of pod b over eth0; `nsflow trace` names each flow's source and
+// destination container, and counts exactly what the capture saw; its
+// totals are the kernel's.
+func TestContainersOverLoAndEth0(t *testing.T) {
+	testenv.RequireRoot(t)
+	pods := newPods(t, "10.213.247.0/24", "e2e-ctr-a", "e2e-ctr-b")
+	a, b := pods[0], pods[1]
+	quietIPv6(t, a, b)
+	paths := map[uint64]string{inodeOf(t, a): a.NetnsPath, inodeOf(t, b): b.NetnsPath}
+
+	const (
+		tcpLo, udpLo, udpOneway, tcpEth = 9710, 9711, 9712, 9713
+		rounds                          = 40
+	)
+	// The aggregated view runs beside the per-flow one, over the same
+	// traffic.
+	trFlows := startTrace(t, 2, "--netns", a.Name, "--netns", b.Name, "--cri.endpoint", "none", "-o", "json", "--containers")
+	trAgg := startTrace(t, 2, "--netns", a.Name, "--netns", b.Name, "--cri.endpoint", "none", "-o", "json", "--aggregate-by", "container")
+	for _, tr := range []*tracer{trFlows, trAgg} {
+		for _, p := range pods {
+			waitOwnHooks(t, tr.cmd.Process.Pid, p.NetnsPath, "lo", "eth0")
+		}
+	}
+	// Each container has a process that lasts until the traces have
+	// stopped, as a real container's would: a container's cgroup goes
+	// with its last process (`pod exec` removes it), and the names of the
+	// flows' cgroups are read when the trace ends.
+	var anchors []*exec.Cmd
+	for _, c := range []struct {
+		p    *podns.Pod
+		name string
+	}{{a, "web"}, {a, "sidecar"}, {b, "srv"}} {
+		cmd := exec.Command(nsflowBin, "pod", "exec", c.p.Name, "--container", c.name, "--", "sleep", "60")
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() {
+			if cmd.ProcessState == nil {
+				cmd.Process.Kill() // and podns.Delete kills the sleep
+				cmd.Wait()
+			}
+		})
+		anchors = append(anchors, cmd)
+	}
+	capA := startCapture(t, a, "")
+	capB := startCapture(t, b, "")
+	k0 := quietCounts(t, paths)
+
+	// Servers first (each prints "listening" once bound), then clients.
+	loAddr := func(port int) string { return "127.0.0.1:" + strconv.Itoa(port) }
+	bAddr := netip.AddrPortFrom(b.IPv4, tcpEth).String()
+	servers := []*proc{
+		startContainer(t, a, "sidecar", true, "pp-server", "tcp", loAddr(tcpLo), "0"),
+		startContainer(t, a, "sidecar", true, "pp-server", "udp", loAddr(udpLo), strconv.Itoa(rounds)),
+		startContainer(t, a, "sidecar", true, "pp-server", "udp", loAddr(udpOneway), strconv.Itoa(-rounds)),
+		startContainer(t, b, "srv", true, "pp-server", "tcp", bAddr, "0"),
+	}
+	clients := []*proc{
+		startContainer(t, a, "web", false, "pp-client", "tcp", loAddr(tcpLo), strconv.Itoa(rounds), "100"),
+		startContainer(t, a, "web", false, "pp-client", "udp", loAddr(udpLo), strconv.Itoa(rounds), "100"),
+		startContainer(t, a, "web", false, "pp-client", "udp", loAddr(udpOneway), strconv.Itoa(rounds), "60", "oneway"),
+		startContainer(t, a, "web", false, "pp-client", "tcp", bAddr, strconv.Itoa(rounds), "200"),
+	}
+	for _, c := range clients {
+		if got := c.wait(t); got != strconv.Itoa(rounds) {
+			t.Fatalf("client %v: %q rounds", c.cmd.Args, got)
+		}
+	}
+	for _, s := range servers {
+		s.wait(t)
+	}
+
+	k1 := quietCounts(t, paths)
+	flowsOut := trFlows.stop(t)
+	aggOut := trAgg.stop(t)
+	k2 := kernelCounts(t, paths)
+	if !equalCounts(k1, k2) {
+		t.Fatalf("traffic on the pods' interfaces while the traces stopped: the counts cannot be compared")
+	}
+	for _, cmd := range anchors {
+		cmd.Process.Signal(syscall.SIGTERM) // passed on to sleep
+		cmd.Wait()
+	}
+	idx := map[string]map[int]string{a.Name: ifindexes(t, a.NetnsPath), b.Name: ifindexes(t, b.NetnsPath)}
+	captured := map[string]map[capKey]uint64{a.Name: capA.stop(t), b.Name: capB.stop(t)}
+
+	var tr traceDoc
+	if err := json.Unmarshal(flowsOut, &tr); err != nil {
+		t.Fatalf("trace JSON: %v\n%s", err, flowsOut)
+	}
+	validate(t, "trace.schema.json", flowsOut)
+
+	// Totals: the kernel's counters over the trace.
+	kd := delta(k0, k2)
+	for ino, path := range paths {
+		name := a.Name
+		if path == b.NetnsPath {
+			name = b.Name
+		}
+		for _, ns := range tr.Namespaces {
+			if ns.Name != name {
+				continue
+			}
+			for _, it := range ns.Interfaces {
+				if it.Name != "lo" && it.Name != "eth0" {
+					continue
+				}
+				wantRX, wantTX := kd[point{ino, it.Name, "rx"}].Packets, kd[point{ino, it.Name, "tx"}].Packets
+				if it.RXPackets != wantRX || it.TXPackets != wantTX {
+					t.Errorf("%s %s: trace rx %d tx %d packets, kernel %d and %d", name, it.Name, it.RXPackets, it.TXPackets, wantRX, wantTX)
+				}
+			}
+		}
+	}
+
+	// Each flow of the test: its containers, and its packets as captured.
+	// want maps a flow (by its server port and whether it goes to the
+	// server) to the containers it must name.
+	type role struct{ src, dst string }
+	names := func(port uint16, toServer bool) (role, bool) {
+		var r role
+		switch port {
+		case tcpLo, udpLo, udpOneway:
+			r = role{"web", "sidecar"}
+		case tcpEth:
+			r = role{"web", "srv"}
+		default:
+			return r, false
+		}
+		if !toServer {
+			r.src, r.dst = r.dst, r.src
+		}
+		return r, true
+	}
+	seen := map[capKey]bool{}
+	oneway := map[string]bool{} // the one-way flow's egress records' receivers
+	sums := map[pair]uint64{}   // per (src, dst) container: tx packets at a's points
+	for _, f := range tr.Flows {
+		if f.SrcContainer == nil || f.DstContainer == nil {
+			t.Errorf("flow %+v lacks src_container or dst_container", f)
+			continue
+		}
+		if f.Protocol != "tcp" && f.Protocol != "udp" {
+			continue
+		}
+		port, toServer := f.DstPort, true
+		if _, ok := names(f.SrcPort, false); ok {
+			port, toServer = f.SrcPort, false
+		}
+		want, ok := names(port, toServer)
+		if !ok {
+			continue
+		}
+		if f.Netns == a.Name && f.Direction == "tx" {
+			sums[pair{*f.SrcContainer, *f.DstContainer}] += f.Packets
+		}
+		if port == udpOneway && f.Direction == "tx" {
+			// A one-way flow's egress record: its receiver is known at
+			// ingress only (the socket lookup), and the collector's join
+			// does not carry it over to the egress record (no reverse
+			// flow): only the sender is checked here.
+			oneway[*f.DstContainer] = true
+			want.dst = *f.DstContainer
+		}
+		if *f.SrcContainer != want.src || *f.DstContainer != want.dst {
+			t.Errorf("%s %s %s %s %s:%d > %s:%d: containers %q > %q (cgroups %d > %d), want %q > %q", f.Netns, f.Interface, f.Direction, f.Protocol,
+				f.Src, f.SrcPort, f.Dst, f.DstPort, *f.SrcContainer, *f.DstContainer, f.SrcCgroup, f.DstCgroup, want.src, want.dst)
+		}
+		// A capture on "any" sees a packet over lo once, as received:
+		// that count is the flow's at lo's tx and rx alike.
+		k := capKey{out: f.Direction == "tx" && f.Interface != "lo", proto: f.Protocol, src: f.Src, dst: f.Dst, sport: f.SrcPort, dpt: f.DstPort}
+		for i, n := range idx[f.Netns] {
+			if n == f.Interface {
+				k.ifindex = i
+			}
+		}
+		seen[k] = true
+		if n := captured[f.Netns][k]; n != f.Packets {
+			t.Errorf("%s %s %s %s %s:%d > %s:%d: %d packets, the capture saw %d", f.Netns, f.Interface, f.Direction, f.Protocol,
+				f.Src, f.SrcPort, f.Dst, f.DstPort, f.Packets, n)
+		}
+	}
+	// Every captured packet of the test's flows is in a flow of the trace.
+	var nflows int
+	for ns, m := range captured {
+		for k, n := range m {
+			_, s := names(k.sport, false)
+			_, d := names(k.dpt, true)
+			if !s && !d {
+				continue
+			}
+			nflows++
+			if !seen[k] {
+				t.Errorf("%s: captured %d packets of %+v (%s), no such flow in the trace", ns, n, k, idx[ns][k.ifindex])
+			}
+		}
+	}
+	// 4 exchanges, both ways except the one-way one: 7 directed flows,
+	// 5 captured once on lo, 2 at a's and at b's eth0.
+	if nflows != 9 {
+		t.Errorf("%d flows captured at the pods' points, want 9: %v", nflows, captured)
+	}
+	t.Logf("flows of the test: %d; per container pair (a's tx): %v; one-way flow's egress receiver: %v", nflows, sums, oneway)
+
+	// The aggregated view: per source and destination container, the sum
+	// of the flows' packets (a's transmissions).
+	checkAggregate(t, aggOut, a.Name, sums)
+}
+
+// checkAggregate reads `trace --aggregate-by container` JSON: its flows'
+// rows, keyed by source and destination container, hold the packets of
+// the per-flow view's flows between those containers.
+func checkAggregate(t *testing.T, out []byte, netns string, want map[pair]uint64) {
+	t.Helper()
+	var tr traceDoc
+	if err := json.Unmarshal(out, &tr); err != nil {
+		t.Fatalf("trace --aggregate-by container JSON: %v\n%s", err, out)
+	}
+	validate(t, "trace.schema.json", out)
+	got := map[pair]uint64{}
+	for _, f := range tr.Flows {
+		if f.SrcContainer == nil || f.DstContainer == nil {
+			t.Errorf("aggregated row %+v lacks src_container or dst_container", f)
+			continue
+		}
+		if f.Netns == netns && f.Direction == "tx" {
+			got[pair{*f.SrcContainer, *f.DstContainer}] += f.Packets
+		}
+	}
+	for k, n := range want {
+		if got[k] != n {
+			t.Errorf("--aggregate-by container: %s tx %q > %q: %d packets, want %d (the flows' sum)\n%s", netns, k.src, k.dst, got[k], n, out)
+		}
+	}
+}
+
 // pair is a source and a destination container.
 type pair struct{ src, dst string }
 
@@ -763,4 +1001,110 @@ func TestCRIContainers(t *testing.T) {
 	if n != 8 {
 		t.Errorf("%d flows of the containers on lo, want 8:\n%s", n, out)
 	}
+}
+
+// containerSeries finds the one series of a per-container metric with
+// these container and direction labels, and checks its netns label.
+func containerSeries(t *testing.T, s samples, metric, netns, container, dir string) (string, float64, bool) {
+	t.Helper()
+	var name string
+	var v float64
+	for k, x := range s {
+		if strings.HasPrefix(k, metric+"{") && strings.Contains(k, fmt.Sprintf("container=%q", container)) &&
+			strings.Contains(k, fmt.Sprintf("direction=%q", dir)) {
+			if name != "" {
+				t.Fatalf("two series for container %q %s: %s and %s", container, dir, name, k)
+			}
+			name, v = k, x
+		}
+	}
+	if name != "" && !strings.Contains(name, fmt.Sprintf("netns=%q", netns)) {
+		t.Fatalf("series %s: want netns %q", name, netns)
+	}
+	return name, v, name != ""
+}
+
+// A host-network process in a cgroup of its own (made by the test) sends
+// and answers UDP over 127.0.0.1: `serve --containers` exports its packets
+// under the cgroup's name, exactly as many as it sent and received (the
+// process's own count and a capture on lo agree), and the host namespace's
+// lo totals still count them.
+func TestHostNetworkContainer(t *testing.T) {
+	testenv.RequireRoot(t)
+	name := fmt.Sprintf("e2e-ctr-hostnet-%d", os.Getpid())
+	cg := filepath.Join(cgroup2Mount(t), name)
+	if err := os.Mkdir(cg, 0o755); err != nil {
+		t.Fatalf("cgroup: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := syscall.Rmdir(cg); err != nil {
+			t.Errorf("remove cgroup %s: %v", cg, err)
+		}
+	})
+	// The host namespace alone (this test's subject): other tests' pods
+	// need not be attached before serve is ready.
+	srv := startServe(t, "http", "--containers", "--cri.endpoint", "none", "--netns.include", "^host$")
+	lo := func(dir string) string { return pointSeries("nsflow_packets_total", "host", "lo", dir) }
+	waitUntil(t, 20*time.Second, "the host's lo in /metrics", func() bool {
+		s, _ := srv.scrape0()
+		_, ok := s[lo("tx")]
+		return ok
+	})
+	s0, _ := srv.scrape(t)
+
+	const rounds = 50
+	port := freePort(t)
+	capt := startCapture(t, nil, fmt.Sprintf("udp and port %d", port))
+	fd, err := syscall.Open(cg, syscall.O_DIRECTORY|syscall.O_RDONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := helperCmd("udp-pair", strconv.Itoa(port), strconv.Itoa(rounds), "80")
+	cmd.Stderr = nil
+	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: fd}
+	pr := startProc(t, cmd, false)
+	syscall.Close(fd)
+	sent, _ := strconv.Atoi(pr.wait(t))
+	if sent != 2*rounds {
+		t.Fatalf("the process sent %d datagrams, want %d", sent, 2*rounds)
+	}
+	// It sent and received them all over lo: each one crossed lo's tx and
+	// rx once.
+	var captured uint64
+	for k, n := range capt.stop(t) {
+		if k.proto == "udp" && (k.sport == uint16(port) || k.dpt == uint16(port)) {
+			captured += n
+		}
+	}
+	if captured != uint64(sent) {
+		t.Fatalf("the capture on lo saw %d datagrams, the process sent %d", captured, sent)
+	}
+
+	var s1 samples
+	waitUntil(t, 10*time.Second, "the container's series to count its datagrams", func() bool {
+		s1, _ = srv.scrape(t)
+		_, tx, ok1 := containerSeries(t, s1, "nsflow_container_packets_total", "host", name, "tx")
+		_, rx, ok2 := containerSeries(t, s1, "nsflow_container_packets_total", "host", name, "rx")
+		return ok1 && ok2 && tx >= float64(sent) && rx >= float64(sent)
+	})
+	// Nothing else of the process crosses any interface: once its series
+	// reached the count, it stays there, exactly.
+	time.Sleep(time.Second)
+	s2, _ := srv.scrape(t)
+	for _, dir := range []string{"tx", "rx"} {
+		series, v, _ := containerSeries(t, s2, "nsflow_container_packets_total", "host", name, dir)
+		if v != float64(sent) {
+			t.Errorf("%s = %v, want %d (the process's datagrams)", series, v, sent)
+		}
+		series, v, ok := containerSeries(t, s2, "nsflow_container_bytes_total", "host", name, dir)
+		if want := float64(sent * (80 + udpHeader + ipv4Header + ethHeader)); !ok || v != want {
+			t.Errorf("%s = %v (present %v), want %v", series, v, ok, want)
+		}
+		// The host's lo totals still hold that traffic.
+		if d := s2[lo(dir)] - s0[lo(dir)]; d < float64(sent) {
+			t.Errorf("host lo %s counted %v packets meanwhile, fewer than the process's %d", dir, d, sent)
+		}
+	}
+	lintScrape(t, srv)
+	t.Logf("container %s: %d datagrams each way, as captured", name, sent)
 }
