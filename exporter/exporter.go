@@ -574,13 +574,35 @@ func (e *Exporter) collectContainers(snap *flow.Snapshot, points []pointKey, sum
 }
 
 // labelPairs returns label pairs of names (sorted) and their values.
+// Pairs that many series share (directions, empty values, the
+// remainders' protocol) are shared: label pairs are never modified.
 func labelPairs(names, values []string) []*dto.LabelPair {
 	out := make([]*dto.LabelPair, len(names))
 	for i := range names {
+		if p, ok := sharedPairs[[2]string{names[i], values[i]}]; ok {
+			out[i] = p
+			continue
+		}
 		out[i] = &dto.LabelPair{Name: &names[i], Value: &values[i]}
 	}
 	return out
 }
+
+var sharedPairs = func() map[[2]string]*dto.LabelPair {
+	m := map[[2]string]*dto.LabelPair{}
+	add := func(name, value string) { m[[2]string{name, value}] = &dto.LabelPair{Name: &name, Value: &value} }
+	for _, d := range []flow.Direction{flow.RX, flow.TX} {
+		add("direction", string(d))
+	}
+	for _, n := range []string{"dst", "dst_port", "src", "src_port", "container", "pod", "namespace"} {
+		add(n, "")
+	}
+	add("protocol", "other")
+	for _, p := range []flow.Protocol{1, 6, 17, 58, 132} {
+		add("protocol", p.String())
+	}
+	return m
+}()
 
 // compareLabels orders label pairs of one family (same names, sorted) by
 // their values, as the registry sorts its series.
