@@ -956,6 +956,13 @@ func (c *Collector) remove(inode uint64, keep bool) {
 	}
 	close(ns.stop)
 	ns.watch.Close() // unblocks follow()
+	// No worker uses its handles any more (one finishing an attach sees it
+	// gone and detaches that again) before they detach (a clsact
+	// attachment works through the namespace's netlink handle, which
+	// serves one request at a time).
+	for ns.users > 0 {
+		c.nsDone.Wait()
+	}
 	c.mu.Unlock()
 	for _, h := range atts {
 		if keep {
@@ -967,13 +974,6 @@ func (c *Collector) remove(inode uint64, keep bool) {
 		c.closeAttachment(ns, h.name, h.att)
 	}
 	<-ns.done // follow() has returned: the subscription socket is closed
-	// No worker uses its handles any more (one finishing an attach sees it
-	// gone and detaches that again).
-	c.mu.Lock()
-	for ns.users > 0 {
-		c.nsDone.Wait()
-	}
-	c.mu.Unlock()
 	ns.nl.Close()
 	ns.handle.Close()
 	c.log.Info("stopped observing netns", "netns", ns.name, "inode", inode)
