@@ -241,7 +241,9 @@ func (e *Exporter) Collect(ch chan<- prometheus.Metric) {
 			case !live && s.live:
 				continue // a gone twin of a live one
 			}
-			s.members = append(s.members, ifaceID{ns.Inode, i.Index, i.Name})
+			if e.cfg.Flows || e.cfg.Containers {
+				s.members = append(s.members, ifaceID{ns.Inode, i.Index, i.Name})
+			}
 			s.rx.Packets += i.RX.Packets
 			s.rx.Bytes += i.RX.Bytes
 			s.tx.Packets += i.TX.Packets
