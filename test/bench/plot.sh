@@ -10,10 +10,10 @@ trap 'rm -f "$dat"' EXIT
 awk '/^BenchmarkScale\/pods=/ {
 	split($1, a, "="); split(a[2], b, "-"); pods = b[1]
 	for (i = 1; i < NF; i++) {
-		if ($(i+1) == "s_to_all_attached") attach = $i
+		if ($(i+1) == "s_to_ready") attach = $i
 		if ($(i+1) == "MiB_rss") rss = $i
 		if ($(i+1) == "ms_scrape_median") scrape = $i
-		if ($(i+1) == "ms_churn_attach_p99") churn = $i
+		if ($(i+1) == "ms_new_pod_p99") churn = $i
 	}
 	print pods, attach, rss, scrape, churn
 }' "$in" > "$dat"
