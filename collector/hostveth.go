@@ -17,6 +17,15 @@ package collector
 //   - an interface attached, or removed, in another observed namespace;
 //   - a namespace added to, or removed from, the registry.
 //
+// The rule is applied to the host's interfaces by the host's worker
+// (queue.go) only: a pod namespace's worker queues work on the host once
+// it attached something (workPeers) or one of its interfaces went
+// (workPlace), and Remove queues it first in line (workPeerGone) and waits
+// for it before detaching the namespace. A host end whose peer's namespace
+// has attach work pending (its first pass, queued events) waits, unlisted,
+// until that work is done: at 1,000 pods, attaching and then leaving out
+// each host end would cost two TCX grace periods per pod.
+//
 // Transitions never leave a packet uncounted: the pod side is attached
 // before the host end is detached, and the host end attached again before
 // the pod side's namespace is detached. Between a host end's attach and
