@@ -536,10 +536,12 @@ func quietCounts(t *testing.T, paths map[uint64]string, filter ...func(counts) c
 }
 
 // Two containers of pod a (web and sidecar) talk over lo, TCP both ways
-// and UDP request/response and one-way, and web talks TCP to container srv
-// of pod b over eth0; `nsflow trace` names each flow's source and
-// destination container, and counts exactly what the capture saw; its
-// totals are the kernel's.
+// and UDP request/response and one-way, and web talks TCP and one-way UDP
+// to container srv of pod b over eth0; `nsflow trace` names each flow's
+// source and destination container (a one-way flow's receiver at ingress,
+// through the socket lookup), and counts exactly what the capture saw; its
+// totals are the kernel's; `--aggregate-by container` rows are the sums of
+// those flows.
 func TestContainersOverLoAndEth0(t *testing.T) {
 	testenv.RequireRoot(t)
 	pods := newPods(t, "10.213.247.0/24", "e2e-ctr-a", "e2e-ctr-b")
@@ -548,7 +550,7 @@ func TestContainersOverLoAndEth0(t *testing.T) {
 	paths := map[uint64]string{inodeOf(t, a): a.NetnsPath, inodeOf(t, b): b.NetnsPath}
 
 	const (
-		tcpLo, udpLo, udpOneway, tcpEth = 9710, 9711, 9712, 9713
+		tcpLo, udpLo, udpOneway, tcpEth, udpEthOneway = 9710, 9711, 9712, 9713, 9714
 		rounds                          = 40
 	)
 	// The aggregated view runs beside the per-flow one, over the same
@@ -588,16 +590,19 @@ func TestContainersOverLoAndEth0(t *testing.T) {
 	// Servers first (each prints "listening" once bound), then clients.
 	loAddr := func(port int) string { return "127.0.0.1:" + strconv.Itoa(port) }
 	bAddr := netip.AddrPortFrom(b.IPv4, tcpEth).String()
+	bUDP := netip.AddrPortFrom(b.IPv4, udpEthOneway).String()
 	servers := []*proc{
 		startContainer(t, a, "sidecar", true, "pp-server", "tcp", loAddr(tcpLo), "0"),
 		startContainer(t, a, "sidecar", true, "pp-server", "udp", loAddr(udpLo), strconv.Itoa(rounds)),
 		startContainer(t, a, "sidecar", true, "pp-server", "udp", loAddr(udpOneway), strconv.Itoa(-rounds)),
+		startContainer(t, b, "srv", true, "pp-server", "udp", bUDP, strconv.Itoa(-rounds)),
 		startContainer(t, b, "srv", true, "pp-server", "tcp", bAddr, "0"),
 	}
 	clients := []*proc{
 		startContainer(t, a, "web", false, "pp-client", "tcp", loAddr(tcpLo), strconv.Itoa(rounds), "100"),
 		startContainer(t, a, "web", false, "pp-client", "udp", loAddr(udpLo), strconv.Itoa(rounds), "100"),
 		startContainer(t, a, "web", false, "pp-client", "udp", loAddr(udpOneway), strconv.Itoa(rounds), "60", "oneway"),
+		startContainer(t, a, "web", false, "pp-client", "udp", bUDP, strconv.Itoa(rounds), "60", "oneway"),
 		startContainer(t, a, "web", false, "pp-client", "tcp", bAddr, strconv.Itoa(rounds), "200"),
 	}
 	for _, c := range clients {
@@ -661,7 +666,7 @@ func TestContainersOverLoAndEth0(t *testing.T) {
 		switch port {
 		case tcpLo, udpLo, udpOneway:
 			r = role{"web", "sidecar"}
-		case tcpEth:
+		case tcpEth, udpEthOneway:
 			r = role{"web", "srv"}
 		default:
 			return r, false
@@ -693,7 +698,7 @@ func TestContainersOverLoAndEth0(t *testing.T) {
 		if f.Netns == a.Name && f.Direction == "tx" {
 			sums[pair{*f.SrcContainer, *f.DstContainer}] += f.Packets
 		}
-		if port == udpOneway && f.Direction == "tx" {
+		if (port == udpOneway || port == udpEthOneway) && f.Direction == "tx" {
 			// A one-way flow's egress record: its receiver is known at
 			// ingress only (the socket lookup), and the collector's join
 			// does not carry it over to the egress record (no reverse
@@ -734,10 +739,10 @@ func TestContainersOverLoAndEth0(t *testing.T) {
 			}
 		}
 	}
-	// 4 exchanges, both ways except the one-way one: 7 directed flows,
-	// 5 captured once on lo, 2 at a's and at b's eth0.
-	if nflows != 9 {
-		t.Errorf("%d flows captured at the pods' points, want 9: %v", nflows, captured)
+	// 5 exchanges, both ways except the one-way ones: 8 directed flows,
+	// 5 captured once on lo, 3 at a's and at b's eth0.
+	if nflows != 11 {
+		t.Errorf("%d flows captured at the pods' points, want 11: %v", nflows, captured)
 	}
 	t.Logf("flows of the test: %d; per container pair (a's tx): %v; one-way flow's egress receiver: %v", nflows, sums, oneway)
 
