@@ -113,9 +113,7 @@ type Collector struct {
 	queue         queue
 	work          *sync.Cond // a namespace queued, or Close
 	nsDone        *sync.Cond // a worker finished a namespace's batch
-	active        int        // namespaces queued or being worked on
-	idle          chan struct{}
-	slotsInFlight int // slots taken by attaches in progress
+	slotsInFlight int        // slots taken by attaches in progress
 	workersDone   sync.WaitGroup
 }
 
@@ -177,10 +175,11 @@ type namespace struct {
 	resync        bool // a full listing is due (the first pass, events lost)
 	queued        bool
 	urgent        bool
-	busy          bool // a worker works on it
-	users         int  // workers and lookups using its handles
-	leaving       bool // being removed: its host ends are observed again
-	inflight      int  // attaches in progress (the interface cap)
+	busy          bool   // a worker works on it
+	batches       uint64 // batches of its work done (WaitIdle)
+	users         int    // workers and lookups using its handles
+	leaving       bool   // being removed: its host ends are observed again
+	inflight      int    // attaches in progress (the interface cap)
 	first         chan struct{}
 	settled       chan struct{} // nil, or closed once the host placed its ends after the first pass
 	firstDone     bool
@@ -280,8 +279,6 @@ func New(cfg Config) (*Collector, error) {
 		self.Close()
 	}
 	c.work, c.nsDone = sync.NewCond(&c.mu), sync.NewCond(&c.mu)
-	c.idle = make(chan struct{})
-	close(c.idle)
 	for range workers {
 		c.workersDone.Add(1)
 		go c.worker()
@@ -938,6 +935,7 @@ func (c *Collector) remove(inode uint64, keep bool) {
 	c.mu.Lock()
 	ns.gone = time.Now()
 	c.unqueueLocked(ns)
+	c.nsDone.Broadcast() // WaitIdle waits for it no longer
 	c.finishFirstLocked(ns, nil)
 	type held struct {
 		name string
@@ -1050,7 +1048,8 @@ func (c *Collector) Close() error {
 		return nil
 	}
 	c.closed = true
-	c.work.Broadcast() // the workers stop after their batch
+	c.work.Broadcast()   // the workers stop after their batch
+	c.nsDone.Broadcast() // WaitIdle returns
 	var live []uint64
 	for ino, ns := range c.namespaces {
 		if ns.gone.IsZero() {
@@ -1062,12 +1061,6 @@ func (c *Collector) Close() error {
 		c.remove(ino, c.pins != nil)
 	}
 	c.workersDone.Wait()
-	c.mu.Lock()
-	if c.active > 0 { // namespaces that were queued: nothing waits for them
-		c.active = 0
-		close(c.idle)
-	}
-	c.mu.Unlock()
 	c.hostNlMu.Lock()
 	if c.hostNl != nil {
 		c.hostNl.Close()

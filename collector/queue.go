@@ -147,20 +147,7 @@ func (c *Collector) scheduleLocked(ns *namespace, urgent bool) {
 	}
 	ns.queued, ns.urgent = true, urgent
 	c.queue.push(ns, urgent)
-	c.activeLocked(+1)
 	c.work.Signal()
-}
-
-// activeLocked counts namespaces queued or being worked on; WaitIdle waits
-// for none.
-func (c *Collector) activeLocked(d int) {
-	if c.active == 0 && d > 0 {
-		c.idle = make(chan struct{})
-	}
-	c.active += d
-	if c.active == 0 {
-		close(c.idle)
-	}
 }
 
 // unqueueLocked takes a removed namespace out of the ready queue; its
@@ -169,7 +156,6 @@ func (c *Collector) unqueueLocked(ns *namespace) {
 	if ns.queued {
 		c.queue.remove(ns)
 		ns.queued = false
-		c.activeLocked(-1)
 	}
 	for _, w := range ns.pending {
 		if w.done != nil {
@@ -222,13 +208,12 @@ func (c *Collector) worker() {
 		}
 		ns.busy = false
 		ns.users--
+		ns.batches++
 		c.nsDone.Broadcast()
 		if ns.gone.IsZero() && !c.closed && (ns.resync || len(ns.pending) > 0) {
 			ns.queued = true
 			c.queue.push(ns, ns.urgent)
 			c.work.Signal()
-		} else {
-			c.activeLocked(-1)
 		}
 	}
 }
@@ -290,18 +275,42 @@ func (c *Collector) finishFirstLocked(ns *namespace, err error) {
 	close(ns.first)
 }
 
-// WaitIdle returns once no attach work is queued or running, or ctx is
-// done (its error then).
+// WaitIdle returns once the attach work queued or running when it was
+// called is done (the namespaces' first passes, their link events so far),
+// or ctx is done (its error then). Work queued later is not waited for: on
+// a node where pods keep coming, the queue may never be empty.
 func (c *Collector) WaitIdle(ctx context.Context) error {
-	c.mu.Lock()
-	idle := c.idle
-	c.mu.Unlock()
-	select {
-	case <-idle:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
+	type mark struct {
+		ns    *namespace
+		until uint64 // its batches once the work it has now is done
 	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var marks []mark
+	for _, ns := range c.namespaces {
+		switch {
+		case !ns.gone.IsZero():
+		case ns.busy && (ns.resync || len(ns.pending) > 0):
+			marks = append(marks, mark{ns, ns.batches + 2}) // the batch after the running one
+		case ns.busy || ns.queued:
+			marks = append(marks, mark{ns, ns.batches + 1})
+		}
+	}
+	stop := context.AfterFunc(ctx, func() {
+		c.mu.Lock()
+		c.nsDone.Broadcast()
+		c.mu.Unlock()
+	})
+	defer stop()
+	for _, m := range marks {
+		for m.ns.gone.IsZero() && !c.closed && m.ns.batches < m.until {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			c.nsDone.Wait()
+		}
+	}
+	return nil
 }
 
 // retryDelay is the first delay before an attach that failed with EEXIST
