@@ -1,12 +1,17 @@
 package collector_test
 
 import (
+	"bytes"
 	"context"
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
+	"os/exec"
 	"sort"
+	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -504,4 +509,121 @@ func TestReservedPoints(t *testing.T) {
 	}
 	sort.Strings(names)
 	t.Logf("refused in the process namespace: %v", names)
+}
+
+// A host end whose peer's namespace is registered but not yet attached
+// (queued behind other work) waits for it and is then left out: it is
+// never attached (a TCX attach and detach in the host would cost two grace
+// periods per pod). Run in a network namespace of its own (a child
+// process), where the host's only interfaces are lo and that host end.
+func TestHostEndWaitsForPeer(t *testing.T) {
+	testenv.RequireRoot(t)
+	if os.Getenv("NSFLOW_H1_CHILD") != "1" {
+		cmd := exec.Command(os.Args[0], "-test.run=^TestHostEndWaitsForPeer$", "-test.v", "-test.count=1")
+		cmd.Env = append(os.Environ(), "NSFLOW_H1_CHILD=1")
+		cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWNET}
+		out, err := cmd.CombinedOutput()
+		t.Logf("in a network namespace of its own:\n%s", out)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return
+	}
+	if lo, err := netlink.LinkByName("lo"); err != nil || netlink.LinkSetUp(lo) != nil {
+		t.Fatal("lo", err)
+	}
+	// Blockers: named namespaces whose TCX attaches keep the workers busy.
+	var blockers []*anonNetns
+	for i := 0; i < 8; i++ {
+		b := newAnonNetns(t)
+		b.addDummies(t, 10)
+		blockers = append(blockers, b)
+	}
+	pod := newAnonNetns(t)
+	if err := netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "hend"}, PeerName: "eth0", PeerNamespace: netlink.NsFd(pod.fd)}); err != nil {
+		t.Fatal(err)
+	}
+	var logs syncBuffer
+	c, err := collector.New(collector.Config{Mode: attach.ModeTCX,
+		Logger: slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	for i, b := range blockers {
+		if _, err := c.AddAsync(collector.Target{Name: fmt.Sprintf("blocker-%d", i), Path: b.Path}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	pino, err := c.AddAsync(collector.Target{Name: "pod", Path: pod.Path, Class: collector.ClassProcess})
+	if err != nil {
+		t.Fatal(err)
+	}
+	hino, err := c.AddAsync(collector.Target{Name: "host", Path: "/proc/self/ns/net", Class: collector.ClassHost})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := c.WaitIdle(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.WaitIdle(ctx); err != nil { // the host's work the pod's pass queued
+		t.Fatal(err)
+	}
+	if st := states(c, pino); st[flow.StateAttached] != 2 {
+		t.Fatalf("pod: %v, want lo and eth0 attached", st)
+	}
+	if s, peer := hostEnd(c, hino, "hend"); s != flow.StatePeerObserved || peer != "pod/eth0" {
+		t.Errorf("host end %q (peer %q), want peer-observed (pod/eth0)", s, peer)
+	}
+	log := logs.String()
+	if strings.Contains(log, "msg=attached netns=host interface=hend") {
+		t.Errorf("the host end was attached (then left out):\n%s", log)
+	}
+	if !strings.Contains(log, "msg=attached netns=host interface=lo") {
+		t.Errorf("no attach logged for the host's lo:\n%s", log)
+	}
+	snap, err := c.Totals()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, ns := range snap.Namespaces {
+		for _, i := range ns.Interfaces {
+			if ns.Inode == hino && i.Name == "hend" {
+				t.Errorf("the host end has counters (it was attached): %+v", i)
+			}
+		}
+	}
+}
+
+func hostEnd(c *collector.Collector, ino uint64, name string) (flow.AttachState, string) {
+	for _, ns := range c.Interfaces() {
+		if ns.Inode == ino {
+			for _, i := range ns.Interfaces {
+				if i.Name == name {
+					return i.State, i.Peer
+				}
+			}
+		}
+	}
+	return "", ""
+}
+
+// syncBuffer is a bytes.Buffer for concurrent writers.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.String()
 }
