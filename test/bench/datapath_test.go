@@ -11,6 +11,7 @@ import (
 	"os"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -292,6 +293,11 @@ func BenchmarkDataPath(b *testing.B) {
 		}
 		variants = slices.DeleteFunc(variants, func(v variant) bool { return !keep[v.name] })
 	}
+	// NSFLOW_BENCH_ROUNDS: rounds per variant (default 5).
+	nrounds := 5
+	if n, err := strconv.Atoi(os.Getenv("NSFLOW_BENCH_ROUNDS")); err == nil && n > 0 {
+		nrounds = n
+	}
 	for _, tc := range []struct {
 		name  string
 		ports int // 0: raw socket, a new source port per packet
@@ -311,7 +317,7 @@ func BenchmarkDataPath(b *testing.B) {
 				}
 			}
 			rounds := map[string][]float64{}
-			for r := 0; r < 5; r++ {
+			for r := 0; r < nrounds; r++ {
 				for k := range vs {
 					v := vs[(k+r)%len(vs)] // rotate the order between rounds
 					if v.reset != nil && tc.ports == 0 {
