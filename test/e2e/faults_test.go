@@ -178,8 +178,8 @@ func TestFaultRenameAndMove(t *testing.T) {
 	waitUntil(t, 5*time.Second, "mv1 released in a and attached in b", func() bool {
 		return ifaceState(c, inoA, "mv1") == flow.StateDetached && ifaceState(c, inoB, "mv1") == flow.StateAttached
 	})
-	if n := tcxPrograms(t, b); n != 6 { // lo, eth0, mv1
-		t.Errorf("%d tcx programs in b, want 6", n)
+	if n := hookPrograms(t, b); n != 6 { // lo, eth0, mv1
+		t.Errorf("%d programs on the hooks of b, want 6", n)
 	}
 }
 

@@ -32,16 +32,17 @@ func TestServePinRestart(t *testing.T) {
 // nsflowHooks counts the hooks of pod a that hold an nsflow program of the
 // mechanism: TCX programs, or nsflow's cls_bpf filters.
 func nsflowHooks(t *testing.T, a *podns.Pod, mode string) int {
-	if mode == "tcx" {
-		return tcxPrograms(t, a)
-	}
-	n := 0
+	filters, nsflow := 0, 0
 	for name, c := range bpfFilters(t, a.NetnsPath) {
+		filters += c
 		if attach.IsNsflowFilter(name) {
-			n += c
+			nsflow += c
 		}
 	}
-	return n
+	if mode == "tcx" {
+		return hookPrograms(t, a) - filters
+	}
+	return nsflow
 }
 
 func testServePinRestart(t *testing.T, mode string, i int) {

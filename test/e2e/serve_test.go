@@ -115,6 +115,13 @@ func TestServe(t *testing.T) {
 	pid := srv.cmd.Process.Pid
 	inoB := inodeOf(t, b)
 	linksBefore := countFDs(fds(t, pid), "bpf_link")
+	// serve holds an fd per TCX link of pod b (auto attaches pods with
+	// clsact: then none, and its filters go with the namespace).
+	filtersB := 0
+	for _, c := range bpfFilters(t, b.NetnsPath) {
+		filtersB += c
+	}
+	tcxB := hookPrograms(t, b) - filtersB
 	// The time reference is the moment Delete starts, not the moment it
 	// returns: serve sees pod b's eth0 and namespace vanish during Delete
 	// (it deletes the veth, then the bind mount, then the bridge, which can
@@ -131,7 +138,7 @@ func TestServe(t *testing.T) {
 	t.Logf("podns.Delete took %s", time.Since(deleting).Round(time.Millisecond))
 	waitUntil(t, 10*time.Second, "pod b's links and netns fds released", func() bool {
 		f := fds(t, pid)
-		return countFDs(f, fmt.Sprintf("net:[%d]", inoB)) == 0 && countFDs(f, "bpf_link") == linksBefore-4
+		return countFDs(f, fmt.Sprintf("net:[%d]", inoB)) == 0 && countFDs(f, "bpf_link") == linksBefore-tcxB
 	})
 	// A scrape that has returned before deleting + grace read the maps
 	// before the earliest moment the series may go: they must be there.
@@ -159,8 +166,8 @@ func TestServe(t *testing.T) {
 
 	// SIGTERM detaches everything from pod a.
 	srv.stop(t)
-	if n := tcxPrograms(t, a); n != 0 {
-		t.Errorf("%d tcx programs left in pod a after serve exited", n)
+	if n := hookPrograms(t, a); n != 0 {
+		t.Errorf("%d programs left on pod a's hooks after serve exited", n)
 	}
 }
 

@@ -66,15 +66,15 @@ func TestTopInTerminal(t *testing.T) {
 		screen = tmux(t, "capture-pane", "-p", "-t", session)
 		return strings.Contains(screen, "sort: packet-rate")
 	})
-	if n := tcxPrograms(t, a); n != 4 {
-		t.Errorf("%d tcx programs in pod a while top runs, want 4", n)
+	if n := hookPrograms(t, a); n != 4 {
+		t.Errorf("%d programs on pod a's hooks while top runs, want 4", n)
 	}
 	tmux(t, "send-keys", "-t", session, "q")
 	waitUntil(t, 10*time.Second, "top to quit", func() bool {
 		return exec.Command("tmux", "has-session", "-t", session).Run() != nil
 	})
-	if n := tcxPrograms(t, a) + tcxPrograms(t, b); n != 0 {
-		t.Errorf("%d tcx programs left after q", n)
+	if n := hookPrograms(t, a) + hookPrograms(t, b); n != 0 {
+		t.Errorf("%d programs left on the hooks after q", n)
 	}
 }
 

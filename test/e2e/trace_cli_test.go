@@ -25,9 +25,11 @@ import (
 	"github.com/nsflow/nsflow/test/testenv"
 )
 
-// tcxPrograms counts the TCX programs attached to the pod's interfaces, as
-// the kernel reports them (BPF_PROG_QUERY): an oracle independent of nsflow.
-func tcxPrograms(t *testing.T, p *podns.Pod) int {
+// hookPrograms counts the programs on the pod's hooks, as the kernel reports
+// them: TCX programs (BPF_PROG_QUERY) and cls_bpf filters on clsact (auto
+// attaches pods with clsact, attach.Mode.For): an oracle independent of
+// nsflow's own bookkeeping.
+func hookPrograms(t *testing.T, p *podns.Pod) int {
 	t.Helper()
 	n := 0
 	err := p.Do(func() error {
@@ -48,6 +50,9 @@ func tcxPrograms(t *testing.T, p *podns.Pod) int {
 	})
 	if err != nil {
 		t.Fatalf("query tcx programs in %s: %v", p.Name, err)
+	}
+	for _, c := range bpfFilters(t, p.NetnsPath) {
+		n += c
 	}
 	return n
 }
@@ -90,8 +95,8 @@ func TestTraceCLI(t *testing.T) {
 				}
 			}()
 			if mode == "tcx" {
-				if n := tcxPrograms(t, a); n != 4 { // lo and eth0, ingress and egress
-					t.Fatalf("pod a has %d tcx programs while tracing, want 4", n)
+				if n := hookPrograms(t, a); n != 4 { // lo and eth0, ingress and egress
+					t.Fatalf("pod a has %d programs on its hooks while tracing, want 4", n)
 				}
 			}
 
@@ -166,8 +171,8 @@ func TestTraceCLI(t *testing.T) {
 				t.Errorf("echo replies reaching a: %d, want 4", n)
 			}
 			// Nothing is left attached.
-			if n := tcxPrograms(t, a) + tcxPrograms(t, b); n != 0 {
-				t.Errorf("%d tcx programs left after trace exited", n)
+			if n := hookPrograms(t, a) + hookPrograms(t, b); n != 0 {
+				t.Errorf("%d programs left on the hooks after trace exited", n)
 			}
 			assertNoClsact(t, a)
 			assertNoClsact(t, b)
