@@ -663,16 +663,30 @@ func BenchmarkScale(b *testing.B) {
 			break
 		}
 		b.Run(fmt.Sprintf("pods=%d", n), func(b *testing.B) {
-			r := runScale(b, scaleConfig{pods: n, churn: 60, rate: 20, mode: os.Getenv("NSFLOW_BENCH_ATTACH_MODE"),
+			cfg := scaleConfig{pods: n, churn: 60, rate: 20, mode: os.Getenv("NSFLOW_BENCH_ATTACH_MODE"),
 				prefix: "bench-sc-", subnet: netip.MustParsePrefix("10.214.0.0/16"),
-				churnSubnet: netip.MustParsePrefix("10.215.0.0/16"), idle: true})
+				churnSubnet: netip.MustParsePrefix("10.215.0.0/16"), idle: true}
+			// NSFLOW_BENCH_SCALE_NET=PREFIX,SUBNET,CHURN_SUBNET: other names
+			// and bridges, to run while a previous run's pods are still being
+			// removed (that takes minutes at 1,000).
+			if v := os.Getenv("NSFLOW_BENCH_SCALE_NET"); v != "" {
+				f := strings.Split(v, ",")
+				if len(f) != 3 {
+					b.Fatalf("NSFLOW_BENCH_SCALE_NET=%q: want PREFIX,SUBNET,CHURN_SUBNET", v)
+				}
+				cfg.prefix, cfg.subnet, cfg.churnSubnet = f[0], netip.MustParsePrefix(f[1]), netip.MustParsePrefix(f[2])
+			}
+			// NSFLOW_BENCH_SCALE_EXCLUDE=1: the foreign namespaces present at
+			// start excluded by name (such as a previous run's, being removed).
+			cfg.excludeForeign = os.Getenv("NSFLOW_BENCH_SCALE_EXCLUDE") == "1"
+			r := runScale(b, cfg)
 			if len(r.notAttached) > 0 {
 				b.Errorf("%d pods not attached at readiness: %v", len(r.notAttached), r.notAttached[:min(10, len(r.notAttached))])
 			}
 			if r.stormBad > 0 {
 				b.Errorf("%d scrapes failed during the attach storm", r.stormBad)
 			}
-			b.Logf("interfaces at readiness: %s", r.interfaces)
+			b.Logf("interfaces at readiness: %s; foreign namespaces excluded by name: %v", r.interfaces, cfg.excludeForeign)
 			if r.listen == 0 {
 				b.Logf("no scrape answered before ready (serve listened only then): s_to_listen 0, no storm scrapes")
 			}
