@@ -375,14 +375,17 @@ func TestWebFlags(t *testing.T) {
 func TestHandlerTimeoutKeepAlive(t *testing.T) {
 	c := newGateCollector()
 	h, _ := newTestHandler(t, WebFlags{ScrapeTimeout: 100 * time.Millisecond}, c)
-	srv := httptest.NewServer(h)
-	defer srv.Close()
-	conns := 0
+	// ConnState is set before the server starts, and counted atomically
+	// (the server's goroutines call it).
+	srv := httptest.NewUnstartedServer(h)
+	var conns atomic.Int32
 	srv.Config.ConnState = func(_ net.Conn, s http.ConnState) {
 		if s == http.StateNew {
-			conns++
+			conns.Add(1)
 		}
 	}
+	srv.Start()
+	defer srv.Close()
 	client := srv.Client()
 	for i := 0; i < 3; i++ {
 		resp, err := client.Get(srv.URL + "/metrics")
@@ -396,7 +399,7 @@ func TestHandlerTimeoutKeepAlive(t *testing.T) {
 		}
 		time.Sleep(250 * time.Millisecond)
 	}
-	if conns != 1 {
-		t.Errorf("%d connections for 3 scrapes, want 1 (kept alive)", conns)
+	if n := conns.Load(); n != 1 {
+		t.Errorf("%d connections for 3 scrapes, want 1 (kept alive)", n)
 	}
 }
