@@ -147,10 +147,26 @@ func (c *Collector) read(limit int, keep func(*flow.Flow) bool) (*flow.Snapshot,
 		senders.join(snap.Flows)
 	}
 	if c.cfg.Containers {
+		// One entry per point and cgroup: a point counted under two
+		// slots meanwhile (re-attached) is summed, as its totals are.
+		type ck struct {
+			ino   uint64
+			index uint32
+			dir   uint8
+			cg    uint64
+		}
+		at := map[ck]int{}
 		if err := c.objs.ReadContainers(func(_ uint32, k bpf.NsflowObsKey, cg uint64, v bpf.NsflowCounters) {
+			key := ck{uint64(k.Netns), k.Ifindex, k.Dir, cg}
+			if i, ok := at[key]; ok {
+				snap.Containers[i].Packets += v.Packets
+				snap.Containers[i].Bytes += v.Bytes
+				return
+			}
 			cs := flow.ContainerStats{NetnsInode: uint64(k.Netns), Direction: direction(k.Dir), Cgroup: cg,
 				Counters: flow.Counters{Packets: v.Packets, Bytes: v.Bytes}}
 			cs.Netns, cs.Interface = nameOf(cs.NetnsInode, int(k.Ifindex))
+			at[key] = len(snap.Containers)
 			snap.Containers = append(snap.Containers, cs)
 		}); err != nil {
 			errs = append(errs, err)
