@@ -1046,9 +1046,12 @@ func TestHostNetworkContainer(t *testing.T) {
 			t.Errorf("remove cgroup %s: %v", cg, err)
 		}
 	})
-	// The host namespace alone (this test's subject): other tests' pods
-	// need not be attached before serve is ready.
-	srv := startServe(t, "http", "--containers", "--cri.endpoint", "none", "--netns.include", "^host$")
+	// Defaults otherwise: every namespace observed (other tests' pods
+	// too: ready may take a while), the host ends of the pods' veths left
+	// to their peers.
+	began := time.Now()
+	srv := startServeWithin(t, 45*time.Second, "http", "--containers", "--cri.endpoint", "none")
+	t.Logf("serve ready after %v", time.Since(began).Round(time.Millisecond))
 	lo := func(dir string) string { return pointSeries("nsflow_packets_total", "host", "lo", dir) }
 	waitUntil(t, 20*time.Second, "the host's lo in /metrics", func() bool {
 		s, _ := srv.scrape0()

@@ -46,6 +46,13 @@ type server struct {
 // test ends.
 func startServe(t *testing.T, scheme string, args ...string) *server {
 	t.Helper()
+	return startServeWithin(t, 20*time.Second, scheme, args...)
+}
+
+// startServeWithin is startServe waiting up to ready for readiness (serve
+// observing every namespace of a node busy with other tests' pods).
+func startServeWithin(t *testing.T, ready time.Duration, scheme string, args ...string) *server {
+	t.Helper()
 	port := freePort(t)
 	logf, err := os.Create(filepath.Join(t.TempDir(), "serve.log"))
 	if err != nil {
@@ -58,7 +65,7 @@ func startServe(t *testing.T, scheme string, args ...string) *server {
 	}
 	s := &server{cmd: cmd, url: fmt.Sprintf("%s://127.0.0.1:%d", scheme, port), log: logf, client: startServeClient()}
 	t.Cleanup(func() { s.stop(t) })
-	waitUntil(t, 20*time.Second, "serve ready", func() bool {
+	waitUntil(t, ready, "serve ready", func() bool {
 		code, _ := s.get("/-/ready")
 		return code == http.StatusOK
 	})
