@@ -776,6 +776,12 @@ func checkAggregate(t *testing.T, out []byte, netns string, want map[pair]uint64
 			t.Errorf("--aggregate-by container: %s tx %q > %q: %d packets, want %d (the flows' sum)\n%s", netns, k.src, k.dst, got[k], n, out)
 		}
 	}
+	// And no row names the test's containers that the flows do not.
+	for k, n := range got {
+		if _, ok := want[k]; !ok && (k.src != "" || k.dst != "") {
+			t.Errorf("--aggregate-by container: %s tx %q > %q: %d packets, in no flow of the per-flow view", netns, k.src, k.dst, n)
+		}
+	}
 }
 
 // pair is a source and a destination container.
