@@ -6,7 +6,7 @@ import "github.com/prometheus/client_golang/prometheus"
 // *session.Session.
 type SkipSource interface {
 	// NamespacesSkipped is how many namespaces (or references to one)
-	// were skipped, by reason: permission, gone, other (every reason
+	// were skipped, by reason: permission, gone, other, userns (every reason
 	// present, at 0 until one happens).
 	NamespacesSkipped() map[string]uint64
 }
@@ -24,7 +24,7 @@ type skippedNamespaces struct {
 func NewSkipped(s SkipSource) prometheus.Collector {
 	return &skippedNamespaces{s: s, skipped: prometheus.NewDesc(
 		prometheus.BuildFQName(namespace, "", "namespaces_skipped_total"),
-		"Network namespaces not observed, by reason: permission (a process's /proc/PID/ns/net or a bind mount nsflow may not read: another user's process without CAP_SYS_PTRACE, or an LSM; counted per process or mount, as the namespace behind it is unknown), gone (found, but vanished before it could be observed), other (any other error). Each is counted and logged once.",
+		"Network namespaces not observed, by reason: permission (a process's /proc/PID/ns/net or a bind mount nsflow may not read: another user's process without CAP_SYS_PTRACE, or an LSM; counted per process or mount, as the namespace behind it is unknown), gone (found, but vanished before it could be observed), userns (found only through a process and owned by a user namespace other than the initial one, without --netns.userns), other (any other error). Each is counted and logged once.",
 		[]string{"reason"}, nil)}
 }
 
