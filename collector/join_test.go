@@ -28,6 +28,8 @@ func joined(flows []flow.Flow) []flow.Flow {
 	for i := range flows {
 		if f := &flows[i]; f.Direction == flow.TX && f.SrcCgroup != 0 {
 			s.add(&f.Key, f.SrcCgroup)
+		} else if f.Direction == flow.RX && f.DstCgroup != 0 {
+			s.addReceiver(&f.Key, f.DstCgroup)
 		}
 	}
 	s.join(flows)
@@ -71,6 +73,16 @@ func TestJoin(t *testing.T) {
 				// sender is the receiver; elsewhere the lowest namespace's.
 				jf(3, "eth0", flow.TX, udp, "10.0.0.3", "10.0.0.2", 53, 40001, other),
 				jf(3, "eth0", flow.RX, udp, "10.0.0.2", "10.0.0.3", 40001, 53, 0),
+				// 14-15: one-way UDP web -> sidecar over pod 1's lo: the
+				// egress flow's receiver is the socket lookup's.
+				jf(1, "lo", flow.TX, udp, "127.0.0.1", "127.0.0.1", 5000, 6000, web),
+				jf(1, "lo", flow.RX, udp, "127.0.0.1", "127.0.0.1", 5000, 6000, rx(sidecar)),
+				// 16-17: one-way UDP web (pod 1) -> db (pod 2) over eth0.
+				jf(1, "eth0", flow.TX, udp, "10.0.0.2", "10.0.0.3", 777, 514, web),
+				jf(2, "eth0", flow.RX, udp, "10.0.0.2", "10.0.0.3", 777, 514, rx(db)),
+				// 18: a one-way loopback tuple pod 2 receives: never
+				// pod 1's receiver.
+				jf(2, "lo", flow.TX, udp, "127.0.0.1", "127.0.0.1", 5000, 6000, db),
 			})
 			want := [][2]uint64{
 				{web, sidecar}, {web, sidecar}, {sidecar, web}, {sidecar, web},
@@ -79,6 +91,9 @@ func TestJoin(t *testing.T) {
 				{0, rx(db)},
 				{web, 0}, {db, 0},
 				{other, web}, {web, other},
+				{web, rx(sidecar)}, {web, rx(sidecar)},
+				{web, rx(db)}, {web, rx(db)},
+				{db, 0},
 			}
 			for i, f := range flows {
 				if got := [2]uint64{f.SrcCgroup, f.DstCgroup}; got != want[i] {

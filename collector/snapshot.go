@@ -254,6 +254,7 @@ func (c *Collector) readFlows(limit int, keepFn func(*flow.Flow) bool, name func
 				senders.add(&f.Key, cg)
 			} else {
 				f.DstCgroup = cg
+				senders.addReceiver(&f.Key, cg)
 			}
 		}
 		f.Netns, f.Interface = name(f.NetnsInode, f.Ifindex)
@@ -364,16 +365,24 @@ type senders struct {
 }
 
 // senderIndex holds, per tuple, the sending cgroups of its egress flows,
-// by namespace.
-type senderIndex struct{ m map[tuple]senders }
+// by namespace (m), and the receiving cgroups the ingress socket lookup
+// found for its ingress flows (rcv).
+type senderIndex struct{ m, rcv map[tuple]senders }
 
-func newSenderIndex(hint int) *senderIndex { return &senderIndex{m: make(map[tuple]senders, hint)} }
+func newSenderIndex(hint int) *senderIndex {
+	return &senderIndex{m: make(map[tuple]senders, hint), rcv: map[tuple]senders{}}
+}
 
-func (s *senderIndex) add(k *flow.Key, cg uint64) {
+func (s *senderIndex) add(k *flow.Key, cg uint64) { addTo(s.m, k, cg) }
+
+// addReceiver records the receiving cgroup of an ingress flow (socket lookup).
+func (s *senderIndex) addReceiver(k *flow.Key, cg uint64) { addTo(s.rcv, k, cg) }
+
+func addTo(m map[tuple]senders, k *flow.Key, cg uint64) {
 	t := tupleOf(k)
-	e, ok := s.m[t]
+	e, ok := m[t]
 	if !ok {
-		s.m[t] = senders{first: sender{k.NetnsInode, cg}}
+		m[t] = senders{first: sender{k.NetnsInode, cg}}
 		return
 	}
 	if e.first.ino == k.NetnsInode {
@@ -385,14 +394,18 @@ func (s *senderIndex) add(k *flow.Key, cg uint64) {
 		}
 	}
 	e.more = append(e.more, sender{k.NetnsInode, cg})
-	s.m[t] = e
+	m[t] = e
 }
 
 // find returns the sending cgroup of t: in namespace ino, else (others
 // true, and not a loopback tuple, which never leaves its namespace) in the
 // namespace of lowest inode that sent it; 0 if none.
 func (s *senderIndex) find(t tuple, ino uint64, others bool) uint64 {
-	e, ok := s.m[t]
+	return findIn(s.m, t, ino, others)
+}
+
+func findIn(m map[tuple]senders, t tuple, ino uint64, others bool) uint64 {
+	e, ok := m[t]
 	if !ok {
 		return 0
 	}
@@ -416,12 +429,15 @@ func (s *senderIndex) find(t tuple, ino uint64, others bool) uint64 {
 
 // join fills the flows' other end (the join rule of docs/ARCHITECTURE.md):
 // an egress flow's receiver is the sender of its reverse tuple (in its
-// namespace first, then another's: the peer pod's eth0); an ingress flow's
+// namespace first, then another's: the peer pod's eth0), else, for a
+// one-way flow, the receiving socket's cgroup that the ingress socket
+// lookup found for the same tuple (its namespace first: lo; then
+// another's); an ingress flow's
 // sender is the sender of the same tuple (its namespace first: lo; then
 // another's), and its receiver, without the socket lookup's, the sender of
 // the reverse tuple in its namespace.
 func (s *senderIndex) join(flows []flow.Flow) {
-	if len(s.m) == 0 {
+	if len(s.m) == 0 && len(s.rcv) == 0 {
 		return
 	}
 	for i := range flows {
@@ -433,6 +449,9 @@ func (s *senderIndex) join(flows []flow.Flow) {
 		if f.Direction == flow.TX {
 			if f.DstCgroup == 0 {
 				f.DstCgroup = s.find(t.reverse(), f.NetnsInode, true)
+			}
+			if f.DstCgroup == 0 {
+				f.DstCgroup = findIn(s.rcv, t, f.NetnsInode, true)
 			}
 			continue
 		}
