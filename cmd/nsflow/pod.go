@@ -171,9 +171,10 @@ nsflow replaces itself with the command. With --container C, the command
 starts in the pod's namespace and in the cgroup of container C,
 <cgroup v2 mount>/nsflow-pods/NAME/C (made on demand), so that its sockets
 carry that cgroup's id and nsflow's attribution names its traffic C;
-nsflow waits for it, passes signals on, exits with its status, and removes
-the cgroup once no process is left in it ("pod delete" kills what still
-runs in the pod's containers and removes their cgroups).`,
+nsflow waits for it, passes signals on and exits with its status. The
+cgroup stays while the pod lives, as a pod's container does, so that a
+trace still names traffic of a command that has exited ("pod delete" kills
+what still runs in the pod's containers and removes their cgroups).`,
 		Example: `  nsflow pod exec web -- ping -c 3 127.0.0.1
   nsflow pod exec web --container server -- iperf3 --server
   nsflow pod exec web --container client -- iperf3 -c 127.0.0.1`,
@@ -223,8 +224,10 @@ runs in the pod's containers and removes their cgroups).`,
 }
 
 // runContainer runs the command as container c of pod p, waits for it
-// (passing signals on), removes the container's cgroup once empty, and
-// exits with the command's status.
+// (passing signals on) and exits with the command's status; the
+// container's cgroup stays until the pod is deleted (a cgroup removed
+// cannot be named any more: traffic of a command that has exited would
+// lose its container's name).
 func runContainer(p *podns.Pod, c, path string, argv []string) error {
 	cmd := &exec.Cmd{Path: path, Args: argv, Stdin: os.Stdin, Stdout: os.Stdout, Stderr: os.Stderr}
 	sigs := make(chan os.Signal, 4)
@@ -246,7 +249,6 @@ wait:
 			break wait
 		}
 	}
-	podns.RemoveContainer(p.Name, c) // busy: another process still runs in it
 	var ee *exec.ExitError
 	if errors.As(werr, &ee) {
 		code := ee.ExitCode()
