@@ -2,6 +2,7 @@ package bpf
 
 import (
 	"fmt"
+	"sync"
 
 	"github.com/cilium/ebpf"
 )
@@ -114,7 +115,7 @@ func MapMemory(m MapShape, ncpu int) uint64 {
 // on a node of ncpu possible CPUs (MapMemory of each, the cookies map
 // included; the flow events ring buffer only with Events), by map name.
 func KernelMemory(opts Options, ncpu int) (map[string]uint64, error) {
-	spec, err := LoadNsflow()
+	spec, err := mapSpecs()
 	if err != nil {
 		return nil, err
 	}
@@ -150,3 +151,7 @@ func KernelMemory(opts Options, ncpu int) (map[string]uint64, error) {
 	out[CookiesMap] = MapMemory(MapShape{cs.Type, cs.KeySize, cs.ValueSize, cs.MaxEntries}, ncpu)
 	return out, nil
 }
+
+// mapSpecs is the ELF's collection spec, parsed once: KernelMemory only
+// reads its maps (a test calls it for every CPU count up to 1,024).
+var mapSpecs = sync.OnceValues(LoadNsflow)
