@@ -595,7 +595,17 @@ func (c *Collector) applyLink(ns *namespace, u netlink.LinkUpdate) bool {
 	a := u.Link.Attrs()
 	switch u.Header.Type {
 	case unix.RTM_NEWLINK:
-		attached, err := c.place(ns, u.Link)
+		l := u.Link
+		if ns.inode == c.hostIno && l.Type() == "device" {
+			// Some notifications carry no IFLA_LINKINFO (nor the peer's
+			// nsid): a veth's host end then reads as a plain device with
+			// no peer, and would be attached again. A fresh look has
+			// them (seen on 6.18 under TCX attach churn).
+			if fresh, err := ns.nl.LinkByIndex(a.Index); err == nil {
+				l = fresh
+			}
+		}
+		attached, err := c.place(ns, l)
 		if err != nil {
 			if errors.Is(err, unix.EEXIST) {
 				// An interface moved in from another observed namespace
