@@ -318,9 +318,11 @@ func (c *Collector) DropStalePins() int {
 	return n
 }
 
-// Mode returns the attach mechanism in use in the namespaces other than
-// the host's (ModeFor).
-func (c *Collector) Mode() attach.Mode { return c.ModeFor(false) }
+// Mode returns the attach mechanism in use as it always has: under
+// ModeAuto ModeTCX (the host's, attach.Mode.For) until an attach finds the
+// kernel without TCX, then ModeClsact. ModeFor tells the mechanism of the
+// host's namespace and of the others apart (auto: clsact in the others).
+func (c *Collector) Mode() attach.Mode { return c.ModeFor(true) }
 
 // ModeFor returns the attach mechanism in use in the host's namespace
 // (host) or the others: Config.Mode.For(host), ModeClsact instead of

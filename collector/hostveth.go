@@ -155,7 +155,9 @@ func (c *Collector) place(ns *namespace, l netlink.Link) (bool, error) {
 		p, pi, wait := c.peerLocked(nsid, index)
 		if wait {
 			if i := ns.ifaces[a.Index]; i != nil && i.gone.IsZero() && (i.state == flow.StateAttached || i.state == flow.StatePeerObserved) {
-				i.name = a.Name // as it is until the peer's namespace is done
+				// As it is until the peer's namespace is done, which then
+				// finds it by its peer (peersOf).
+				i.name, i.peerNsid, i.peerIndex = a.Name, nsid, index
 			} else {
 				ns.waiting[a.Index] = waitingEnd{name: a.Name, nsid: nsid}
 			}
