@@ -29,7 +29,7 @@ type attachFlags struct {
 }
 
 func (a *attachFlags) register(fs *pflag.FlagSet) {
-	fs.StringVar(&a.mode, "attach-mode", string(attach.ModeAuto), "how to attach: auto (TCX if the kernel has it, else clsact), tcx or clsact")
+	fs.StringVar(&a.mode, "attach-mode", string(attach.ModeAuto), "how to attach: auto (TCX in the host namespace, clsact + cls_bpf in every other and wherever the kernel has no TCX), tcx or clsact (that one everywhere)")
 	fs.Uint32Var(&a.flowEntries, "flow-entries", 0, "capacity of the flow map (flows beyond it are evicted, totals stay exact); 0: sized for the node's CPUs, at most 65536 (docs/DEPLOY.md)")
 	fs.Uint32Var(&a.maxPoints, "max-hooks", 0, fmt.Sprintf("capacity of the totals in hooks, two per interface (interfaces beyond it are not attached); 0: sized for the node's CPUs; at most %d (docs/DEPLOY.md)", bpf.MaxPointsLimit))
 }
