@@ -507,3 +507,34 @@ func TestAttribution(t *testing.T) {
 		})
 	}
 }
+
+// Releasing a point's slot deletes its per-cgroup totals with its flows: a
+// slot handed out again starts without them.
+func TestReleaseDeletesContainers(t *testing.T) {
+	objs := load(t, Options{ContainerEntries: 16})
+	a := NsflowObsKey{Netns: 3001, Ifindex: 1, Dir: uint8(RX)}
+	b := NsflowObsKey{Netns: 3002, Ifindex: 1, Dir: uint8(TX)}
+	stub(t, objs, a)
+	stub(t, objs, b)
+	slots := objs.Slots()
+	for _, k := range []NsflowObsKey{a, b} {
+		for _, cg := range []uint64{0, 77} {
+			if err := objs.Containers.Put(NsflowContainerKey{Cgroup: cg, Slot: slots[k]}, NsflowCounters{Packets: 1}); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if n, err := objs.ReleasePoints(func(k NsflowObsKey) bool { return k == a }); n != 1 || err != nil {
+		t.Fatalf("released %d, %v", n, err)
+	}
+	got := map[NsflowContainerKey]bool{}
+	var ck NsflowContainerKey
+	var cv NsflowCounters
+	for it := objs.Containers.Iterate(); it.Next(&ck, &cv); {
+		got[ck] = true
+	}
+	want := map[NsflowContainerKey]bool{{Slot: slots[b]}: true, {Cgroup: 77, Slot: slots[b]}: true}
+	if !equalMaps(got, want) {
+		t.Errorf("containers after releasing a: %v, want only b's %v", got, want)
+	}
+}

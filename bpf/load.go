@@ -248,7 +248,7 @@ func Load(opts Options) (*Objects, error) {
 		}
 		return nil, fmt.Errorf("load nsflow programs: %w", err)
 	}
-	if err := o.init(spec, opts.PinPath, opts.OnReplace); err != nil {
+	if err := o.init(spec, opts.PinPath, opts.OnReplace, opts.ContainerEntries > 0); err != nil {
 		o.Close()
 		return nil, err
 	}
@@ -258,7 +258,7 @@ func Load(opts Options) (*Objects, error) {
 // init readies the stub templates, puts the parsers where the stubs
 // tail-call them (replacing those of a previous process in a pinned
 // account_progs) and reads which slots are taken.
-func (o *Objects) init(spec *ebpf.CollectionSpec, pinPath string, onReplace func(string, error)) error {
+func (o *Objects) init(spec *ebpf.CollectionSpec, pinPath string, onReplace func(string, error), containers bool) error {
 	maps := map[string]*ebpf.Map{
 		NsflowMapTotals: o.Totals, NsflowMapStats: o.Stats, NsflowMapAccountProgs: o.AccountProgs,
 		".rodata": o.Rodata,
@@ -299,7 +299,11 @@ func (o *Objects) init(spec *ebpf.CollectionSpec, pinPath string, onReplace func
 	if err != nil {
 		return err
 	}
-	return o.slots.init(o.Totals, o.Points, cookies, o.Flows, o.Containers)
+	var cm *ebpf.Map // the containers map, when the programs write it
+	if containers {
+		cm = o.Containers
+	}
+	return o.slots.init(o.Totals, o.Points, cookies, o.Flows, cm)
 }
 
 // template says which template immediate ins moves, if any.

@@ -69,7 +69,7 @@ func loadCookies(maxPoints uint32, pinPath string, onReplace func(string, error)
 // high.
 type slots struct {
 	totals, points, cookies, flows *ebpf.Map
-	containers                     *ebpf.Map // per (slot, cgroup)
+	containers                     *ebpf.Map // per (slot, cgroup); nil when off
 	ncpu                           int
 
 	mu       sync.Mutex
@@ -265,7 +265,7 @@ func (s *slots) deleteFlows(free map[uint32]NsflowObsKey) error {
 	if err != nil {
 		return fmt.Errorf("read flows: %w", err)
 	}
-	if s.containers == nil || s.containers.MaxEntries() <= 1 {
+	if s.containers == nil {
 		return nil // off: the programs write nothing there
 	}
 	var ck NsflowContainerKey
