@@ -58,6 +58,13 @@ type Source interface {
 	Mode() attach.Mode
 }
 
+// ModeSource is a Source whose attach mechanism depends on the namespace
+// (collector.Collector.ModeFor: under auto, TCX in the host's, clsact in
+// the others).
+type ModeSource interface {
+	ModeFor(host bool) attach.Mode
+}
+
 // RefusedSource is a Source that counts the interfaces it refused to
 // attach, by reason (collector.Collector.Refused).
 type RefusedSource interface {
@@ -136,7 +143,7 @@ func New(c Source, cfg Config) *Exporter {
 		flowInsertErrors:  d("flow_insert_errors_total", "New flows that could not be recorded in the flow map."),
 		unparsed:          d("unparsed_packets_total", "Packets counted in the totals but in no flow, by reason (non_ip, truncated, no_device).", "reason"),
 		totalsFull:        d("totals_map_full_total", "Packets the programs could not count into a slot of the exact totals (none in normal operation)."),
-		attachMode:        d("attach_mode_info", "The attach mechanism in use (tcx or clsact).", "mode"),
+		attachMode:        d("attach_mode_info", "The attach mechanism in use (tcx or clsact), by scope: host (the host's own namespace) and other (every other namespace); all where one mechanism serves every namespace.", "mode", "scope"),
 		flowSeriesDropped: d("flow_series_dropped_total", "Flow series left out of scrapes by --flows.max-series."),
 		scrapeErrs:        d("scrape_errors_total", "Scrapes that could not read the BPF maps completely."),
 	}
@@ -330,7 +337,12 @@ func (e *Exporter) Collect(ch chan<- prometheus.Metric) {
 			counter(e.attachRefused, n, reason)
 		}
 	}
-	gauge(e.attachMode, 1, string(e.c.Mode()))
+	if ms, ok := e.c.(ModeSource); ok {
+		gauge(e.attachMode, 1, string(ms.ModeFor(true)), "host")
+		gauge(e.attachMode, 1, string(ms.ModeFor(false)), "other")
+	} else {
+		gauge(e.attachMode, 1, string(e.c.Mode()), "all")
+	}
 
 	st := snap.Stats
 	gauge(e.flowEntries, float64(st.FlowEntries))

@@ -78,8 +78,10 @@ func TestFaultNoTCXFallsBack(t *testing.T) {
 			t.Errorf("%s: %+v, kernel %+v", p, got, want)
 		}
 	}
-	if !strings.Contains(body, `nsflow_attach_mode_info{mode="clsact"} 1`) {
-		t.Errorf("attach mode is not clsact:\n%s", body)
+	for _, scope := range []string{"host", "other"} {
+		if !strings.Contains(body, `nsflow_attach_mode_info{mode="clsact",scope="`+scope+`"} 1`) {
+			t.Errorf("attach mode is not clsact in scope %s:\n%s", scope, body)
+		}
 	}
 	if !strings.Contains(srv.logText(), "falling back to clsact") {
 		t.Errorf("no log of the fallback:\n%s", srv.logText())

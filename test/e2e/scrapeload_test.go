@@ -289,7 +289,10 @@ func checkComplete(t *testing.T, body string, pods []*podns.Pod) {
 	}
 	need(pointSeries("nsflow_packets_total", "host", "lo", "rx"))
 	for _, k := range []string{"nsflow_scrape_errors_total{}", "nsflow_flow_map_entries{}", "nsflow_flow_series_dropped_total{}",
-		`nsflow_attach_mode_info{mode="tcx"}`, "process_resident_memory_bytes{}", "go_goroutines{}"} {
+		"process_resident_memory_bytes{}", "go_goroutines{}",
+		// auto: TCX in the host namespace, clsact in the others.
+		"nsflow_attach_mode_info" + model.LabelSet{"mode": "tcx", "scope": "host"}.String(),
+		"nsflow_attach_mode_info" + model.LabelSet{"mode": "clsact", "scope": "other"}.String()} {
 		need(k)
 	}
 	flows := 0
