@@ -694,7 +694,7 @@ func TestContainersOverLoAndEth0(t *testing.T) {
 		return r, true
 	}
 	seen := map[capKey]bool{}
-	sums := map[pair]uint64{}   // per (src, dst) container: tx packets at a's points
+	sums := map[pair]uint64{} // per (src, dst) container: tx packets at a's points
 	for _, f := range tr.Flows {
 		if f.SrcContainer == nil || f.DstContainer == nil {
 			t.Errorf("flow %+v lacks src_container or dst_container", f)
