@@ -374,7 +374,14 @@ func (c *Collector) Add(t Target) (uint64, error) {
 // anything is listed) and registers it, or returns the one registered
 // under its inode.
 func (c *Collector) register(t Target) (*namespace, bool, error) {
-	h, err := netns.GetFromPath(t.Path)
+	path := t.Path
+	if path == "/proc/self/ns/net" {
+		// The main thread's: it may be inside another namespace at this
+		// instant (a worker's attach switched the thread it runs on). An
+		// unlocked goroutine's own thread is never in one.
+		path = "/proc/thread-self/ns/net"
+	}
+	h, err := netns.GetFromPath(path)
 	if err != nil {
 		if errors.Is(err, unix.ENOENT) {
 			return nil, false, fmt.Errorf("netns %s: %w", t.Name, ErrNamespaceNotFound)
@@ -1069,9 +1076,20 @@ func (c *Collector) Close() error {
 		}
 	}
 	c.mu.Unlock()
+	// Several at once: each waits for netlink round trips (a node's
+	// hundreds of pods took tens of seconds one after another).
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, 8)
 	for _, ino := range live {
-		c.remove(ino, c.pins != nil)
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer wg.Done()
+			c.remove(ino, c.pins != nil)
+			<-sem
+		}()
 	}
+	wg.Wait()
 	c.workersDone.Wait()
 	c.hostNlMu.Lock()
 	if c.hostNl != nil {
