@@ -338,13 +338,6 @@ func testAttribution(t *testing.T, cfg collector.Config) {
 	// (The capture reads until Cleanup: a late packet would make its count
 	// differ from the flow's, read before it.)
 
-	snap, err := c.Snapshot()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, h := range holds {
-		h.Close()
-	}
 	want := map[string][2]string{ // by server port: the client's and the server's container
 		"7070": {"web", "sidecar"},
 		"7071": {"web", "db"},
@@ -355,6 +348,42 @@ func testAttribution(t *testing.T, cfg collector.Config) {
 		return st.Ino
 	}
 	inoA, inoB := ino(a), ino(b)
+	// The snapshot once the test's egress flows of pod a equal the
+	// capture (up to 10 s: on a loaded machine an ACK may go out after
+	// the pause above; a packet nsflow missed never converges and is
+	// reported below).
+	var snap *flow.Snapshot
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(200 * time.Millisecond) {
+		var err error
+		if snap, err = c.Snapshot(); err != nil {
+			t.Fatal(err)
+		}
+		equal := true
+		for _, f := range mergeFlows(snap.Flows) {
+			_, d := want[strconv.Itoa(int(f.DstPort))]
+			_, s := want[strconv.Itoa(int(f.SrcPort))]
+			if f.NetnsInode != inoA || f.Direction != flow.TX || !(d || s) {
+				continue
+			}
+			cp := capLo
+			if f.Interface == "eth0" {
+				cp = capEth
+			}
+			if cp.get(flowKey(&f)) != f.Packets {
+				equal = false
+			}
+		}
+		if equal || time.Now().After(deadline) {
+			break
+		}
+	}
+	// The connections stay open until the checks are done: their FINs
+	// would reach the capture, not the snapshot.
+	defer func() {
+		for _, h := range holds {
+			h.Close()
+		}
+	}()
 	checked := map[string]int{}
 	sent := map[[3]string]uint64{} // interface, direction, container -> packets (the capture's)
 	flows := mergeFlows(snap.Flows)
