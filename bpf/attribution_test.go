@@ -202,6 +202,25 @@ func runPeer(role string) error {
 			return fmt.Errorf("after shutdown: %v, want EOF", err)
 		}
 		return nil
+	case "listener":
+		// Any address, port forwardPort (TestForwardedNotAttributed):
+		// accepts connections and reads each to EOF, until killed or 20 s.
+		l, err := net.ListenTCP("tcp4", &net.TCPAddr{Port: forwardPort})
+		if err != nil {
+			return err
+		}
+		defer l.Close()
+		fmt.Println("ready")
+		l.SetDeadline(deadline)
+		for {
+			c, err := l.AcceptTCP()
+			if err != nil {
+				return err
+			}
+			c.SetDeadline(deadline)
+			io.Copy(io.Discard, c)
+			c.Close()
+		}
 	}
 	return fmt.Errorf("unknown role %q", role)
 }

@@ -298,6 +298,43 @@ static __always_inline void emit_flow_event(struct flow_key *key)
 }
 
 /*
+ * delivered_locally tells whether the stack delivers a packet of flow key,
+ * arrived on this hook's device, to this namespace (rather than forwarding
+ * it), asking the FIB as the stack's input route does (bpf_fib_lookup, no
+ * flags: the namespace's rules and tables). A socket lookup alone cannot
+ * tell: a listener on the wildcard address (or an unbound UDP socket)
+ * matches any destination, so in a namespace that forwards (a node's host
+ * namespace under a routed CNI) a host process on *:8080 would be taken for
+ * the receiver of forwarded pod traffic to podIP:8080. NOT_FWDED: a local
+ * (or broadcast, multicast) route. FWD_DISABLED: the device does not
+ * forward (the kernel checks that before the route: every packet of a pod
+ * that does not forward), so the packet is local or dropped. Anything else
+ * (a unicast route: forwarded; blackhole, unreachable, ...): not local.
+ * tot_len 0: no MTU check (it only tells forwarded packets apart).
+ */
+static __always_inline int delivered_locally(struct __sk_buff *ctx, struct flow_key *key)
+{
+	struct bpf_fib_lookup fib = {};
+	long rc;
+
+	fib.l4_protocol = key->proto;
+	fib.sport = bpf_htons(key->sport);
+	fib.dport = bpf_htons(key->dport);
+	fib.ifindex = ctx->ingress_ifindex;
+	if (key->family == 4) {
+		fib.family = 2; /* AF_INET */
+		__builtin_memcpy(&fib.ipv4_src, key->saddr, 4);
+		__builtin_memcpy(&fib.ipv4_dst, key->daddr, 4);
+	} else {
+		fib.family = 10; /* AF_INET6 */
+		__builtin_memcpy(fib.ipv6_src, key->saddr, 16);
+		__builtin_memcpy(fib.ipv6_dst, key->daddr, 16);
+	}
+	rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+	return rc == BPF_FIB_LKUP_RET_NOT_FWDED || rc == BPF_FIB_LKUP_RET_FWD_DISABLED;
+}
+
+/*
  * socket_cgroup returns the cgroup of the socket in this namespace that
  * receives a packet of flow key (the one the stack will deliver it to: for
  * TCP an established socket, else a listener; for UDP a connected or bound
@@ -305,8 +342,10 @@ static __always_inline void emit_flow_event(struct flow_key *key)
  * socket's cgroup is read through bpf_probe_read_kernel: TC programs have no
  * bpf_sk_cgroup_id (cgroup_skb programs do), and the verifier forbids any
  * arithmetic on the socket pointer the lookup returns, so the pointer is
- * first copied out of the stack as a plain number. A helper call and four
- * probe reads: done once per flow, at its first packet.
+ * first copied out of the stack as a plain number. Only for a packet the
+ * namespace delivers to itself (delivered_locally): a forwarded one has no
+ * receiving socket here. Two helper calls and four probe reads: done once
+ * per flow, at its first packet.
  */
 static __always_inline __u64 socket_cgroup(struct __sk_buff *ctx, struct flow_key *key)
 {
@@ -315,6 +354,10 @@ static __always_inline __u64 socket_cgroup(struct __sk_buff *ctx, struct flow_ke
 	__u32 size;
 	__u64 cg = 0, addr = 0;
 
+	if (key->proto != IPPROTO_TCP && key->proto != IPPROTO_UDP)
+		return 0;
+	if (!delivered_locally(ctx, key))
+		return 0;
 	if (key->family == 4) {
 		__builtin_memcpy(&t.ipv4.saddr, key->saddr, 4);
 		__builtin_memcpy(&t.ipv4.daddr, key->daddr, 4);

@@ -1,0 +1,225 @@
+package bpf
+
+import (
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
+	"github.com/nsflow/nsflow/collector/nsenter"
+	"github.com/nsflow/nsflow/test/testenv"
+)
+
+// forwardPort is the port both listeners of TestForwardedNotAttributed
+// bind (the router's on any address, the server's), in the test's own
+// namespaces.
+const forwardPort = 7201
+
+// newNetns makes an anonymous network namespace with lo up, closed when the
+// test ends (gone with its last reference: the peers it started are killed
+// by then), and a netlink handle in it.
+func newNetns(t *testing.T) (netns.NsHandle, *netlink.Handle) {
+	t.Helper()
+	var ns netns.NsHandle
+	err := nsenter.Run(func() error { return unix.Unshare(unix.CLONE_NEWNET) }, func() (err error) {
+		ns, err = netns.Get()
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ns.Close() })
+	h, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(h.Close)
+	lo, err := h.LinkByName("lo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := h.LinkSetUp(lo); err != nil {
+		t.Fatal(err)
+	}
+	return ns, h
+}
+
+// vethTo makes a veth pair, name in the namespace of h with address addr,
+// its peer "eth0" in the namespace peer with address peerAddr and a default
+// route through addr; both up. It returns the local end.
+func vethTo(t *testing.T, h *netlink.Handle, name, addr string, peer netns.NsHandle, ph *netlink.Handle, peerAddr string) netlink.Link {
+	t.Helper()
+	v := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: name}, PeerName: "eth0", PeerNamespace: netlink.NsFd(peer)}
+	if err := h.LinkAdd(v); err != nil {
+		t.Fatal(err)
+	}
+	l, err := h.LinkByName(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pl, err := ph.LinkByName("eth0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range []struct {
+		h    *netlink.Handle
+		l    netlink.Link
+		addr string
+	}{{h, l, addr}, {ph, pl, peerAddr}} {
+		a, err := netlink.ParseAddr(e.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := e.h.AddrAdd(e.l, a); err != nil {
+			t.Fatal(err)
+		}
+		if err := e.h.LinkSetUp(e.l); err != nil {
+			t.Fatal(err)
+		}
+	}
+	gw, _, _ := strings.Cut(addr, "/")
+	if err := ph.RouteAdd(&netlink.Route{LinkIndex: pl.Attrs().Index, Gw: net.ParseIP(gw)}); err != nil {
+		t.Fatal(err)
+	}
+	return l
+}
+
+// nsSysctl reads or (with value) writes the sysctl at path under
+// /proc/sys/net of namespace ns: a file under /proc/sys/net opened by a
+// thread names the thread's namespace's setting.
+func nsSysctl(t *testing.T, ns netns.NsHandle, path, value string) string {
+	t.Helper()
+	var got []byte
+	err := nsenter.Do(ns, func() (err error) {
+		p := "/proc/sys/net/" + path
+		if value != "" {
+			if err := os.WriteFile(p, []byte(value), 0o644); err != nil {
+				return err
+			}
+		}
+		got, err = os.ReadFile(p)
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.TrimSpace(string(got))
+}
+
+// A namespace that forwards (a node's host namespace under a routed CNI) is
+// no receiver of the packets it forwards, even with a socket that would
+// match them. Three namespaces of the test's own: client and server, each
+// with a veth to the router, which forwards (its own ip_forward, the host's
+// untouched) and routes between them. A process in the router listens on
+// any address, port P, one in the server on P; the parsers with the socket
+// lookup on the ingress of the router's client-side veth. The client
+// connects to server:P through the router: that flow's cgroup at the
+// router is 0 (a socket lookup alone finds the router's listener); and to
+// the router's own address:P: its flow carries the router listener's
+// cgroup.
+func TestForwardedNotAttributed(t *testing.T) {
+	testenv.RequireRoot(t)
+	root := cgroup2Mount(t)
+	pre := fmt.Sprintf("nsflow-bpf-fwd-%d-", os.Getpid())
+	routerCg, serverCg := newCgroup(t, root, pre+"router"), newCgroup(t, root, pre+"server")
+
+	router, rh := newNetns(t)
+	client, ch := newNetns(t)
+	server, sh := newNetns(t)
+	hostFwd, err := os.ReadFile("/proc/sys/net/ipv4/ip_forward") // the test's own namespace's
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := nsSysctl(t, router, "ipv4/ip_forward", "1"); got != "1" {
+		t.Fatalf("router ip_forward %q", got)
+	}
+	toClient := vethTo(t, rh, "fwc", "10.231.1.1/24", client, ch, "10.231.1.2/24")
+	vethTo(t, rh, "fws", "10.231.2.1/24", server, sh, "10.231.2.2/24")
+
+	objs := load(t, Options{Attribution: true, SocketLookup: true, ContainerEntries: 64})
+	var st unix.Stat_t
+	if err := unix.Fstat(int(router), &st); err != nil {
+		t.Fatal(err)
+	}
+	idx := toClient.Attrs().Index
+	rx := NsflowObsKey{Netns: uint32(st.Ino), Ifindex: uint32(idx), Dir: uint8(RX)}
+	if err := rh.QdiscAdd(&netlink.GenericQdisc{QdiscType: "clsact", QdiscAttrs: netlink.QdiscAttrs{
+		LinkIndex: idx, Handle: netlink.MakeHandle(0xffff, 0), Parent: netlink.HANDLE_CLSACT}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := rh.FilterAdd(&netlink.BpfFilter{FilterAttrs: netlink.FilterAttrs{LinkIndex: idx, Parent: netlink.HANDLE_MIN_INGRESS,
+		Handle: 1, Protocol: unix.ETH_P_ALL, Priority: 1}, Fd: stub(t, objs, rx).FD(), Name: "nsflow-test", DirectAction: true}); err != nil {
+		t.Fatal(err)
+	}
+
+	startPeer(t, router, routerCg, "listener", true)
+	startPeer(t, server, serverCg, "listener", true)
+	// One connection from the client to each: a message, then EOF both ways.
+	dial := func(dst string) uint16 {
+		var port uint16
+		err := nsenter.Do(client, func() error {
+			c, err := net.DialTimeout("tcp4", net.JoinHostPort(dst, fmt.Sprint(forwardPort)), 5*time.Second)
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(10 * time.Second))
+			port = uint16(c.LocalAddr().(*net.TCPAddr).Port)
+			if _, err := c.Write(make([]byte, msgSize)); err != nil {
+				return err
+			}
+			if err := c.(*net.TCPConn).CloseWrite(); err != nil {
+				return err
+			}
+			if _, err := io.Copy(io.Discard, c); err != nil {
+				return err
+			}
+			return nil
+		})
+		if err != nil {
+			t.Fatalf("client to %s: %v", dst, err)
+		}
+		return port
+	}
+	fwdPort, localPort := dial("10.231.2.2"), dial("10.231.1.1")
+	if now, err := os.ReadFile("/proc/sys/net/ipv4/ip_forward"); err != nil || string(now) != string(hostFwd) {
+		t.Fatalf("the test's namespace's ip_forward: %q, %v; was %q", now, err, hostFwd)
+	}
+
+	want := map[uint16]struct {
+		dst string
+		cg  uint64
+	}{fwdPort: {"10.231.2.2", 0}, localPort: {"10.231.1.1", routerCg.id}}
+	seen := map[uint16]bool{}
+	for k, v := range readMaps(t, objs).flows {
+		if k.Netns != rx.Netns || k.Dir != rx.Dir || k.Proto != unix.IPPROTO_TCP || k.Dport != forwardPort {
+			continue
+		}
+		w, ok := want[k.Sport]
+		if !ok {
+			t.Errorf("flow %+v of no connection of the test", k)
+			continue
+		}
+		seen[k.Sport] = true
+		if dst := net.IP(k.Daddr[:4]).String(); dst != w.dst {
+			t.Errorf("flow from port %d to %s, want %s", k.Sport, dst, w.dst)
+		}
+		t.Logf("ingress of the router's veth: %s:%d, %d packets, cgroup %d (router %d, server %d)",
+			w.dst, forwardPort, v.Packets, v.Cgroup, routerCg.id, serverCg.id)
+		if v.Cgroup != w.cg {
+			t.Errorf("flow to %s:%d: cgroup %d, want %d", w.dst, forwardPort, v.Cgroup, w.cg)
+		}
+	}
+	for p, w := range want {
+		if !seen[p] {
+			t.Errorf("no flow to %s:%d from port %d", w.dst, forwardPort, p)
+		}
+	}
+}
