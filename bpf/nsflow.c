@@ -320,7 +320,7 @@ static __always_inline int delivered_locally(struct __sk_buff *ctx, struct flow_
 	fib.l4_protocol = key->proto;
 	fib.sport = bpf_htons(key->sport);
 	fib.dport = bpf_htons(key->dport);
-	fib.ifindex = ctx->ingress_ifindex;
+	fib.ifindex = ctx->ifindex; /* an ingress hook: the device it arrived on */
 	if (key->family == 4) {
 		fib.family = 2; /* AF_INET */
 		__builtin_memcpy(&fib.ipv4_src, key->saddr, 4);
