@@ -9,7 +9,12 @@
 // whose cgroup is <v2>/nsflow-pods/<pod>/web). Names are cached by id
 // (cgroup ids are never reused while the system runs); an id not in the
 // cache makes a refresh, at most one per MinRefresh (1 s), never a walk of
-// the cgroup tree:
+// the cgroup tree. An id a refresh could not name (a removed cgroup: a
+// restarted container's old one, still in the containers map) is not a
+// reason for another refresh before its back-off (MissBackoff, 60 s,
+// doubling up to MaxMissBackoff, 10 min) has passed; a new id still is.
+// A refresh runs without the lock on the cache: a Resolve whose ids are
+// all cached, or all backing off, does not wait for it. The sources:
 //
 //   - the container runtime's containers (ListContainers, then
 //     ContainerStatus once per new container for its pid): the pid's
@@ -22,7 +27,8 @@
 //     whatever cgroup namespace nsflow runs in;
 //   - without CAP_DAC_READ_SEARCH: every process's /proc/PID/cgroup (one
 //     small read per process, at most once per MinRefresh, only while an
-//     id is unknown), which names cgroups that still hold a process.
+//     id is unknown and not backing off), which names cgroups that still
+//     hold a process.
 //
 // The v2 mount is found in /proc/self/mountinfo (fstype cgroup2: on this
 // project's VM a hybrid layout, /sys/fs/cgroup/unified; on a pure v2 host
@@ -67,6 +73,13 @@ const PodsDir = "nsflow-pods"
 const (
 	ListerTimeout = 2 * time.Second
 	ListerBackoff = 30 * time.Second
+)
+
+// An id a refresh did not name is retried (makes a refresh) only after
+// MissBackoff, then twice as long each time up to MaxMissBackoff.
+const (
+	MissBackoff    = time.Minute
+	MaxMissBackoff = 10 * time.Minute
 )
 
 // Name is what a cgroup id resolves to.
@@ -121,18 +134,31 @@ type Config struct {
 	// MaxEntries bounds the cache; 0 means 65,536 (over it, the cache
 	// starts afresh).
 	MaxEntries int
-	Logger     *slog.Logger
+	// MissBackoff and MaxMissBackoff: an id a refresh did not name makes
+	// no refresh for MissBackoff, then twice as long after each refresh
+	// that still does not name it, up to MaxMissBackoff; 0 means the
+	// package's defaults (60 s, 10 min).
+	MissBackoff    time.Duration
+	MaxMissBackoff time.Duration
+	Logger         *slog.Logger
 }
 
 // Resolver maps cgroup ids to names. It is safe for concurrent use.
+//
+// Locks: refMu (held through a refresh: the runtime's list, /proc reads)
+// before mu (the cache, held only briefly). rootFd, byID, listRetry and
+// warned are written with both held, so read with either.
 type Resolver struct {
 	cfg Config
 	log *slog.Logger
 
+	refMu sync.Mutex
+
 	mu       sync.Mutex
 	names    map[uint64]Name
-	misses   map[uint64]bool       // unknown at the last refresh
+	misses   map[uint64]*miss      // ids refreshes did not name
 	last     time.Time             // of the last refresh
+	inflight chan struct{}         // closed when the running refresh ends; nil when none
 	rootFd   int                   // the v2 mount, for open_by_handle_at; -1 when unusable
 	handles  bool                  // open_by_handle_at works
 	byID     map[string]*Container // last listed, by container id
@@ -141,6 +167,12 @@ type Resolver struct {
 	warned   bool
 	// listRetry: the runtime failed; not asked again before then.
 	listRetry time.Time
+}
+
+// miss is an id's back-off: no refresh for it before next.
+type miss struct {
+	next time.Time
+	wait time.Duration
 }
 
 // New returns a resolver on the v2 mount (cfg.Root or found).
@@ -164,6 +196,13 @@ func New(cfg Config) (*Resolver, error) {
 	if cfg.MaxEntries <= 0 {
 		cfg.MaxEntries = 65536
 	}
+	if cfg.MissBackoff <= 0 {
+		cfg.MissBackoff = MissBackoff
+	}
+	if cfg.MaxMissBackoff <= 0 {
+		cfg.MaxMissBackoff = MaxMissBackoff
+	}
+	cfg.MaxMissBackoff = max(cfg.MaxMissBackoff, cfg.MissBackoff)
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -174,7 +213,7 @@ func New(cfg Config) (*Resolver, error) {
 	if st.Type != unix.CGROUP2_SUPER_MAGIC {
 		return nil, fmt.Errorf("cgroup v2 mount %s: not a cgroup2 filesystem", cfg.Root)
 	}
-	r := &Resolver{cfg: cfg, log: cfg.Logger, names: map[uint64]Name{}, misses: map[uint64]bool{}, byID: map[string]*Container{}, rootFd: -1}
+	r := &Resolver{cfg: cfg, log: cfg.Logger, names: map[uint64]Name{}, misses: map[uint64]*miss{}, byID: map[string]*Container{}, rootFd: -1}
 	fd, err := unix.Open(cfg.Root, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return nil, fmt.Errorf("cgroup v2 mount %s: %w", cfg.Root, err)
@@ -200,6 +239,8 @@ func (r *Resolver) Root() string { return r.cfg.Root }
 // Close releases the mount's descriptor, and the lister if it is an
 // io.Closer.
 func (r *Resolver) Close() error {
+	r.refMu.Lock()
+	defer r.refMu.Unlock()
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.rootFd >= 0 {
@@ -221,62 +262,103 @@ func (r *Resolver) Refreshes() uint64 {
 }
 
 // Resolve names the ids (0 is skipped): from the cache, after at most one
-// refresh when some are not in it.
+// refresh when some are not in it and were never tried or are past their
+// back-off. It waits for a refresh under way only when that refresh could
+// name some of its ids (some never tried or past their back-off).
 func (r *Resolver) Resolve(ctx context.Context, ids []uint64) map[uint64]Name {
-	r.mu.Lock()
-	defer r.mu.Unlock()
 	out := make(map[uint64]Name, len(ids))
 	var missing []uint64
 	for _, id := range ids {
-		if id == 0 {
+		if _, dup := out[id]; dup || id == 0 {
 			continue
 		}
-		if n, ok := r.names[id]; ok {
-			out[id] = n
-		} else if _, seen := out[id]; !seen {
-			missing = append(missing, id)
-			out[id] = Name{}
-		}
+		out[id] = Name{}
+		missing = append(missing, id)
 	}
-	if len(missing) == 0 {
+	r.mu.Lock()
+	missing = r.named(missing, out)
+	if len(missing) > 0 && r.inflight != nil && r.due(missing, time.Now()) {
+		// A refresh is under way (it may name these): wait for it.
+		ch := r.inflight
+		r.mu.Unlock()
+		select {
+		case <-ch:
+		case <-ctx.Done():
+		}
+		r.mu.Lock()
+		missing = r.named(missing, out)
+	}
+	if len(missing) == 0 || !r.due(missing, time.Now()) {
+		// All named, or all unnamed by a refresh not long ago.
+		r.mu.Unlock()
 		return out
 	}
-	if time.Since(r.last) < r.cfg.MinRefresh {
-		// Not yet: what the last refresh could not name stays unnamed
-		// until the next one; a new id's path is still worth a handle
-		// lookup (one syscall), and what it names final is cached.
+	if r.inflight != nil || time.Since(r.last) < r.cfg.MinRefresh || ctx.Err() != nil {
+		// Not yet: a new id's path is still worth a handle lookup (one
+		// syscall), and what it names final is cached.
 		for _, id := range missing {
-			if !r.misses[id] {
+			if r.misses[id] == nil {
 				if n, ok := r.byHandle(id); ok {
 					out[id] = n
 					r.names[id] = n
 				}
 			}
 		}
+		r.mu.Unlock()
 		return out
 	}
+	r.last = time.Now()
+	r.refreshs++
+	r.inflight = make(chan struct{})
+	r.mu.Unlock()
 	r.refresh(ctx, missing)
-	for _, id := range missing {
-		if n, ok := r.names[id]; ok {
-			out[id] = n
-		}
-	}
+	r.mu.Lock()
+	r.named(missing, out)
+	r.mu.Unlock()
 	return out
 }
 
-// refresh lists the runtime's containers and names the missing ids.
-func (r *Resolver) refresh(ctx context.Context, missing []uint64) {
-	r.last = time.Now()
-	r.refreshs++
-	if len(r.names) > r.cfg.MaxEntries {
-		r.names = map[uint64]Name{}
+// named sets the cached names of ids in out and returns the others (in
+// ids' array). r.mu is held.
+func (r *Resolver) named(ids []uint64, out map[uint64]Name) []uint64 {
+	left := ids[:0]
+	for _, id := range ids {
+		if n, ok := r.names[id]; ok {
+			out[id] = n
+		} else {
+			left = append(left, id)
+		}
 	}
+	return left
+}
+
+// due reports whether some of the unnamed ids is worth a refresh: never
+// tried, or past its back-off. r.mu is held.
+func (r *Resolver) due(missing []uint64, now time.Time) bool {
+	for _, id := range missing {
+		if m := r.misses[id]; m == nil || !now.Before(m.next) {
+			return true
+		}
+	}
+	return false
+}
+
+// refresh lists the runtime's containers and names the missing ids. It
+// holds refMu throughout and r.mu only to store what it found: a Resolve
+// of cached ids does not wait for the runtime or for /proc. It ends the
+// refresh Resolve started (r.inflight).
+func (r *Resolver) refresh(ctx context.Context, missing []uint64) {
+	r.refMu.Lock()
+	defer r.refMu.Unlock()
+	ctrs := map[uint64]Name{}  // the runtime's containers: override
+	other := map[uint64]Name{} // by handle or /proc: where not cached
 	if r.cfg.Lister != nil && time.Now().After(r.listRetry) {
 		// A snapshot waits for this: bounded, and a runtime that failed
 		// is not asked again for ListerBackoff (its last list is kept).
 		ctx, cancel := context.WithTimeout(ctx, ListerTimeout)
-		ctrs, err := r.cfg.Lister.ListContainers(ctx)
+		list, err := r.cfg.Lister.ListContainers(ctx)
 		cancel()
+		r.mu.Lock()
 		if err != nil {
 			r.listRetry = time.Now().Add(ListerBackoff)
 			if !r.warned {
@@ -285,46 +367,80 @@ func (r *Resolver) refresh(ctx context.Context, missing []uint64) {
 			}
 		} else {
 			r.warned = false
-			r.byID = make(map[string]*Container, len(ctrs))
-			for i := range ctrs {
-				r.byID[ctrs[i].ID] = &ctrs[i]
+			r.byID = make(map[string]*Container, len(list))
+			for i := range list {
+				r.byID[list[i].ID] = &list[i]
 			}
 		}
-		for _, c := range r.byID {
-			if c.Pid <= 0 {
-				continue
-			}
-			p, err := r.procPath(c.Pid)
-			if err != nil {
-				continue // gone, or outside this cgroup namespace: by handle
-			}
-			id, err := ID(filepath.Join(r.cfg.Root, p))
-			if err != nil {
-				continue
-			}
-			pod := c.Pod
-			r.names[id] = Name{Container: c.Name, Pod: &pod, Path: p}
+		r.mu.Unlock()
+	}
+	for _, c := range r.byID {
+		if c.Pid <= 0 {
+			continue
 		}
+		p, err := r.procPath(c.Pid)
+		if err != nil {
+			continue // gone, or outside this cgroup namespace: by handle
+		}
+		id, err := ID(filepath.Join(r.cfg.Root, p))
+		if err != nil {
+			continue
+		}
+		pod := c.Pod
+		ctrs[id] = Name{Container: c.Name, Pod: &pod, Path: p}
 	}
 	need := false
 	for _, id := range missing {
-		if _, ok := r.names[id]; ok {
+		if _, ok := ctrs[id]; ok {
 			continue
 		}
 		if n, ok := r.byHandle(id); ok {
-			r.names[id] = n
+			other[id] = n
 			continue
 		}
 		need = true
 	}
 	if need && !r.handles {
-		r.walkProc()
+		r.walkProc(other)
 	}
-	clear(r.misses)
-	for _, id := range missing {
+
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if len(r.names) > r.cfg.MaxEntries {
+		r.names = map[uint64]Name{}
+	}
+	for id, n := range ctrs {
+		r.names[id] = n
+	}
+	for id, n := range other {
 		if _, ok := r.names[id]; !ok {
-			r.misses[id] = true
+			r.names[id] = n
 		}
+	}
+	// What this refresh did not name makes no refresh before its
+	// back-off: started, or doubled when it had passed (an id still
+	// backing off, tried because a new one came, keeps its time).
+	now := time.Now()
+	r.last = now // MinRefresh is also counted from a long refresh's end
+	if len(r.misses) > r.cfg.MaxEntries {
+		clear(r.misses)
+	}
+	for _, id := range missing {
+		if _, ok := r.names[id]; ok {
+			delete(r.misses, id)
+			continue
+		}
+		switch m := r.misses[id]; {
+		case m == nil:
+			r.misses[id] = &miss{next: now.Add(r.cfg.MissBackoff), wait: r.cfg.MissBackoff}
+		case !now.Before(m.next):
+			m.wait = min(2*m.wait, r.cfg.MaxMissBackoff)
+			m.next = now.Add(m.wait)
+		}
+	}
+	if r.inflight != nil {
+		close(r.inflight)
+		r.inflight = nil
 	}
 }
 
@@ -399,8 +515,9 @@ func (r *Resolver) pathByHandle(id uint64) (string, error) {
 	return "/" + strings.TrimPrefix(rel, "."), nil
 }
 
-// walkProc names the cgroups of every process (without file handles).
-func (r *Resolver) walkProc() {
+// walkProc names the cgroups of every process (without file handles) in
+// names. refMu is held.
+func (r *Resolver) walkProc(names map[uint64]Name) {
 	ents, err := os.ReadDir(r.cfg.Proc)
 	if err != nil {
 		return
@@ -420,11 +537,11 @@ func (r *Resolver) walkProc() {
 		if err != nil {
 			continue
 		}
-		if _, ok := r.names[id]; ok {
+		if _, ok := names[id]; ok {
 			continue
 		}
 		if n, ok := r.withContainer(Name{Container: base(p), Path: p}); ok {
-			r.names[id] = n
+			names[id] = n
 		}
 	}
 }

@@ -7,6 +7,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -198,11 +200,12 @@ func TestResolve(t *testing.T) {
 }
 
 // TestRefreshBounded: an id nobody knows makes one refresh per
-// MinRefresh, not one per Resolve.
+// MinRefresh, not one per Resolve (even with its back-off, TestMissBackoff,
+// shorter than MinRefresh).
 func TestRefreshBounded(t *testing.T) {
 	_, dir := testRoot(t)
 	l := &fakeLister{}
-	r, err := New(Config{Lister: l, MinRefresh: 300 * time.Millisecond})
+	r, err := New(Config{Lister: l, MinRefresh: 300 * time.Millisecond, MissBackoff: time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -300,7 +303,7 @@ func (f *failingLister) ListContainers(context.Context) ([]Container, error) {
 func TestListerBackoff(t *testing.T) {
 	testRoot(t)
 	l := &failingLister{}
-	r, err := New(Config{Lister: l, MinRefresh: time.Millisecond})
+	r, err := New(Config{Lister: l, MinRefresh: time.Millisecond, MissBackoff: time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -311,5 +314,185 @@ func TestListerBackoff(t *testing.T) {
 	}
 	if r.Refreshes() < 2 || l.calls != 1 {
 		t.Errorf("%d refreshes asked a failing runtime %d times, want once", r.Refreshes(), l.calls)
+	}
+}
+
+// removedCgroup makes a cgroup under dir and removes it: its id can never
+// be named again (as a restarted container's old cgroup).
+func removedCgroup(t *testing.T, dir string) uint64 {
+	t.Helper()
+	gone := filepath.Join(dir, "gone.scope")
+	if err := os.MkdirAll(gone, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	id, err := ID(gone)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(gone); err != nil {
+		t.Fatal(err)
+	}
+	return id
+}
+
+// TestMissBackoff: the id of a removed cgroup, asked at every read, makes
+// one refresh per back-off (not one per MinRefresh), the back-off doubling
+// up to its bound; a cgroup made afterwards is still named at its first
+// Resolve (a never-tried id makes a refresh), without the removed id's
+// back-off growing for it.
+func TestMissBackoff(t *testing.T) {
+	_, dir := testRoot(t)
+	for _, handles := range []bool{true, false} {
+		t.Run(fmt.Sprintf("handles=%v", handles), func(t *testing.T) {
+			sub := filepath.Join(dir, "backoff", fmt.Sprint(handles))
+			gone := removedCgroup(t, sub)
+			l := &fakeLister{}
+			r, err := New(Config{Lister: l, MinRefresh: time.Millisecond})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer r.Close()
+			r.handles = handles
+			for i := 0; i < 20; i++ {
+				if n := r.Resolve(context.Background(), []uint64{gone}); n[gone] != (Name{}) {
+					t.Fatalf("removed cgroup named %+v", n[gone])
+				}
+				time.Sleep(2 * time.Millisecond) // past MinRefresh
+			}
+			if r.Refreshes() != 1 || l.calls != 1 {
+				t.Fatalf("removed cgroup asked 20 times past MinRefresh: %d refreshes, %d lister calls; want 1", r.Refreshes(), l.calls)
+			}
+			wait := func() time.Duration {
+				r.mu.Lock()
+				defer r.mu.Unlock()
+				if m := r.misses[gone]; m != nil {
+					return m.wait
+				}
+				return 0
+			}
+			if w := wait(); w != MissBackoff {
+				t.Errorf("back-off %v, want %v", w, MissBackoff)
+			}
+
+			_, id := startIn(t, filepath.Join(sub, "new.scope"))
+			time.Sleep(2 * time.Millisecond)
+			n := r.Resolve(context.Background(), []uint64{gone, id})
+			if n[id].Container != "new.scope" || n[gone] != (Name{}) || r.Refreshes() != 2 {
+				t.Errorf("new cgroup after the removed one: %+v, removed %+v, %d refreshes; want new.scope, unnamed, 2", n[id], n[gone], r.Refreshes())
+			}
+			if w := wait(); w != MissBackoff {
+				t.Errorf("back-off after a refresh for another id: %v, want still %v", w, MissBackoff)
+			}
+			for i := 0; i < 5; i++ {
+				time.Sleep(2 * time.Millisecond)
+				r.Resolve(context.Background(), []uint64{gone, id})
+			}
+			if r.Refreshes() != 2 {
+				t.Errorf("named and backing-off ids: %d refreshes, want still 2", r.Refreshes())
+			}
+
+			// Past its back-off (made so): one refresh, then twice as long.
+			for _, want := range []time.Duration{2 * time.Minute, 4 * time.Minute, 8 * time.Minute, MaxMissBackoff, MaxMissBackoff} {
+				r.mu.Lock()
+				r.misses[gone].next = time.Time{}
+				r.last = time.Time{}
+				r.mu.Unlock()
+				before := r.Refreshes()
+				r.Resolve(context.Background(), []uint64{gone})
+				r.Resolve(context.Background(), []uint64{gone})
+				if r.Refreshes() != before+1 || wait() != want {
+					t.Errorf("past the back-off: %d refreshes (want 1), back-off %v (want %v)", r.Refreshes()-before, wait(), want)
+				}
+			}
+		})
+	}
+}
+
+// blockingLister blocks in ListContainers while block is set, until
+// release is closed (past ListerTimeout: the refresh ends only then);
+// entered is signalled at each blocked call.
+type blockingLister struct {
+	block   atomic.Bool
+	entered chan struct{}
+	release chan struct{}
+	once    sync.Once
+}
+
+func (b *blockingLister) ListContainers(context.Context) ([]Container, error) {
+	if b.block.Load() {
+		b.entered <- struct{}{}
+		<-b.release
+	}
+	return nil, nil
+}
+
+func (b *blockingLister) unblock() { b.once.Do(func() { close(b.release) }) }
+
+// TestRefreshUnlocked: while a refresh waits for the runtime, a Resolve of
+// cached or backing-off ids returns at once, and one with a never-tried id
+// waits for that refresh and gets its name from it (through /proc).
+func TestRefreshUnlocked(t *testing.T) {
+	_, dir := testRoot(t)
+	sub := filepath.Join(dir, "unlocked")
+	_, a := startIn(t, filepath.Join(sub, "a.scope"))
+	gone := removedCgroup(t, sub)
+	l := &blockingLister{entered: make(chan struct{}, 4), release: make(chan struct{})}
+	t.Cleanup(l.unblock)
+	r, err := New(Config{Lister: l, MinRefresh: time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	defer l.unblock() // before Close, which waits for the refresh
+	r.handles = false
+	if n := r.Resolve(context.Background(), []uint64{a, gone}); n[a].Container != "a.scope" || r.Refreshes() != 1 {
+		t.Fatalf("first resolve: %+v, %d refreshes", n, r.Refreshes())
+	}
+
+	l.block.Store(true)
+	_, b := startIn(t, filepath.Join(sub, "b.scope"))
+	time.Sleep(2 * time.Millisecond)
+	resolve := func(ids ...uint64) chan map[uint64]Name {
+		ch := make(chan map[uint64]Name, 1)
+		go func() { ch <- r.Resolve(context.Background(), ids) }()
+		return ch
+	}
+	doneB := resolve(b)
+	select {
+	case <-l.entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no refresh for a new cgroup")
+	}
+	select {
+	case n := <-resolve(a, gone):
+		r.mu.Lock()
+		under := r.inflight != nil
+		r.mu.Unlock()
+		if n[a].Container != "a.scope" || !under {
+			t.Errorf("cached during a refresh: %+v; the refresh still under way: %v", n, under)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("a Resolve of cached and backing-off ids waited for the refresh")
+	}
+	_, c := startIn(t, filepath.Join(sub, "c.scope"))
+	doneC := resolve(c)
+	select {
+	case n := <-doneC:
+		t.Fatalf("a never-tried id did not wait for the refresh under way: %+v", n)
+	case <-time.After(100 * time.Millisecond):
+	}
+	l.unblock()
+	for id, ch := range map[uint64]chan map[uint64]Name{b: doneB, c: doneC} {
+		select {
+		case n := <-ch:
+			if n[id].Container == "" {
+				t.Errorf("cgroup %d unnamed after the refresh: %+v", id, n)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("Resolve did not return after the refresh")
+		}
+	}
+	if r.Refreshes() != 2 {
+		t.Errorf("%d refreshes, want 2 (c named by the one under way)", r.Refreshes())
 	}
 }
