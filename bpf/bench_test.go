@@ -82,16 +82,27 @@ func BenchmarkProgram(b *testing.B) {
 // every run inserts one; ns/op is the mean of the kernel's times, which
 // include a clock read pair (the empty program's figure). The variants:
 // the plain ingress parser (flows_on_ingress), and the one with the socket
-// lookup (sk_lookup_ingress) on a frame to 127.0.0.1 (a local route, or
-// forwarding off on lo: the FIB says local, the lookup runs and finds no
-// socket) and to 10.213.0.3 (a route through a device of the host with
-// forwarding on: forwarded, no lookup; where the namespace does not
-// forward, local as above).
+// lookup (sk_lookup_ingress) on UDP frames: to 127.0.0.1, port 9 (no
+// socket: the lookup misses), and to port P of a UDP socket the benchmark
+// binds on the wildcard address, from 127.0.0.1 (local: the lookup finds
+// it, the FIB says local, its cgroup is read) and to 10.213.0.3 (a route
+// out of the namespace: with forwarding on, the FIB says forwarded, no
+// cgroup; with it off on lo, local as above).
 func BenchmarkNewFlow(b *testing.B) {
-	remote := build(b, eth(layers.EthernetTypeIPv4), ipv4(layers.IPProtocolUDP), udpDgram(), payload(64))
-	ip := ipv4(layers.IPProtocolUDP)
-	ip.SrcIP, ip.DstIP = net.IPv4(127, 0, 0, 1), net.IPv4(127, 0, 0, 1)
-	local := build(b, eth(layers.EthernetTypeIPv4), ip, udpDgram(), payload(64))
+	sock, err := net.ListenUDP("udp4", &net.UDPAddr{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer sock.Close()
+	port := uint16(sock.LocalAddr().(*net.UDPAddr).Port)
+	frame := func(dst net.IP, dport uint16) []byte {
+		ip := ipv4(layers.IPProtocolUDP)
+		ip.SrcIP, ip.DstIP = net.IPv4(127, 0, 0, 1), dst
+		udp := udpDgram()
+		udp.DstPort = layers.UDPPort(dport)
+		return build(b, eth(layers.EthernetTypeIPv4), ip, udp, payload(64))
+	}
+	lo, remote := net.IPv4(127, 0, 0, 1), net.IPv4(10, 213, 0, 3)
 	flowsOn := load(b, Options{})
 	attrLookup := load(b, Options{Attribution: true, SocketLookup: true})
 	for _, v := range []struct {
@@ -100,10 +111,11 @@ func BenchmarkNewFlow(b *testing.B) {
 		objs  *Objects
 		frame []byte
 	}{
-		{"empty/udp4", emptyProgram(b), nil, remote},
-		{"flows_on_ingress/udp4", prog(b, flowsOn, RX), flowsOn, remote},
-		{"sk_lookup_ingress/udp4_local", prog(b, attrLookup, RX), attrLookup, local},
-		{"sk_lookup_ingress/udp4_remote", prog(b, attrLookup, RX), attrLookup, remote},
+		{"empty/udp4", emptyProgram(b), nil, frame(lo, 9)},
+		{"flows_on_ingress/udp4", prog(b, flowsOn, RX), flowsOn, frame(lo, 9)},
+		{"sk_lookup_ingress/udp4_no_socket", prog(b, attrLookup, RX), attrLookup, frame(lo, 9)},
+		{"sk_lookup_ingress/udp4_socket_local", prog(b, attrLookup, RX), attrLookup, frame(lo, port)},
+		{"sk_lookup_ingress/udp4_socket_remote", prog(b, attrLookup, RX), attrLookup, frame(remote, port)},
 	} {
 		b.Run(v.name, func(b *testing.B) {
 			var total time.Duration

@@ -342,10 +342,11 @@ static __always_inline int delivered_locally(struct __sk_buff *ctx, struct flow_
  * socket's cgroup is read through bpf_probe_read_kernel: TC programs have no
  * bpf_sk_cgroup_id (cgroup_skb programs do), and the verifier forbids any
  * arithmetic on the socket pointer the lookup returns, so the pointer is
- * first copied out of the stack as a plain number. Only for a packet the
- * namespace delivers to itself (delivered_locally): a forwarded one has no
- * receiving socket here. Two helper calls and four probe reads: done once
- * per flow, at its first packet.
+ * first copied out of the stack as a plain number. A socket bound to a
+ * wildcard address receives the packet only if the namespace delivers it
+ * to itself (delivered_locally): a forwarded one has no receiving socket
+ * here. A helper call (two for a wildcard socket) and four probe reads:
+ * done once per flow, at its first packet.
  */
 static __always_inline __u64 socket_cgroup(struct __sk_buff *ctx, struct flow_key *key)
 {
@@ -355,8 +356,6 @@ static __always_inline __u64 socket_cgroup(struct __sk_buff *ctx, struct flow_ke
 	__u64 cg = 0, addr = 0;
 
 	if (key->proto != IPPROTO_TCP && key->proto != IPPROTO_UDP)
-		return 0;
-	if (!delivered_locally(ctx, key))
 		return 0;
 	if (key->family == 4) {
 		__builtin_memcpy(&t.ipv4.saddr, key->saddr, 4);
@@ -379,6 +378,16 @@ static __always_inline __u64 socket_cgroup(struct __sk_buff *ctx, struct flow_ke
 		return 0;
 	if (!sk)
 		return 0;
+	/* A socket bound to a wildcard address matches any destination: the
+	 * packet is its only if the namespace delivers it to itself. One bound
+	 * to an address (or connected) has a local address of this namespace:
+	 * the packet is for this namespace, no FIB lookup. */
+	if ((key->family == 4 ? sk->src_ip4 == 0
+			      : (sk->src_ip6[0] | sk->src_ip6[1] | sk->src_ip6[2] | sk->src_ip6[3]) == 0) &&
+	    !delivered_locally(ctx, key)) {
+		bpf_sk_release(sk);
+		return 0;
+	}
 	{
 		struct bpf_sock *volatile slot = sk;
 
