@@ -623,6 +623,12 @@ func (c *Collector) applyLink(ns *namespace, u netlink.LinkUpdate) bool {
 				c.retryLater(ns, work{kind: workRetry, index: a.Index, name: a.Name, try: 0})
 				return attached
 			}
+			if vanished(ns.nl, a.Index) {
+				// Deleted before its queued NEWLINK was handled (pods come
+				// and go): its DELLINK follows; not an error.
+				c.log.Debug("interface vanished while attaching", "netns", ns.name, "interface", a.Name, "err", err)
+				return attached
+			}
 			c.log.Warn("attach", "err", err)
 		}
 		return attached
@@ -817,9 +823,15 @@ func (c *Collector) attach(ns *namespace, index int, name string, l netlink.Link
 		delete(c.orphans, k) // claimed again
 	}
 	if !ns.gone.IsZero() || c.closed {
-		// Removed meanwhile: what was just attached goes again.
+		// Removed meanwhile: what was just attached goes again; at a
+		// pinned Close it stays, for the next process to adopt (--pin).
+		keep := c.closed && c.pins != nil && ns.gone.IsZero()
 		c.mu.Unlock()
-		if att != nil {
+		if att != nil && keep {
+			if rerr := att.Release(); rerr != nil {
+				c.log.Warn("release", "netns", ns.name, "interface", name, "err", rerr)
+			}
+		} else if att != nil {
 			if cerr := att.Close(); cerr != nil {
 				c.log.Warn("detach", "netns", ns.name, "interface", name, "err", cerr)
 			}
@@ -934,7 +946,9 @@ func (c *Collector) Remove(inode uint64) { c.remove(inode, false) }
 func (c *Collector) remove(inode uint64, keep bool) {
 	c.mu.Lock()
 	ns, ok := c.namespaces[inode]
-	if !ok || !ns.gone.IsZero() {
+	if !ok || !ns.gone.IsZero() || ns.leaving {
+		// Gone, or being removed by another call (Close beside Remove):
+		// one remove closes its channels and handles.
 		c.mu.Unlock()
 		return
 	}
