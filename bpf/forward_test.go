@@ -119,11 +119,12 @@ func nsSysctl(t *testing.T, ns netns.NsHandle, path, value string) string {
 // with a veth to the router, which forwards (its own ip_forward, the host's
 // untouched) and routes between them. A process in the router listens on
 // any address, port P, one in the server on P; the parsers with the socket
-// lookup on the ingress of the router's client-side veth. The client
-// connects to server:P through the router: that flow's cgroup at the
-// router is 0 (a socket lookup alone finds the router's listener); and to
-// the router's own address:P: its flow carries the router listener's
-// cgroup.
+// lookup on the ingress of the router's client-side veth and of the
+// server's eth0. The client connects to server:P through the router: that
+// flow's cgroup at the router is 0 (a socket lookup alone finds the
+// router's listener), at the server the server listener's (a namespace
+// that does not forward: the FIB says so before any route); and to the
+// router's own address:P: its flow carries the router listener's cgroup.
 func TestForwardedNotAttributed(t *testing.T) {
 	testenv.RequireRoot(t)
 	root := cgroup2Mount(t)
@@ -140,24 +141,15 @@ func TestForwardedNotAttributed(t *testing.T) {
 	if got := nsSysctl(t, router, "ipv4/ip_forward", "1"); got != "1" {
 		t.Fatalf("router ip_forward %q", got)
 	}
+	if got := nsSysctl(t, server, "ipv4/ip_forward", "0"); got != "0" {
+		t.Fatalf("server ip_forward %q", got)
+	}
 	toClient := vethTo(t, rh, "fwc", "10.231.1.1/24", client, ch, "10.231.1.2/24")
 	vethTo(t, rh, "fws", "10.231.2.1/24", server, sh, "10.231.2.2/24")
 
 	objs := load(t, Options{Attribution: true, SocketLookup: true, ContainerEntries: 64})
-	var st unix.Stat_t
-	if err := unix.Fstat(int(router), &st); err != nil {
-		t.Fatal(err)
-	}
-	idx := toClient.Attrs().Index
-	rx := NsflowObsKey{Netns: uint32(st.Ino), Ifindex: uint32(idx), Dir: uint8(RX)}
-	if err := rh.QdiscAdd(&netlink.GenericQdisc{QdiscType: "clsact", QdiscAttrs: netlink.QdiscAttrs{
-		LinkIndex: idx, Handle: netlink.MakeHandle(0xffff, 0), Parent: netlink.HANDLE_CLSACT}}); err != nil {
-		t.Fatal(err)
-	}
-	if err := rh.FilterAdd(&netlink.BpfFilter{FilterAttrs: netlink.FilterAttrs{LinkIndex: idx, Parent: netlink.HANDLE_MIN_INGRESS,
-		Handle: 1, Protocol: unix.ETH_P_ALL, Priority: 1}, Fd: stub(t, objs, rx).FD(), Name: "nsflow-test", DirectAction: true}); err != nil {
-		t.Fatal(err)
-	}
+	rx := attachIngress(t, objs, router, rh, toClient)
+	srvRx := attachIngress(t, objs, server, sh, nil)
 
 	startPeer(t, router, routerCg, "listener", true)
 	startPeer(t, server, serverCg, "listener", true)
@@ -193,33 +185,65 @@ func TestForwardedNotAttributed(t *testing.T) {
 		t.Fatalf("the test's namespace's ip_forward: %q, %v; was %q", now, err, hostFwd)
 	}
 
-	want := map[uint16]struct {
-		dst string
-		cg  uint64
-	}{fwdPort: {"10.231.2.2", 0}, localPort: {"10.231.1.1", routerCg.id}}
-	seen := map[uint16]bool{}
-	for k, v := range readMaps(t, objs).flows {
-		if k.Netns != rx.Netns || k.Dir != rx.Dir || k.Proto != unix.IPPROTO_TCP || k.Dport != forwardPort {
-			continue
+	type want struct {
+		point NsflowObsKey
+		sport uint16
+		dst   string
+		cg    uint64
+	}
+	wants := []want{
+		{rx, fwdPort, "10.231.2.2", 0},              // forwarded: the router's listener is not its receiver
+		{rx, localPort, "10.231.1.1", routerCg.id},  // the router's own
+		{srvRx, fwdPort, "10.231.2.2", serverCg.id}, // arrived: the server's
+	}
+	flows := readMaps(t, objs).flows
+	for _, w := range wants {
+		found := false
+		for k, v := range flows {
+			if k.Netns != w.point.Netns || k.Ifindex != w.point.Ifindex || k.Dir != w.point.Dir ||
+				k.Proto != unix.IPPROTO_TCP || k.Sport != w.sport || k.Dport != forwardPort {
+				continue
+			}
+			found = true
+			if dst := net.IP(k.Daddr[:4]).String(); dst != w.dst {
+				t.Errorf("flow from port %d to %s, want %s", k.Sport, dst, w.dst)
+			}
+			t.Logf("ingress at %+v: to %s:%d, %d packets, cgroup %d (router %d, server %d)",
+				w.point, w.dst, forwardPort, v.Packets, v.Cgroup, routerCg.id, serverCg.id)
+			if v.Cgroup != w.cg {
+				t.Errorf("flow at %+v to %s:%d: cgroup %d, want %d", w.point, w.dst, forwardPort, v.Cgroup, w.cg)
+			}
 		}
-		w, ok := want[k.Sport]
-		if !ok {
-			t.Errorf("flow %+v of no connection of the test", k)
-			continue
-		}
-		seen[k.Sport] = true
-		if dst := net.IP(k.Daddr[:4]).String(); dst != w.dst {
-			t.Errorf("flow from port %d to %s, want %s", k.Sport, dst, w.dst)
-		}
-		t.Logf("ingress of the router's veth: %s:%d, %d packets, cgroup %d (router %d, server %d)",
-			w.dst, forwardPort, v.Packets, v.Cgroup, routerCg.id, serverCg.id)
-		if v.Cgroup != w.cg {
-			t.Errorf("flow to %s:%d: cgroup %d, want %d", w.dst, forwardPort, v.Cgroup, w.cg)
+		if !found {
+			t.Errorf("no flow at %+v to %s:%d from port %d", w.point, w.dst, forwardPort, w.sport)
 		}
 	}
-	for p, w := range want {
-		if !seen[p] {
-			t.Errorf("no flow to %s:%d from port %d", w.dst, forwardPort, p)
+}
+
+// attachIngress puts the stub of objs on the ingress of link l of namespace
+// ns (h: its handle; nil: eth0), under a clsact qdisc, and returns its
+// observation point.
+func attachIngress(t *testing.T, objs *Objects, ns netns.NsHandle, h *netlink.Handle, l netlink.Link) NsflowObsKey {
+	t.Helper()
+	if l == nil {
+		var err error
+		if l, err = h.LinkByName("eth0"); err != nil {
+			t.Fatal(err)
 		}
 	}
+	var st unix.Stat_t
+	if err := unix.Fstat(int(ns), &st); err != nil {
+		t.Fatal(err)
+	}
+	idx := l.Attrs().Index
+	key := NsflowObsKey{Netns: uint32(st.Ino), Ifindex: uint32(idx), Dir: uint8(RX)}
+	if err := h.QdiscAdd(&netlink.GenericQdisc{QdiscType: "clsact", QdiscAttrs: netlink.QdiscAttrs{
+		LinkIndex: idx, Handle: netlink.MakeHandle(0xffff, 0), Parent: netlink.HANDLE_CLSACT}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.FilterAdd(&netlink.BpfFilter{FilterAttrs: netlink.FilterAttrs{LinkIndex: idx, Parent: netlink.HANDLE_MIN_INGRESS,
+		Handle: 1, Protocol: unix.ETH_P_ALL, Priority: 1}, Fd: stub(t, objs, key).FD(), Name: "nsflow-test", DirectAction: true}); err != nil {
+		t.Fatal(err)
+	}
+	return key
 }
