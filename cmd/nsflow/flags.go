@@ -26,17 +26,19 @@ type attachFlags struct {
 	mode        string
 	flowEntries uint32
 	maxPoints   uint32
+	maxIfaces   int
 }
 
 func (a *attachFlags) register(fs *pflag.FlagSet) {
 	fs.StringVar(&a.mode, "attach-mode", string(attach.ModeAuto), "how to attach: auto (TCX in the host namespace, clsact + cls_bpf in every other and wherever the kernel has no TCX), tcx or clsact (that one everywhere)")
 	fs.Uint32Var(&a.flowEntries, "flow-entries", 0, "capacity of the flow map (flows beyond it are evicted, totals stay exact); 0: sized for the node's CPUs, at most 65536 (docs/DEPLOY.md)")
+	fs.IntVar(&a.maxIfaces, "max-interfaces", collector.DefaultMaxInterfaces, "interfaces attached per namespace, lo included (the host's namespace excepted): those beyond it are refused and counted in nsflow_attach_refused_total{reason=\"interfaces\"}, so that one pod cannot take the node's slots")
 	fs.Uint32Var(&a.maxPoints, "max-hooks", 0, fmt.Sprintf("capacity of the totals in hooks, two per interface (interfaces beyond it are not attached); 0: sized for the node's CPUs; at most %d (docs/DEPLOY.md)", bpf.MaxPointsLimit))
 }
 
 // config returns the map sizes as collector settings.
 func (a *attachFlags) config(c collector.Config) collector.Config {
-	c.FlowEntries, c.MaxPoints = a.flowEntries, a.maxPoints
+	c.FlowEntries, c.MaxPoints, c.MaxInterfaces = a.flowEntries, a.maxPoints, a.maxIfaces
 	return c
 }
 
@@ -44,6 +46,9 @@ func (a *attachFlags) validate() (attach.Mode, error) {
 	m, err := attach.ParseMode(a.mode)
 	if err != nil {
 		return "", usagef("--attach-mode: %v", err)
+	}
+	if a.maxIfaces < 1 {
+		return "", usagef("--max-interfaces must be at least 1, got %d", a.maxIfaces)
 	}
 	if a.maxPoints > uint32(bpf.MaxPointsLimit) {
 		return "", usagef("--max-hooks must be at most %d", bpf.MaxPointsLimit)

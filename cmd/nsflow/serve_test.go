@@ -11,7 +11,7 @@ func TestServeCollectorConfig(t *testing.T) {
 		noFlows           bool
 	}{{false, false, true}, {true, false, false}, {false, true, false}, {true, true, false}} {
 		f := serveFlags{listen: []string{":9990"}, telemetryPath: "/metrics", resync: 1, flows: tc.flows, containers: tc.containers,
-			log: logFlags{level: "info"}, cri: criFlags{endpoint: "none", interval: 1}, attach: attachFlags{mode: "auto"}}
+			log: logFlags{level: "info"}, cri: criFlags{endpoint: "none", interval: 1}, attach: attachFlags{mode: "auto", maxIfaces: 64}}
 		sc, err := f.validate()
 		if err != nil {
 			t.Fatal(err)

@@ -113,6 +113,7 @@ type traceConfig struct {
 	mode        attach.Mode
 	flowEntries uint32
 	maxPoints   uint32
+	maxIfaces   int
 	criEndpoint string
 	filter      *filter.Filter
 	sort        flow.SortKey
@@ -164,7 +165,7 @@ func (f *traceFlags) validate(args []string) (*traceConfig, error) {
 	if tc.mode, err = f.attach.validate(); err != nil {
 		return nil, err
 	}
-	tc.flowEntries, tc.maxPoints = f.attach.flowEntries, f.attach.maxPoints
+	tc.flowEntries, tc.maxPoints, tc.maxIfaces = f.attach.flowEntries, f.attach.maxPoints, f.attach.maxIfaces
 	if err := f.cri.validate(); err != nil {
 		return nil, err
 	}
@@ -194,7 +195,7 @@ func openSession(ctx context.Context, tc *traceConfig, log *slog.Logger) (*sessi
 	}
 	endpoint := (&criFlags{endpoint: tc.criEndpoint}).resolve()
 	return session.Open(ctx, session.Config{
-		Collector: collector.Config{Mode: tc.mode, FlowEntries: tc.flowEntries, MaxPoints: tc.maxPoints, Logger: log, Events: tc.events, HostVeths: tc.sel.hostVeths,
+		Collector: collector.Config{Mode: tc.mode, FlowEntries: tc.flowEntries, MaxPoints: tc.maxPoints, MaxInterfaces: tc.maxIfaces, Logger: log, Events: tc.events, HostVeths: tc.sel.hostVeths,
 			Attribution: tc.attribution, SocketLookup: tc.attribution},
 		Targets:     tc.sel.targets,
 		Discovery:   tc.sel.discovery,
