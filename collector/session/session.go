@@ -175,6 +175,7 @@ func Open(ctx context.Context, cfg Config) (*Session, error) {
 func (s *Session) sweep(dc discovery.Config) {
 	all := dc
 	all.Host, all.Include, all.Exclude = true, nil, nil
+	all.UserNamespaces = true // an earlier --netns.userns process may have left filters there
 	found, err := discovery.Scan(all)
 	if err != nil {
 		s.log.Warn("scan namespaces for stale clsact filters", "err", err)
