@@ -203,9 +203,10 @@ func runPeer(role string) error {
 		}
 		return nil
 	case "listener":
-		// Any address, port forwardPort (TestForwardedNotAttributed):
-		// accepts connections and reads each to EOF, until killed or 20 s.
-		l, err := net.ListenTCP("tcp4", &net.TCPAddr{Port: forwardPort})
+		// Any address (IPv6 and IPv4: one dual-stack socket), port
+		// forwardPort (TestForwardedNotAttributed): accepts connections and
+		// reads each to EOF, until killed or 20 s.
+		l, err := net.ListenTCP("tcp", &net.TCPAddr{Port: forwardPort})
 		if err != nil {
 			return err
 		}

@@ -18,8 +18,7 @@ import (
 )
 
 // forwardPort is the port both listeners of TestForwardedNotAttributed
-// bind (the router's on any address, the server's), in the test's own
-// namespaces.
+// bind (on any address, IPv4 and IPv6), in the test's own namespaces.
 const forwardPort = 7201
 
 // newNetns makes an anonymous network namespace with lo up, closed when the
@@ -51,10 +50,11 @@ func newNetns(t *testing.T) (netns.NsHandle, *netlink.Handle) {
 	return ns, h
 }
 
-// vethTo makes a veth pair, name in the namespace of h with address addr,
-// its peer "eth0" in the namespace peer with address peerAddr and a default
-// route through addr; both up. It returns the local end.
-func vethTo(t *testing.T, h *netlink.Handle, name, addr string, peer netns.NsHandle, ph *netlink.Handle, peerAddr string) netlink.Link {
+// vethTo makes a veth pair, name in the namespace of h with addresses
+// addrs, its peer "eth0" in the namespace peer with addresses peerAddrs
+// (the same families, in the same order) and default routes through addrs;
+// both up, no duplicate address detection. It returns the local end.
+func vethTo(t *testing.T, h *netlink.Handle, name string, addrs []string, peer netns.NsHandle, ph *netlink.Handle, peerAddrs []string) netlink.Link {
 	t.Helper()
 	v := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: name}, PeerName: "eth0", PeerNamespace: netlink.NsFd(peer)}
 	if err := h.LinkAdd(v); err != nil {
@@ -69,24 +69,29 @@ func vethTo(t *testing.T, h *netlink.Handle, name, addr string, peer netns.NsHan
 		t.Fatal(err)
 	}
 	for _, e := range []struct {
-		h    *netlink.Handle
-		l    netlink.Link
-		addr string
-	}{{h, l, addr}, {ph, pl, peerAddr}} {
-		a, err := netlink.ParseAddr(e.addr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := e.h.AddrAdd(e.l, a); err != nil {
-			t.Fatal(err)
+		h     *netlink.Handle
+		l     netlink.Link
+		addrs []string
+	}{{h, l, addrs}, {ph, pl, peerAddrs}} {
+		for _, s := range e.addrs {
+			a, err := netlink.ParseAddr(s)
+			if err != nil {
+				t.Fatal(err)
+			}
+			a.Flags = unix.IFA_F_NODAD
+			if err := e.h.AddrAdd(e.l, a); err != nil {
+				t.Fatal(err)
+			}
 		}
 		if err := e.h.LinkSetUp(e.l); err != nil {
 			t.Fatal(err)
 		}
 	}
-	gw, _, _ := strings.Cut(addr, "/")
-	if err := ph.RouteAdd(&netlink.Route{LinkIndex: pl.Attrs().Index, Gw: net.ParseIP(gw)}); err != nil {
-		t.Fatal(err)
+	for _, s := range addrs {
+		gw, _, _ := strings.Cut(s, "/")
+		if err := ph.RouteAdd(&netlink.Route{LinkIndex: pl.Attrs().Index, Gw: net.ParseIP(gw)}); err != nil {
+			t.Fatal(err)
+		}
 	}
 	return l
 }
@@ -118,7 +123,7 @@ func nsSysctl(t *testing.T, ns netns.NsHandle, path, value string) string {
 // match them. Three namespaces of the test's own: client and server, each
 // with a veth to the router, which forwards (its own ip_forward, the host's
 // untouched) and routes between them. A process in the router listens on
-// any address, port P, one in the server on P; the parsers with the socket
+// any address (IPv4 and IPv6), one in the server on P; the parsers with the socket
 // lookup on the ingress of the router's client-side veth and of the
 // server's eth0. The client connects to server:P through the router: that
 // flow's cgroup at the router is 0 (a socket lookup alone finds the
@@ -138,14 +143,15 @@ func TestForwardedNotAttributed(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := nsSysctl(t, router, "ipv4/ip_forward", "1"); got != "1" {
-		t.Fatalf("router ip_forward %q", got)
+	for ns, v := range map[netns.NsHandle]string{router: "1", server: "0"} {
+		for _, path := range []string{"ipv4/ip_forward", "ipv6/conf/all/forwarding"} {
+			if got := nsSysctl(t, ns, path, v); got != v {
+				t.Fatalf("%s %q, want %s", path, got, v)
+			}
+		}
 	}
-	if got := nsSysctl(t, server, "ipv4/ip_forward", "0"); got != "0" {
-		t.Fatalf("server ip_forward %q", got)
-	}
-	toClient := vethTo(t, rh, "fwc", "10.231.1.1/24", client, ch, "10.231.1.2/24")
-	vethTo(t, rh, "fws", "10.231.2.1/24", server, sh, "10.231.2.2/24")
+	toClient := vethTo(t, rh, "fwc", []string{"10.231.1.1/24", "fd00:231:1::1/64"}, client, ch, []string{"10.231.1.2/24", "fd00:231:1::2/64"})
+	vethTo(t, rh, "fws", []string{"10.231.2.1/24", "fd00:231:2::1/64"}, server, sh, []string{"10.231.2.2/24", "fd00:231:2::2/64"})
 
 	objs := load(t, Options{Attribution: true, SocketLookup: true, ContainerEntries: 64})
 	rx := attachIngress(t, objs, router, rh, toClient)
@@ -157,7 +163,7 @@ func TestForwardedNotAttributed(t *testing.T) {
 	dial := func(dst string) uint16 {
 		var port uint16
 		err := nsenter.Do(client, func() error {
-			c, err := net.DialTimeout("tcp4", net.JoinHostPort(dst, fmt.Sprint(forwardPort)), 5*time.Second)
+			c, err := net.DialTimeout("tcp", net.JoinHostPort(dst, fmt.Sprint(forwardPort)), 5*time.Second)
 			if err != nil {
 				return err
 			}
@@ -180,22 +186,25 @@ func TestForwardedNotAttributed(t *testing.T) {
 		}
 		return port
 	}
-	fwdPort, localPort := dial("10.231.2.2"), dial("10.231.1.1")
-	if now, err := os.ReadFile("/proc/sys/net/ipv4/ip_forward"); err != nil || string(now) != string(hostFwd) {
-		t.Fatalf("the test's namespace's ip_forward: %q, %v; was %q", now, err, hostFwd)
-	}
-
 	type want struct {
 		point NsflowObsKey
 		sport uint16
 		dst   string
 		cg    uint64
 	}
-	wants := []want{
-		{rx, fwdPort, "10.231.2.2", 0},              // forwarded: the router's listener is not its receiver
-		{rx, localPort, "10.231.1.1", routerCg.id},  // the router's own
-		{srvRx, fwdPort, "10.231.2.2", serverCg.id}, // arrived: the server's
+	var wants []want
+	for _, a := range []struct{ server, router string }{{"10.231.2.2", "10.231.1.1"}, {"fd00:231:2::2", "fd00:231:1::1"}} {
+		fwdPort, localPort := dial(a.server), dial(a.router)
+		wants = append(wants,
+			want{rx, fwdPort, a.server, 0},              // forwarded: the router's listener is not its receiver
+			want{rx, localPort, a.router, routerCg.id},  // the router's own
+			want{srvRx, fwdPort, a.server, serverCg.id}, // arrived: the server's
+		)
 	}
+	if now, err := os.ReadFile("/proc/sys/net/ipv4/ip_forward"); err != nil || string(now) != string(hostFwd) {
+		t.Fatalf("the test's namespace's ip_forward: %q, %v; was %q", now, err, hostFwd)
+	}
+
 	flows := readMaps(t, objs).flows
 	for _, w := range wants {
 		found := false
@@ -205,7 +214,11 @@ func TestForwardedNotAttributed(t *testing.T) {
 				continue
 			}
 			found = true
-			if dst := net.IP(k.Daddr[:4]).String(); dst != w.dst {
+			dst := net.IP(k.Daddr[:]).String()
+			if k.Family == 4 {
+				dst = net.IP(k.Daddr[:4]).String()
+			}
+			if dst != w.dst {
 				t.Errorf("flow from port %d to %s, want %s", k.Sport, dst, w.dst)
 			}
 			t.Logf("ingress at %+v: to %s:%d, %d packets, cgroup %d (router %d, server %d)",
