@@ -121,15 +121,16 @@ func nsSysctl(t *testing.T, ns netns.NsHandle, path, value string) string {
 // A namespace that forwards (a node's host namespace under a routed CNI) is
 // no receiver of the packets it forwards, even with a socket that would
 // match them. Three namespaces of the test's own: client and server, each
-// with a veth to the router, which forwards (its own ip_forward, the host's
-// untouched) and routes between them. A process in the router listens on
-// any address (IPv4 and IPv6), one in the server on P; the parsers with the socket
-// lookup on the ingress of the router's client-side veth and of the
-// server's eth0. The client connects to server:P through the router: that
-// flow's cgroup at the router is 0 (a socket lookup alone finds the
-// router's listener), at the server the server listener's (a namespace
-// that does not forward: the FIB says so before any route); and to the
-// router's own address:P: its flow carries the router listener's cgroup.
+// with a veth to the router, which forwards (its own ip_forward and IPv6
+// forwarding; the host's untouched) and routes between them. A process in
+// the router listens on any address, port P (one dual-stack socket), one in
+// the server too; the parsers with the socket lookup on the ingress of the
+// router's client-side veth and of the server's eth0. Over IPv4 and IPv6,
+// the client connects to server:P through the router: that flow's cgroup
+// at the router is 0 (a socket lookup alone finds the router's listener),
+// at the server the server listener's (a namespace that does not forward:
+// the FIB says so before any route); and to the router's own address:P:
+// its flow carries the router listener's cgroup.
 func TestForwardedNotAttributed(t *testing.T) {
 	testenv.RequireRoot(t)
 	root := cgroup2Mount(t)
