@@ -871,57 +871,16 @@ func TestCRIContainers(t *testing.T) {
 		LogDirectory: logs,
 		Linux:        &runtimeapi.LinuxPodSandboxConfig{},
 	}
-	sb, err := rt.RunPodSandbox(ctx, &runtimeapi.RunPodSandboxRequest{Config: sbCfg})
-	if err != nil {
-		log, _ := os.ReadFile(filepath.Join(ctd.dir, "containerd.log"))
-		t.Fatalf("RunPodSandbox: %v\n%s", err, log)
-	}
-	t.Cleanup(func() {
-		c, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		if _, err := rt.StopPodSandbox(c, &runtimeapi.StopPodSandboxRequest{PodSandboxId: sb.PodSandboxId}); err != nil {
-			t.Errorf("stop pod sandbox: %v", err)
-		}
-		if _, err := rt.RemovePodSandbox(c, &runtimeapi.RemovePodSandboxRequest{PodSandboxId: sb.PodSandboxId}); err != nil {
-			t.Errorf("remove pod sandbox: %v", err)
-		}
-	})
-	st, err := rt.PodSandboxStatus(ctx, &runtimeapi.PodSandboxStatusRequest{PodSandboxId: sb.PodSandboxId, Verbose: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	nsPath := regexp.MustCompile(`"type":"network","path":"([^"]+)"`).FindStringSubmatch(st.Info["info"])
-	if nsPath == nil {
-		t.Fatalf("no network namespace in the sandbox status: %s", st.Info["info"])
-	}
-	nsName := filepath.Base(nsPath[1])
-	nsIno := inodeOfPath(t, nsPath[1])
-	t.Cleanup(func() {
-		// Whatever the runtime could not remove (as TestCRIPodIdentity).
-		procs, _ := filepath.Glob("/proc/[0-9]*/ns/net")
-		for _, p := range procs {
-			var st syscall.Stat_t
-			if syscall.Stat(p, &st) == nil && st.Ino == nsIno {
-				var pid int
-				fmt.Sscanf(p, "/proc/%d/", &pid)
-				syscall.Kill(pid, syscall.SIGKILL)
-			}
-		}
-		exec.Command("ip", "netns", "del", nsName).Run()
-		cached, _ := filepath.Glob("/var/lib/cni/results/*" + sb.PodSandboxId + "*")
-		for _, f := range cached {
-			os.Remove(f)
-		}
-	})
-	sandbox := &podns.Pod{Name: nsName, NetnsPath: nsPath[1]}
-	paths := map[uint64]string{nsIno: nsPath[1]}
+	sb, nsPath, nsName, nsIno := runSandbox(t, ctx, ctd, rt, sbCfg)
+	sandbox := &podns.Pod{Name: nsName, NetnsPath: nsPath}
+	paths := map[uint64]string{nsIno: nsPath}
 	// lo only: the CNI's eth0 has IPv6 and speaks it at will.
 	lo := func(c counts) counts {
 		return counts{point{nsIno, "lo", "rx"}: c[point{nsIno, "lo", "rx"}], point{nsIno, "lo", "tx"}: c[point{nsIno, "lo", "tx"}]}
 	}
 
 	tr := startTrace(t, 1, "--netns", nsName, "--cri.endpoint", "unix://"+ctd.sock, "--containers", "-o", "json")
-	waitOwnHooks(t, tr.cmd.Process.Pid, nsPath[1], "lo")
+	waitOwnHooks(t, tr.cmd.Process.Pid, nsPath, "lo")
 	capt := startCapture(t, sandbox, "")
 	k0 := quietCounts(t, paths, lo)
 

@@ -200,66 +200,12 @@ func TestCRIPodIdentity(t *testing.T) {
 	rt := runtimeapi.NewRuntimeServiceClient(conn)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	sb, err := rt.RunPodSandbox(ctx, &runtimeapi.RunPodSandboxRequest{Config: &runtimeapi.PodSandboxConfig{
+	sb, _, nsName, nsIno := runSandbox(t, ctx, ctd, rt, &runtimeapi.PodSandboxConfig{
 		Metadata:     &runtimeapi.PodSandboxMetadata{Name: "web-7d4f", Namespace: "shop", Uid: "e2e-uid-1"},
 		Hostname:     "web",
 		LogDirectory: filepath.Join(ctd.dir, "logs"),
 		Linux:        &runtimeapi.LinuxPodSandboxConfig{},
-	}})
-	if err != nil {
-		log, _ := os.ReadFile(filepath.Join(ctd.dir, "containerd.log"))
-		t.Fatalf("RunPodSandbox: %v\n%s", err, log)
-	}
-	t.Cleanup(func() {
-		// The runtime may have just restarted: retry until it answers.
-		deadline := time.Now().Add(30 * time.Second)
-		for {
-			c, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-			_, err := rt.StopPodSandbox(c, &runtimeapi.StopPodSandboxRequest{PodSandboxId: sb.PodSandboxId})
-			if err == nil {
-				_, err = rt.RemovePodSandbox(c, &runtimeapi.RemovePodSandboxRequest{PodSandboxId: sb.PodSandboxId})
-			}
-			cancel()
-			if err == nil {
-				return
-			}
-			if time.Now().After(deadline) {
-				t.Errorf("remove pod sandbox: %v", err)
-				return
-			}
-			time.Sleep(200 * time.Millisecond)
-		}
 	})
-	st, err := rt.PodSandboxStatus(ctx, &runtimeapi.PodSandboxStatusRequest{PodSandboxId: sb.PodSandboxId, Verbose: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	nsPath := regexp.MustCompile(`"type":"network","path":"([^"]+)"`).FindStringSubmatch(st.Info["info"])
-	if nsPath == nil {
-		t.Fatalf("no network namespace in the sandbox status: %s", st.Info["info"])
-	}
-	nsName := filepath.Base(nsPath[1])
-	nsIno := inodeOfPath(t, nsPath[1])
-	t.Cleanup(func() {
-		// Whatever the runtime could not remove: processes still in the
-		// sandbox's namespace (a pause orphaned by a failed stop), the
-		// namespace, CNI's cache.
-		procs, _ := filepath.Glob("/proc/[0-9]*/ns/net")
-		for _, p := range procs {
-			var st syscall.Stat_t
-			if syscall.Stat(p, &st) == nil && st.Ino == nsIno {
-				var pid int
-				fmt.Sscanf(p, "/proc/%d/", &pid)
-				syscall.Kill(pid, syscall.SIGKILL)
-			}
-		}
-		exec.Command("ip", "netns", "del", nsName).Run()
-		cached, _ := filepath.Glob("/var/lib/cni/results/*" + sb.PodSandboxId + "*")
-		for _, f := range cached {
-			os.Remove(f)
-		}
-	})
-
 	srv := startServe(t, "http", "--cri.endpoint", "unix://"+ctd.sock, "--cri.interval", "1s",
 		"--netns.host=false", "--netns.proc=false", "--netns.include", "^"+regexp.QuoteMeta(nsName)+"$")
 	series := func(metric, iface string) string {
@@ -403,4 +349,65 @@ func inodeOfPath(t *testing.T, path string) uint64 {
 		t.Fatal(err)
 	}
 	return st.Ino
+}
+
+// runSandbox runs a pod sandbox through the runtime and returns it with its
+// network namespace (path, name, inode), read from the sandbox's verbose
+// status. Cleanup stops and removes it (retrying while the runtime may be
+// restarting), then whatever the runtime could not remove: processes still
+// in the sandbox's namespace (a pause orphaned by a failed stop), the
+// namespace, CNI's cache.
+func runSandbox(t *testing.T, ctx context.Context, ctd *containerd, rt runtimeapi.RuntimeServiceClient, cfg *runtimeapi.PodSandboxConfig) (sb *runtimeapi.RunPodSandboxResponse, nsPath, nsName string, nsIno uint64) {
+	t.Helper()
+	sb, err := rt.RunPodSandbox(ctx, &runtimeapi.RunPodSandboxRequest{Config: cfg})
+	if err != nil {
+		log, _ := os.ReadFile(filepath.Join(ctd.dir, "containerd.log"))
+		t.Fatalf("RunPodSandbox: %v\n%s", err, log)
+	}
+	t.Cleanup(func() {
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			c, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			_, err := rt.StopPodSandbox(c, &runtimeapi.StopPodSandboxRequest{PodSandboxId: sb.PodSandboxId})
+			if err == nil {
+				_, err = rt.RemovePodSandbox(c, &runtimeapi.RemovePodSandboxRequest{PodSandboxId: sb.PodSandboxId})
+			}
+			cancel()
+			if err == nil {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Errorf("remove pod sandbox: %v", err)
+				return
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+	})
+	st, err := rt.PodSandboxStatus(ctx, &runtimeapi.PodSandboxStatusRequest{PodSandboxId: sb.PodSandboxId, Verbose: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := regexp.MustCompile(`"type":"network","path":"([^"]+)"`).FindStringSubmatch(st.Info["info"])
+	if m == nil {
+		t.Fatalf("no network namespace in the sandbox status: %s", st.Info["info"])
+	}
+	nsPath, nsName = m[1], filepath.Base(m[1])
+	nsIno = inodeOfPath(t, nsPath)
+	t.Cleanup(func() {
+		procs, _ := filepath.Glob("/proc/[0-9]*/ns/net")
+		for _, p := range procs {
+			var st syscall.Stat_t
+			if syscall.Stat(p, &st) == nil && st.Ino == nsIno {
+				var pid int
+				fmt.Sscanf(p, "/proc/%d/", &pid)
+				syscall.Kill(pid, syscall.SIGKILL)
+			}
+		}
+		exec.Command("ip", "netns", "del", nsName).Run()
+		cached, _ := filepath.Glob("/var/lib/cni/results/*" + sb.PodSandboxId + "*")
+		for _, f := range cached {
+			os.Remove(f)
+		}
+	})
+	return sb, nsPath, nsName, nsIno
 }
