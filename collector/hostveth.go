@@ -134,8 +134,15 @@ func (c *Collector) peerLocked(nsid, index int) (p *namespace, pi *iface, wait b
 	if p == nil {
 		return nil, nil, false
 	}
-	if i := p.ifaces[index]; i != nil && i.state == flow.StateAttached && i.gone.IsZero() {
+	i := p.ifaces[index]
+	if i != nil && i.state == flow.StateAttached && i.gone.IsZero() {
 		return p, i, false
+	}
+	if i != nil && i.gone.IsZero() && (i.state == flow.StateFailed || i.state == flow.StateRefused) {
+		// Its attach is done and did not count it: the host end counts
+		// the pair (not waiting while that namespace has other work,
+		// which under churn may be always).
+		return nil, nil, false
 	}
 	return nil, nil, !p.firstDone || p.busy || p.queued
 }
@@ -208,6 +215,21 @@ func (c *Collector) skip(host *namespace, index int, name string, nsid, peerInde
 		}
 	}
 	c.mu.Lock()
+	if p, _, _ := c.peerLocked(nsid, peerIndex); p == nil {
+		// The peer's namespace began leaving (or its end went) since the
+		// rule was applied: nothing would count the pair, and no event of
+		// the peer's will bring the host end back. Observe it.
+		c.mu.Unlock()
+		if _, err := c.attach(host, index, name, nil); err != nil {
+			c.log.Warn("attach", "err", err)
+		}
+		c.mu.Lock()
+		if i := host.ifaces[index]; i != nil {
+			i.peerNsid, i.peerIndex = nsid, peerIndex
+		}
+		c.mu.Unlock()
+		return
+	}
 	var att attach.Attachment
 	if i = host.ifaces[index]; i != nil {
 		att = c.takeLocked(i)
