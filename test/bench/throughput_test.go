@@ -525,8 +525,13 @@ func tpVariants() []tpVariant {
 		{"tcpdump", pcap(func(*tpEnv, *podns.Pod) []string {
 			return []string{"tcpdump", "-i", "eth0", "-w", "/dev/null", "-s", "96"}
 		})},
-		{"softflowd", pcap(func(*tpEnv, *podns.Pod) []string {
-			return []string{"softflowd", "-d", "-i", "eth0", "-n", "127.0.0.1:9995"}
+		{"softflowd", pcap(func(e *tpEnv, p *podns.Pod) []string {
+			// A control socket per instance: the default one
+			// (/var/run/softflowd.ctl) is shared by the pods' instances
+			// (one mount namespace), so the second failed, and it stayed
+			// behind after the run.
+			return []string{"softflowd", "-d", "-i", "eth0", "-n", "127.0.0.1:9995",
+				"-c", filepath.Join(e.tmp, p.Name+".softflowd.ctl")}
 		})},
 		{"pmacctd", pcap(func(e *tpEnv, p *podns.Pod) []string {
 			return []string{"pmacctd", "-i", "eth0", "-c", "src_host,dst_host,proto,src_port,dst_port", "-P", "memory",
