@@ -139,6 +139,9 @@ func removePodCgroups(pod string) error {
 	if err := os.Remove(dir); err != nil && !errors.Is(err, os.ErrNotExist) {
 		errs = append(errs, err)
 	}
+	// The parent, nsflow-pods, once no pod has containers any more (it
+	// fails harmlessly while another pod's are there).
+	os.Remove(filepath.Dir(dir))
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("pod %s's container cgroups: %w", pod, err)
 	}
