@@ -1,11 +1,7 @@
 package e2e
 
 import (
-	"archive/tar"
-	"bytes"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -30,46 +26,7 @@ const pauseImage = "docker.io/library/nsflow-pause:test"
 // binary (no registry is reachable: the image is made here).
 func pauseArchive(t *testing.T, dir string) string {
 	t.Helper()
-	bin := filepath.Join(dir, "pause")
-	build := exec.Command("go", "build", "-o", bin, "./testdata/pause")
-	build.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("build pause: %v\n%s", err, out)
-	}
-	pause, err := os.ReadFile(bin)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var layer bytes.Buffer
-	lw := tar.NewWriter(&layer)
-	lw.WriteHeader(&tar.Header{Name: "pause", Mode: 0o755, Size: int64(len(pause)), ModTime: time.Unix(0, 0)})
-	lw.Write(pause)
-	lw.Close()
-	diffID := sha256.Sum256(layer.Bytes())
-	config, _ := json.Marshal(map[string]any{
-		"architecture": "amd64", "os": "linux",
-		"config": map[string]any{"Entrypoint": []string{"/pause"}},
-		"rootfs": map[string]any{"type": "layers", "diff_ids": []string{"sha256:" + hex.EncodeToString(diffID[:])}},
-	})
-	cfgSum := sha256.Sum256(config)
-	cfgName := hex.EncodeToString(cfgSum[:]) + ".json"
-	manifest, _ := json.Marshal([]map[string]any{{"Config": cfgName, "RepoTags": []string{pauseImage}, "Layers": []string{"layer.tar"}}})
-	archive := filepath.Join(dir, "pause.tar")
-	f, err := os.Create(archive)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tw := tar.NewWriter(f)
-	for _, e := range []struct {
-		name string
-		data []byte
-	}{{"layer.tar", layer.Bytes()}, {cfgName, config}, {"manifest.json", manifest}} {
-		tw.WriteHeader(&tar.Header{Name: e.name, Mode: 0o644, Size: int64(len(e.data)), ModTime: time.Unix(0, 0)})
-		tw.Write(e.data)
-	}
-	tw.Close()
-	f.Close()
-	return archive
+	return imageArchive(t, dir, "./testdata/pause", pauseImage, "pause")
 }
 
 // containerd is a containerd with its CRI plugin and the CNI bridge plugin,
