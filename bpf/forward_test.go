@@ -214,14 +214,14 @@ func TestForwardedNotAttributed(t *testing.T) {
 				k.Proto != unix.IPPROTO_TCP || k.Sport != w.sport || k.Dport != forwardPort {
 				continue
 			}
-			found = true
 			dst := net.IP(k.Daddr[:]).String()
 			if k.Family == 4 {
 				dst = net.IP(k.Daddr[:4]).String()
 			}
 			if dst != w.dst {
-				t.Errorf("flow from port %d to %s, want %s", k.Sport, dst, w.dst)
+				continue // another connection that got the same ephemeral port (the other family's)
 			}
+			found = true
 			t.Logf("ingress at %+v: to %s:%d, %d packets, cgroup %d (router %d, server %d)",
 				w.point, w.dst, forwardPort, v.Packets, v.Cgroup, routerCg.id, serverCg.id)
 			if v.Cgroup != w.cg {
