@@ -98,11 +98,24 @@ func (c *Collector) nsidOf(h netns.NsHandle) int {
 	return id
 }
 
-// waitingEnd is a host end waiting for its peer's namespace's attach work.
+// waitingEnd is a host end waiting for its peer's namespace's attach work,
+// or (until set) for its peer's namespace to be observed at all.
 type waitingEnd struct {
-	name string
-	nsid int
+	name  string
+	nsid  int
+	until time.Time
 }
+
+// peerHold is how long a new host end whose peer lies in a namespace not
+// observed (yet) waits for discovery to observe it, before it is attached
+// itself. A pod's veth often appears a few milliseconds after its
+// namespace's mount, before discovery has registered the namespace:
+// attaching the host end then and leaving it out a moment later cost two
+// TCX grace periods under RTNL, which the pod's own attach and its
+// runtime's setup waited for (tens of milliseconds per new pod,
+// BenchmarkScale). A host end whose peer's namespace is never observed
+// (excluded, or skipped) is attached this much later than it appeared.
+const peerHold = 250 * time.Millisecond
 
 // peerLocked returns the observed namespace of host nsid nsid and its
 // attached interface of that index, if any; wait is true when that
@@ -158,8 +171,29 @@ func (c *Collector) place(ns *namespace, l netlink.Link) (bool, error) {
 	nsid, index, paired := pairPeer(l)
 	if paired && !c.cfg.HostVeths {
 		c.mu.Lock()
+		prior := ns.waiting[a.Index]
 		delete(ns.waiting, a.Index)
 		p, pi, wait := c.peerLocked(nsid, index)
+		if p == nil && !wait && ns.firstDone && ns.ifaces[a.Index] == nil {
+			// A new host end whose peer's namespace is not observed (yet).
+			until := prior.until
+			if until.IsZero() {
+				until = time.Now().Add(peerHold)
+			}
+			if time.Now().Before(until) {
+				ns.waiting[a.Index] = waitingEnd{name: a.Name, nsid: nsid, until: until}
+				index := a.Index
+				time.AfterFunc(time.Until(until), func() {
+					c.mu.Lock()
+					defer c.mu.Unlock()
+					if w, ok := ns.waiting[index]; ok && w.until.Equal(until) {
+						c.pushLocked(ns, work{kind: workPlace, index: index})
+					}
+				})
+				c.mu.Unlock()
+				return false, nil
+			}
+		}
 		if wait {
 			if i := ns.ifaces[a.Index]; i != nil && i.gone.IsZero() && (i.state == flow.StateAttached || i.state == flow.StatePeerObserved) {
 				// As it is until the peer's namespace is done, which then

@@ -627,3 +627,134 @@ func (b *syncBuffer) String() string {
 	defer b.mu.Unlock()
 	return b.b.String()
 }
+
+// A new host end whose peer's namespace is not observed yet is held for a
+// moment (peerHold) rather than attached: when its namespace is observed
+// within it (a pod's veth appears a few milliseconds after its namespace's
+// mount, often before discovery has registered it), the host end is never
+// attached, so no TCX grace period is paid twice under RTNL; when the
+// namespace is never observed, the host end is attached once the hold is
+// over, and counts exactly from then on.
+func TestHostEndHeldForUnobservedPeer(t *testing.T) {
+	testenv.RequireRoot(t)
+	if os.Getenv("NSFLOW_HOLD_CHILD") != "1" {
+		cmd := exec.Command(os.Args[0], "-test.run=^TestHostEndHeldForUnobservedPeer$", "-test.v", "-test.count=1")
+		cmd.Env = append(os.Environ(), "NSFLOW_HOLD_CHILD=1")
+		cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWNET}
+		out, err := cmd.CombinedOutput()
+		t.Logf("in a network namespace of its own:\n%s", out)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return
+	}
+	if lo, err := netlink.LinkByName("lo"); err != nil || netlink.LinkSetUp(lo) != nil {
+		t.Fatal("lo", err)
+	}
+	var logs syncBuffer
+	c, err := collector.New(collector.Config{Mode: attach.ModeTCX,
+		Logger: slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	hino, err := c.Add(collector.Target{Name: "host", Path: "/proc/self/ns/net", Class: collector.ClassHost})
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// Observed within the hold: never attached in the host.
+	pod := newAnonNetns(t)
+	if err := netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "hend-pod"}, PeerName: "eth0", PeerNamespace: netlink.NsFd(pod.fd)}); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(50 * time.Millisecond) // the host's worker has seen it, discovery has not
+	pino, err := c.Add(collector.Target{Name: "pod", Path: pod.Path})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := c.WaitIdle(ctx); err != nil { // the host's work the pod's pass queued
+		t.Fatal(err)
+	}
+	if st := states(c, pino); st[flow.StateAttached] != 2 {
+		t.Fatalf("pod: %v, want lo and eth0 attached", st)
+	}
+	if s, peer := hostEnd(c, hino, "hend-pod"); s != flow.StatePeerObserved || peer != "pod/eth0" {
+		t.Errorf("host end %q (peer %q), want peer-observed (pod/eth0)", s, peer)
+	}
+	time.Sleep(2 * collector.PeerHold) // the hold's timer has run: nothing changes
+	if s, _ := hostEnd(c, hino, "hend-pod"); s != flow.StatePeerObserved {
+		t.Errorf("host end %q after its hold ran out, want peer-observed", s)
+	}
+	if log := logs.String(); strings.Contains(log, "msg=attached netns=host interface=hend-pod") {
+		t.Errorf("the host end was attached (then left out):\n%s", log)
+	}
+
+	// Never observed: attached once the hold is over, then exact.
+	other := newAnonNetns(t)
+	made := time.Now()
+	if err := netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "hend-other"}, PeerName: "eth0", PeerNamespace: netlink.NsFd(other.fd)}); err != nil {
+		t.Fatal(err)
+	}
+	var at time.Duration
+	for {
+		if s, _ := hostEnd(c, hino, "hend-other"); s == flow.StateAttached {
+			at = time.Since(made)
+			break
+		}
+		if time.Since(made) > 20*time.Second {
+			t.Fatalf("host end of an unobserved peer not attached 20s after it appeared")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	t.Logf("host end of an unobserved peer attached %s after it appeared (hold %s)", at.Round(time.Millisecond), collector.PeerHold)
+	if at < collector.PeerHold {
+		t.Errorf("attached %s after it appeared, before its hold (%s) was over", at, collector.PeerHold)
+	}
+	// Counts exact from then on: frames sent from the peer's side.
+	hend, err := netlink.LinkByName("hend-other")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile("/proc/sys/net/ipv6/conf/hend-other/disable_ipv6", []byte("1"), 0o644); err != nil {
+		t.Fatal(err) // no router solicitations at random times
+	}
+	if err := netlink.LinkSetUp(hend); err != nil {
+		t.Fatal(err)
+	}
+	peer, err := other.nl.LinkByName("eth0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := other.nl.LinkSetUp(peer); err != nil {
+		t.Fatal(err)
+	}
+	if err := other.nl.AddrAdd(peer, &netlink.Addr{IPNet: &net.IPNet{IP: net.IPv4(10, 213, 199, 2), Mask: net.CIDRMask(24, 32)}}); err != nil {
+		t.Fatal(err)
+	}
+	// Frames to the host end's address: the host drops them (no route),
+	// after its hooks counted them.
+	if err := other.nl.NeighAdd(&netlink.Neigh{LinkIndex: peer.Attrs().Index, IP: net.IPv4(10, 213, 199, 9),
+		HardwareAddr: hend.Attrs().HardwareAddr, State: netlink.NUD_PERMANENT}); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(100 * time.Millisecond) // carrier up
+	hostNl, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hostNl.Close()
+	krx0, ktx0 := kernelCounters(t, hostNl, "hend-other")
+	orx0, otx0 := observed(t, c, hino, "hend-other")
+	sendUDP(t, other, "10.213.199.9:9", 50)
+	krx1, ktx1 := kernelCounters(t, hostNl, "hend-other")
+	orx1, otx1 := observed(t, c, hino, "hend-other")
+	if got, want := sub(orx1, orx0), sub(krx1, krx0); got != want || want.Packets < 50 {
+		t.Errorf("host end rx: observed %+v, kernel %+v (want >= 50 packets)", got, want)
+	}
+	if got, want := sub(otx1, otx0), sub(ktx1, ktx0); got != want {
+		t.Errorf("host end tx: observed %+v, kernel %+v", got, want)
+	}
+}

@@ -196,6 +196,15 @@ func (d *Discovery) Run(ctx context.Context) error {
 		}
 	}()
 
+	// Namespaces bind-mounted in a watched directory, found by polling
+	// the new file (awaitMount), are added here, in Run's goroutine like
+	// every scan's.
+	mounted := make(chan Found, 16)
+	pollers := make(chan struct{}, maxMountPollers)
+	var pollWg sync.WaitGroup
+	defer pollWg.Wait()
+	defer cancel() // stops the pollers before waiting for them
+
 	rewatch := func() {
 		if d.watchDirs(w) {
 			d.trigger() // what the new directory held before the watch
@@ -211,15 +220,36 @@ func (d *Discovery) Run(ctx context.Context) error {
 			if !ok {
 				return errors.New("inotify watcher closed")
 			}
-			if ev.Has(fsnotify.Create) {
-				// The file exists before it is bind-mounted: look again
-				// shortly until the mount is there.
-				for _, delay := range []time.Duration{0, 2 * time.Millisecond, 10 * time.Millisecond, 50 * time.Millisecond, 250 * time.Millisecond, time.Second} {
+			if !ev.Has(fsnotify.Create) {
+				d.trigger()
+				continue
+			}
+			// The file exists before it is bind-mounted (no event tells
+			// when): it is polled until the mount is there, and the
+			// namespace added at once, without a scan of /proc. Before
+			// its veth appears, as a rule: a pod's veth whose namespace
+			// is not observed yet has its host end attached (a TCX grace
+			// period under RTNL, which the pod's setup and every attach
+			// then wait for) and left out again right after.
+			select {
+			case pollers <- struct{}{}:
+				pollWg.Add(1)
+				go func() {
+					defer pollWg.Done()
+					defer func() { <-pollers }()
+					d.awaitMount(rctx, ev.Name, mounted)
+				}()
+			default:
+				// Many files at once: found by rescans.
+				for _, delay := range []time.Duration{0, 10 * time.Millisecond, 100 * time.Millisecond, time.Second} {
 					time.AfterFunc(delay, d.trigger)
 				}
-			} else {
-				d.trigger()
 			}
+		case f := <-mounted:
+			d.mu.Lock()
+			scan := d.scans
+			d.mu.Unlock()
+			d.add(&f, scan)
 		case err := <-w.Errors:
 			d.log.Warn("inotify", "err", err)
 			d.trigger()
@@ -638,49 +668,124 @@ func (d *Discovery) reconcile() {
 		d.o.Remove(ino)
 	}
 	for _, f := range added {
-		ino, err := d.o.AddAsync(f.Target)
-		if ino == 0 {
-			// The namespace vanished between the scan and the attach, or
-			// cannot be opened: counted once, and the next event or
-			// rescan settles it.
-			if err == nil {
-				err = errors.New("not observed")
-			}
-			d.mu.Lock()
-			d.skips.record(Skipped{Key: "inode:" + strconv.FormatUint(f.Inode, 10), Path: f.Target.Path, Inode: f.Inode,
-				Reason: addReason(err), Err: err.Error()}, scan, d.log)
-			d.mu.Unlock()
-			continue
-		}
-		if ino != f.Inode {
-			// The path named another namespace by the time the observer
-			// opened it: the process's (its main thread's) namespace
-			// changed since the scan (a multi-threaded process that
-			// switches namespaces, as Go programs do), or its pid was
-			// reused. That namespace was not selected: undone, unless
-			// observed for itself already; the next scan settles it.
-			d.mu.Lock()
-			_, known := d.known[ino]
-			d.mu.Unlock()
-			if !known {
-				d.o.Remove(ino)
-			}
-			d.mu.Lock()
-			d.skips.record(Skipped{Key: "inode:" + strconv.FormatUint(f.Inode, 10), Path: f.Target.Path, Inode: f.Inode,
-				Reason: SkipGone, Err: fmt.Sprintf("%s refers to namespace %d since the scan found %d there", f.Target.Path, ino, f.Inode)}, scan, d.log)
-			d.mu.Unlock()
-			continue
-		}
-		if err != nil {
-			d.log.Warn("observe namespace", "netns", f.Target.Name, "err", err)
-		}
-		d.mu.Lock()
-		d.known[ino] = f.Target.Name
-		d.mu.Unlock()
+		d.add(f, scan)
 	}
 	d.mu.Lock()
 	d.skips.prune(scan)
 	d.mu.Unlock()
+}
+
+// add makes the observer observe a namespace found by scan (or by
+// awaitMount since), unless it is observed already under a name; one found
+// through its processes before gets the name it is mounted under. Only Run
+// calls it.
+func (d *Discovery) add(f *Found, scan uint64) {
+	d.mu.Lock()
+	name, known := d.known[f.Inode]
+	d.mu.Unlock()
+	if known {
+		if !strings.HasPrefix(name, "pid:") || strings.HasPrefix(f.Target.Name, "pid:") {
+			return
+		}
+		d.o.Rename(f.Inode, f.Target.Name)
+		d.mu.Lock()
+		d.known[f.Inode] = f.Target.Name
+		d.mu.Unlock()
+		d.o.AddAsync(f.Target) // its attach work, if still queued, moves up
+		return
+	}
+	ino, err := d.o.AddAsync(f.Target)
+	if ino == 0 {
+		// The namespace vanished between the scan and the attach, or
+		// cannot be opened: counted once, and the next event or
+		// rescan settles it.
+		if err == nil {
+			err = errors.New("not observed")
+		}
+		d.mu.Lock()
+		d.skips.record(Skipped{Key: "inode:" + strconv.FormatUint(f.Inode, 10), Path: f.Target.Path, Inode: f.Inode,
+			Reason: addReason(err), Err: err.Error()}, scan, d.log)
+		d.mu.Unlock()
+		return
+	}
+	if ino != f.Inode {
+		// The path named another namespace by the time the observer
+		// opened it: the process's (its main thread's) namespace
+		// changed since the scan (a multi-threaded process that
+		// switches namespaces, as Go programs do), or its pid was
+		// reused. That namespace was not selected: undone, unless
+		// observed for itself already; the next scan settles it.
+		d.mu.Lock()
+		_, known := d.known[ino]
+		d.mu.Unlock()
+		if !known {
+			d.o.Remove(ino)
+		}
+		d.mu.Lock()
+		d.skips.record(Skipped{Key: "inode:" + strconv.FormatUint(f.Inode, 10), Path: f.Target.Path, Inode: f.Inode,
+			Reason: SkipGone, Err: fmt.Sprintf("%s refers to namespace %d since the scan found %d there", f.Target.Path, ino, f.Inode)}, scan, d.log)
+		d.mu.Unlock()
+		return
+	}
+	if err != nil {
+		d.log.Warn("observe namespace", "netns", f.Target.Name, "err", err)
+	}
+	d.mu.Lock()
+	d.known[ino] = f.Target.Name
+	d.mu.Unlock()
+}
+
+// maxMountPollers bounds the files polled at once for their bind mount.
+const maxMountPollers = 32
+
+// mountPolls is when awaitMount looks at a new file again: often at first
+// (runtimes mount within milliseconds of creating it), then less, for
+// about a second in all.
+var mountPolls = func() []time.Duration {
+	var p []time.Duration
+	for range 20 {
+		p = append(p, time.Millisecond)
+	}
+	for range 16 {
+		p = append(p, 5*time.Millisecond)
+	}
+	for range 18 {
+		p = append(p, 50*time.Millisecond)
+	}
+	return p
+}()
+
+// awaitMount polls a file created in a netns directory until a network
+// namespace is mounted on it, and sends it to found (unless it is the
+// host's or not selected); then it asks for a rescan, which settles what
+// the poll could not (a mount later than the poll, a file removed).
+func (d *Discovery) awaitMount(ctx context.Context, path string, found chan<- Found) {
+	defer d.trigger()
+	name := filepath.Base(path)
+	if !d.sc.selected(name) {
+		return
+	}
+	for _, wait := range mountPolls {
+		ino, err := d.sc.nsInode(path)
+		if err == nil {
+			if ino == d.sc.hostIno {
+				return
+			}
+			select {
+			case found <- Found{Target: collector.Target{Name: name, Path: path, Class: collector.ClassNamed}, Inode: ino}:
+			case <-ctx.Done():
+			}
+			return
+		}
+		if !errors.Is(err, errNotNamespace) {
+			return // removed, or not readable: the rescan reports it
+		}
+		select {
+		case <-time.After(wait):
+		case <-ctx.Done():
+			return
+		}
+	}
 }
 
 // ownNetns returns the inode of nsflow's own network namespace. Not through

@@ -114,3 +114,76 @@ func wait(t *testing.T, what string, cond func() bool) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// scanCounter records how many full scans had run when each namespace was
+// added.
+type scanCounter struct {
+	addRecorder
+	d       *Discovery
+	scansAt map[string]uint64
+}
+
+func (o *scanCounter) AddAsync(t collector.Target) (uint64, error) {
+	ino, err := o.addRecorder.AddAsync(t)
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.scansAt[t.Name] = o.d.Scans()
+	return ino, err
+}
+
+// A namespace bind-mounted on a file some time after the file was created
+// (the file's inotify event says nothing of the mount) is added as soon as
+// a poll of that file finds the mount, without waiting for a full scan of
+// the netns directories and /proc: a pod's namespace is observed before
+// its veth appears, as a rule.
+func TestMountFoundWithoutScan(t *testing.T) {
+	testenv.RequireRoot(t)
+	dir := t.TempDir()
+	o := &scanCounter{addRecorder: addRecorder{added: map[string]uint64{}}, scansAt: map[string]uint64{}}
+	d, err := New(o, Config{NetnsDirs: []string{dir}, Resync: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	o.d = d
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- d.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Error(err)
+		}
+	})
+	<-d.Ready()
+	before := d.Scans()
+
+	path := filepath.Join(dir, "pod-late-mount")
+	if err := os.WriteFile(path, nil, 0o444); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		unix.Unmount(path, unix.MNT_DETACH)
+		os.Remove(path)
+	})
+	time.Sleep(30 * time.Millisecond) // polled, not mounted yet
+	if out, err := exec.Command("unshare", "--net="+path, "true").CombinedOutput(); err != nil {
+		t.Fatalf("unshare --net=%s: %v\n%s", path, err, out)
+	}
+	wait(t, "the namespace found", func() bool { return o.has("pod-late-mount") })
+	o.mu.Lock()
+	at := o.scansAt["pod-late-mount"]
+	o.mu.Unlock()
+	if at != before {
+		t.Errorf("added after %d full scans since the file appeared, want none (found by polling the file)", at-before)
+	}
+	ino, err := nsInode(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	o.mu.Lock()
+	got := o.added["pod-late-mount"]
+	o.mu.Unlock()
+	if got != ino {
+		t.Errorf("added inode %d, the mount is %d", got, ino)
+	}
+}

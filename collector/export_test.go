@@ -1,0 +1,4 @@
+package collector
+
+// PeerHold is peerHold, for the tests.
+const PeerHold = peerHold
