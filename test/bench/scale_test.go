@@ -657,7 +657,7 @@ func runScale(tb testing.TB, cfg scaleConfig) scaleResult {
 // an nsflow TCX program), /metrics scrapes from start until ready (20 ms
 // apart: p50, p99, max), resident memory, kernel memory of maps and of
 // programs (nsflow programs less those before start: a concurrent test's
-// would be counted), 20 idle scrapes, idle CPU, and for 60 pods created
+// would be counted), 20 idle scrapes, idle CPU, and for 200 pods created
 // at 20 per second meanwhile: the time from the pod's veth appearing (the
 // host's RTM_NEWLINK) to its four hooks attached, its eth0's window (veth
 // → both hooks), its lo's (namespace → both hooks) and the gap between
@@ -674,7 +674,7 @@ func BenchmarkScale(b *testing.B) {
 			break
 		}
 		b.Run(fmt.Sprintf("pods=%d", n), func(b *testing.B) {
-			cfg := scaleConfig{pods: n, churn: 60, rate: 20, mode: os.Getenv("NSFLOW_BENCH_ATTACH_MODE"),
+			cfg := scaleConfig{pods: n, churn: 200, rate: 20, mode: os.Getenv("NSFLOW_BENCH_ATTACH_MODE"),
 				prefix: "bench-sc-", subnet: netip.MustParsePrefix("10.214.0.0/16"),
 				churnSubnet: netip.MustParsePrefix("10.215.0.0/16"), idle: true}
 			// NSFLOW_BENCH_SCALE_NET=PREFIX,SUBNET,CHURN_SUBNET: other names

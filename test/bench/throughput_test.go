@@ -22,6 +22,7 @@ import (
 	"unsafe"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/link"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -518,7 +519,29 @@ func tpVariants() []tpVariant {
 			return o
 		}
 	}
-	return []tpVariant{
+	// Diagnostic variants (NSFLOW_BENCH_TP_VARIANTS), measured in addition
+	// to the six: where serve's cost comes from.
+	stopped := func(tb testing.TB, e *tpEnv) *tpObserver {
+		// serve's hooks in place, its process frozen: the kernel's part.
+		o := serve()(tb, e)
+		for _, c := range o.cmds {
+			syscall.Kill(-c.Process.Pid, syscall.SIGSTOP)
+		}
+		stop := o.stop
+		o.stop = func() {
+			for _, c := range o.cmds {
+				syscall.Kill(-c.Process.Pid, syscall.SIGCONT)
+			}
+			stop()
+		}
+		return o
+	}
+	extra := map[string]func(testing.TB, *tpEnv) *tpObserver{
+		"serve-stopped": stopped,
+		"serve-nohost":  serve("--netns.host=false"),
+		"tc-empty":      tcEmpty,
+	}
+	all := []tpVariant{
 		{"none", func(testing.TB, *tpEnv) *tpObserver { return &tpObserver{stop: func() {}} }},
 		{"serve", serve()},
 		{"serve-flows", serve("--flows")},
@@ -538,6 +561,74 @@ func tpVariants() []tpVariant {
 				"-p", filepath.Join(e.tmp, p.Name+".pipe")}
 		})},
 	}
+	want := os.Getenv("NSFLOW_BENCH_TP_VARIANTS")
+	if want == "" {
+		return all
+	}
+	var out []tpVariant
+	for _, name := range strings.Split(want, ",") {
+		found := false
+		for _, v := range all {
+			if v.name == name {
+				out, found = append(out, v), true
+			}
+		}
+		if f, ok := extra[name]; ok {
+			out, found = append(out, tpVariant{name, f}), true
+		}
+		if !found {
+			panic("NSFLOW_BENCH_TP_VARIANTS: no variant " + name)
+		}
+	}
+	return out
+}
+
+// tcEmpty attaches an empty program (TC_ACT_UNSPEC: the next one decides)
+// on both hooks of both pods' eth0, through clsact as serve does in pods:
+// what any TC observer costs before its program does anything.
+func tcEmpty(tb testing.TB, e *tpEnv) *tpObserver {
+	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{Type: ebpf.SchedCLS, License: "GPL",
+		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, -1), asm.Return()}})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	o := &tpObserver{podProgs: 4}
+	var undo []func()
+	o.stop = func() {
+		for _, u := range undo {
+			u()
+		}
+		prog.Close()
+	}
+	for _, p := range e.pods {
+		nl, err := p.Netlink()
+		if err != nil {
+			o.stop()
+			tb.Fatal(err)
+		}
+		l, err := nl.LinkByName("eth0")
+		if err == nil {
+			q := &netlink.GenericQdisc{QdiscAttrs: netlink.QdiscAttrs{LinkIndex: l.Attrs().Index,
+				Handle: netlink.MakeHandle(0xffff, 0), Parent: netlink.HANDLE_CLSACT}, QdiscType: "clsact"}
+			if err = nl.QdiscAdd(q); err == nil {
+				undo = append(undo, func() { nl.QdiscDel(q); nl.Close() })
+				for _, parent := range []uint32{netlink.HANDLE_MIN_INGRESS, netlink.HANDLE_MIN_EGRESS} {
+					f := &netlink.BpfFilter{FilterAttrs: netlink.FilterAttrs{LinkIndex: l.Attrs().Index, Parent: parent,
+						Handle: 1, Protocol: unix.ETH_P_ALL, Priority: 1}, Fd: prog.FD(), Name: "tp-empty", DirectAction: true}
+					if err = nl.FilterAdd(f); err != nil {
+						break
+					}
+				}
+			} else {
+				nl.Close()
+			}
+		}
+		if err != nil {
+			o.stop()
+			tb.Fatalf("tc-empty in %s: %v", p.Name, err)
+		}
+	}
+	return o
 }
 
 func tpFreePort(tb testing.TB) int {
@@ -792,7 +883,7 @@ func tpAnalyze(ms []tpMeasure, seed int64) (res []tpResult, targets []tpTarget, 
 		}
 	}
 	sort.Slice(order, func(i, j int) bool {
-		rank := map[string]int{"none": 0, "serve": 1, "serve-flows": 2, "tcpdump": 3, "softflowd": 4, "pmacctd": 5}
+		rank := map[string]int{"none": 0, "serve": 1, "serve-stopped": 2, "serve-nohost": 3, "tc-empty": 4, "serve-flows": 5, "tcpdump": 6, "softflowd": 7, "pmacctd": 8}
 		ri, oki := rank[order[i]]
 		rj, okj := rank[order[j]]
 		if oki != okj {
@@ -943,7 +1034,9 @@ func envDuration(name string, def time.Duration) time.Duration {
 // BenchmarkThroughput: the long form (make bench-throughput). Environment:
 // NSFLOW_BENCH_TP_ROUNDS (20), NSFLOW_BENCH_TP_PPS (fixed load, 40000),
 // NSFLOW_BENCH_TP_WINDOW (4s), NSFLOW_BENCH_TP_SAT (2s),
-// NSFLOW_BENCH_TP_SEED (the time), NSFLOW_BENCH_TP_ANALYZE (a raw file:
+// NSFLOW_BENCH_TP_SEED (the time), NSFLOW_BENCH_TP_VARIANTS (a comma list of
+// variants, diagnostic ones among them: serve-stopped, serve-nohost,
+// tc-empty; default the six), NSFLOW_BENCH_TP_ANALYZE (a raw file:
 // recompute its table, measure nothing).
 func BenchmarkThroughput(b *testing.B) {
 	seed := int64(envInt("NSFLOW_BENCH_TP_SEED", int(time.Now().Unix())))
