@@ -47,6 +47,7 @@ import (
 type tpConfig struct {
 	rounds int           // every variant once per round, in a random order
 	pps    int           // the fixed offered load, datagrams per second
+	nap    time.Duration // the paced sender's sleep between batches (0: 20µs)
 	window time.Duration // fixed-load measurement window
 	sat    time.Duration // saturation measurement window
 	warm   time.Duration // traffic before each window starts
@@ -243,6 +244,9 @@ type tpTraffic struct {
 	sent     atomic.Uint64
 	stopRecv atomic.Bool
 	recvDone chan error
+	// nap is the paced sender's sleep between batches: it sends what is
+	// due by the clock, at most 32 at a time, then sleeps this long.
+	nap time.Duration
 }
 
 func startTraffic(tb testing.TB, a, b *podns.Pod) *tpTraffic {
@@ -329,7 +333,7 @@ func (t *tpTraffic) send(pps int, stop *atomic.Bool) error {
 	}
 	start := time.Now()
 	var sent int64
-	nap := unix.Timespec{Nsec: 20_000}
+	nap := unix.NsecToTimespec(t.nap.Nanoseconds())
 	for !stop.Load() {
 		n := int64(batch)
 		if pps > 0 {
@@ -781,10 +785,14 @@ func runThroughput(tb testing.TB, cfg tpConfig, out func(string)) []tpMeasure {
 		e.pods = append(e.pods, p)
 	}
 	tr := startTraffic(tb, e.pods[0], e.pods[1])
+	tr.nap = cfg.nap
+	if tr.nap <= 0 {
+		tr.nap = 20 * time.Microsecond
+	}
 	host, _ := os.Hostname()
 	kernel, _ := os.ReadFile("/proc/sys/kernel/osrelease")
-	out(fmt.Sprintf("# throughput: %s, kernel %s, %d CPUs; sender on CPU %d, receiver and observers on CPU %d; %d rounds, fixed load %d datagrams/s of %d bytes for %s, saturation for %s, seed %d",
-		host, strings.TrimSpace(string(kernel)), runtime.NumCPU(), tpSendCPU, tpRecvCPU, cfg.rounds, cfg.pps, tpPayload, cfg.window, cfg.sat, cfg.seed))
+	out(fmt.Sprintf("# throughput: %s, kernel %s, %d CPUs; sender on CPU %d, receiver and observers on CPU %d; %d rounds, fixed load %d datagrams/s of %d bytes (sender sleeps %s between batches) for %s, saturation for %s, seed %d",
+		host, strings.TrimSpace(string(kernel)), runtime.NumCPU(), tpSendCPU, tpRecvCPU, cfg.rounds, cfg.pps, tpPayload, tr.nap, cfg.window, cfg.sat, cfg.seed))
 	vs := tpVariants()
 	rng := rand.New(rand.NewSource(cfg.seed))
 	var ms []tpMeasure
@@ -1033,6 +1041,7 @@ func envDuration(name string, def time.Duration) time.Duration {
 
 // BenchmarkThroughput: the long form (make bench-throughput). Environment:
 // NSFLOW_BENCH_TP_ROUNDS (20), NSFLOW_BENCH_TP_PPS (fixed load, 40000),
+// NSFLOW_BENCH_TP_NAP (the paced sender's sleep between batches, 20µs),
 // NSFLOW_BENCH_TP_WINDOW (4s), NSFLOW_BENCH_TP_SAT (2s),
 // NSFLOW_BENCH_TP_SEED (the time), NSFLOW_BENCH_TP_VARIANTS (a comma list of
 // variants, diagnostic ones among them: serve-stopped, serve-nohost,
@@ -1059,6 +1068,7 @@ func BenchmarkThroughput(b *testing.B) {
 	cfg := tpConfig{
 		rounds: envInt("NSFLOW_BENCH_TP_ROUNDS", 20),
 		pps:    envInt("NSFLOW_BENCH_TP_PPS", 40000),
+		nap:    envDuration("NSFLOW_BENCH_TP_NAP", 20*time.Microsecond),
 		window: envDuration("NSFLOW_BENCH_TP_WINDOW", 4*time.Second),
 		sat:    envDuration("NSFLOW_BENCH_TP_SAT", 2*time.Second),
 		warm:   time.Second,
