@@ -96,10 +96,10 @@ type Exporter struct {
 	mu           sync.Mutex
 	droppedTotal uint64 // flow series left out by the cap, over all scrapes
 	errorsTotal  uint64
-	// labels keeps the label pairs of the per-interface series from one
-	// scrape to the next (replaced, never modified: concurrent scrapes
-	// may read it), so that a scrape builds them for new interfaces only.
-	labels map[pointKey][]*dto.LabelPair
+	// layout is the per-interface series of the last scrape (replaced,
+	// never modified: concurrent scrapes may read it): a scrape that reads
+	// the same namespaces and interfaces reuses it.
+	layout *layout
 	// flowLabels and ctrLabels keep the label pairs of the flow and
 	// container series (remainders included) from one scrape to the next
 	// likewise (they are sticky: most are the same), under scrapeMu;
@@ -200,25 +200,6 @@ func (e *Exporter) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
 	}
 
-	// No two series may share a label set (the whole scrape would fail):
-	// an interface deleted and re-created under its name (or a namespace
-	// under its name) while the old one awaits its grace period gives two
-	// points one label set. The live one is exported alone: its series
-	// restarts from its own count (a counter reset, which rate() and
-	// increase() handle), and the gone twin's last increments since the
-	// previous scrape are given up. Summing them would look continuous but
-	// drop by the gone one's count when it is pruned, a reset after which
-	// increase() counts the live interface's whole total a second time.
-	// Points that are all gone are summed.
-	type point = pointKey
-	type sum struct {
-		rx, tx  flow.Counters
-		live    bool      // the sum holds only live points
-		members []ifaceID // the points summed
-	}
-	index := map[point]int{}
-	var points []point
-	var sums []sum
 	var observed, gone int
 	for _, ns := range snap.Namespaces {
 		if ns.Gone {
@@ -226,94 +207,37 @@ func (e *Exporter) Collect(ch chan<- prometheus.Metric) {
 		} else {
 			observed++
 		}
-		var pod, podNS string
-		if ns.Pod != nil {
-			pod, podNS = flow.SafeName(ns.Pod.Name), flow.SafeName(ns.Pod.Namespace)
-		}
-		for _, i := range ns.Interfaces {
-			// Label values are valid UTF-8 whatever a tenant names things.
-			p := point{netns: flow.SafeName(ns.Name), iface: flow.SafeName(i.Name), pod: pod, podNS: podNS}
-			k, ok := index[p]
-			if !ok {
-				k = len(points)
-				index[p] = k
-				points = append(points, p)
-				sums = append(sums, sum{})
-			}
-			s := &sums[k]
-			live := !ns.Gone && i.State != flow.StateDetached && i.State != ""
-			switch {
-			case live && !s.live:
-				*s = sum{live: true} // the live one replaces gone twins
-			case !live && s.live:
-				continue // a gone twin of a live one
-			}
-			if e.cfg.Flows || e.cfg.Containers {
-				s.members = append(s.members, ifaceID{ns.Inode, i.Index, i.Name})
-			}
-			s.rx.Packets += i.RX.Packets
-			s.rx.Bytes += i.RX.Bytes
-			s.tx.Packets += i.TX.Packets
-			s.tx.Bytes += i.TX.Bytes
-		}
 	}
-	// Emitted in the order the registry sorts them into (by label values
-	// in the order of the label names: direction, interface, namespace,
-	// netns, pod), so that its sort finds them sorted: with 1,000 pods it
-	// took a sixth of a scrape's CPU time.
-	order := make([]int, len(points))
-	for k := range order {
-		order[k] = k
-	}
-	slices.SortFunc(order, func(a, b int) int {
-		pa, pb := &points[a], &points[b]
-		if c := strings.Compare(pa.iface, pb.iface); c != 0 {
-			return c
-		}
-		if c := strings.Compare(pa.podNS, pb.podNS); c != 0 {
-			return c
-		}
-		if c := strings.Compare(pa.netns, pb.netns); c != 0 {
-			return c
-		}
-		return strings.Compare(pa.pod, pb.pod)
-	})
 	e.mu.Lock()
-	oldLabels := e.labels
+	lay := e.layout
 	e.mu.Unlock()
-	labels := make(map[pointKey][]*dto.LabelPair, len(points))
-	pairs := func(p pointKey, dir flow.Direction) []*dto.LabelPair {
-		p.dir = dir
-		if l, ok := labels[p]; ok {
-			return l
-		}
-		l, ok := oldLabels[p]
-		if !ok {
-			l = pointLabels(p)
-		}
-		labels[p] = l
-		return l
+	if !lay.fits(snap) {
+		lay = newLayout(snap)
+		e.mu.Lock()
+		e.layout = lay
+		e.mu.Unlock()
 	}
+	rx, tx := lay.sum(snap)
+	// One allocation for the scrape's metrics, not one per series.
+	ms := make([]counterMetric, 0, 4*len(lay.order))
 	for _, m := range []struct {
 		d       *prometheus.Desc
-		dir     flow.Direction
+		dir     int
 		packets bool
-	}{{e.packets, flow.RX, true}, {e.packets, flow.TX, true}, {e.bytes, flow.RX, false}, {e.bytes, flow.TX, false}} {
-		for _, k := range order {
-			c := sums[k].rx
-			if m.dir == flow.TX {
-				c = sums[k].tx
-			}
-			v := c.Bytes
+	}{{e.packets, 0, true}, {e.packets, 1, true}, {e.bytes, 0, false}, {e.bytes, 1, false}} {
+		c := rx
+		if m.dir == 1 {
+			c = tx
+		}
+		for _, k := range lay.order {
+			v := c[k].Bytes
 			if m.packets {
-				v = c.Packets
+				v = c[k].Packets
 			}
-			ch <- &counterMetric{desc: m.d, labels: pairs(points[k], m.dir), value: float64(v)}
+			ms = append(ms, counterMetric{desc: m.d, labels: lay.labels[k][m.dir], value: float64(v)})
+			ch <- &ms[len(ms)-1]
 		}
 	}
-	e.mu.Lock()
-	e.labels = labels
-	e.mu.Unlock()
 	gauge(e.namespaces, float64(observed), "observed")
 	gauge(e.namespaces, float64(gone), "gone")
 
@@ -358,13 +282,13 @@ func (e *Exporter) Collect(ch chan<- prometheus.Metric) {
 	if e.cfg.Flows && err == nil {
 		// A partial read would look like flows leaving the map: the flow
 		// series skip a scrape that could not read everything.
-		dropped = e.collectFlows(snap, points, func(k int) ([]ifaceID, flow.Counters, flow.Counters) {
-			return sums[k].members, sums[k].rx, sums[k].tx
+		dropped = e.collectFlows(snap, lay.points, func(k int) ([]ifaceID, flow.Counters, flow.Counters) {
+			return lay.members[k], rx[k], tx[k]
 		}, ch)
 	}
 	if e.cfg.Containers && err == nil {
-		e.collectContainers(snap, points, func(k int) ([]ifaceID, flow.Counters, flow.Counters) {
-			return sums[k].members, sums[k].rx, sums[k].tx
+		e.collectContainers(snap, lay.points, func(k int) ([]ifaceID, flow.Counters, flow.Counters) {
+			return lay.members[k], rx[k], tx[k]
 		}, ch)
 	}
 	e.mu.Lock()
@@ -632,31 +556,22 @@ func compareLabels(a, b []*dto.LabelPair) int {
 // pointKey identifies a per-interface series.
 type pointKey struct {
 	netns, iface, pod, podNS string
-	dir                      flow.Direction
-}
-
-// pointLabels returns the label pairs of a per-interface series (its
-// values made safe already), sorted by name as the registry wants them.
-func pointLabels(p pointKey) []*dto.LabelPair {
-	pair := func(name, value string) *dto.LabelPair {
-		return &dto.LabelPair{Name: &name, Value: &value}
-	}
-	return []*dto.LabelPair{pair("direction", string(p.dir)), pair("interface", p.iface),
-		pair("namespace", p.podNS), pair("netns", p.netns), pair("pod", p.pod)}
 }
 
 // counterMetric is a counter whose label pairs are shared between scrapes
 // (what prometheus.MustNewConstMetric builds anew for every series of
 // every scrape).
 type counterMetric struct {
-	desc   *prometheus.Desc
-	labels []*dto.LabelPair
-	value  float64
+	desc    *prometheus.Desc
+	labels  []*dto.LabelPair
+	value   float64
+	counter dto.Counter // what Write points to (a metric is written once)
 }
 
 func (m *counterMetric) Desc() *prometheus.Desc { return m.desc }
 func (m *counterMetric) Write(out *dto.Metric) error {
 	out.Label = m.labels
-	out.Counter = &dto.Counter{Value: &m.value}
+	m.counter.Value = &m.value
+	out.Counter = &m.counter
 	return nil
 }

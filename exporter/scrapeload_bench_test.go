@@ -11,11 +11,13 @@ import (
 	"sort"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+	versioncollector "github.com/prometheus/client_golang/prometheus/collectors/version"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/nsflow/nsflow/collector"
@@ -231,4 +233,47 @@ func benchScrapes(b *testing.B, h http.Handler, clients int, gathers func() uint
 	b.ReportMetric(float64(lat[(len(lat)-1)*99/100].Microseconds())/1000, "p99-ms")
 	b.ReportMetric(float64(peak)/(1<<20), "peak-heap-MiB")
 	b.ReportMetric(float64(gathers()-g0)/float64(b.N), "gathers/op")
+}
+
+// BenchmarkScrapeDefaults is one /metrics scrape of serve with its defaults
+// (no --flows, no --containers) at 1,000 pods of the synthetic source: the
+// registry serve builds (exporter, Go, process and build-info collectors),
+// NewHandler, a request with gzip as Prometheus sends it, served in
+// process (no network, no client: what the server spends). cpu-ms/op is
+// the process's CPU time (user and system, the garbage collector's
+// included) per scrape.
+func BenchmarkScrapeDefaults(b *testing.B) {
+	src := newSynthSource(1000)
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(New(src, Config{}), versioncollector.NewCollector("nsflow"),
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	h := NewHandler(reg, WebFlags{MaxRequests: 0, ScrapeTimeout: 10 * time.Second}, nil)
+	scrape := func() {
+		req := httptest.NewRequest("GET", "/metrics", nil)
+		req.Header.Set("Accept-Encoding", "gzip")
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, req)
+		if rec.Code != http.StatusOK {
+			b.Fatalf("scrape: %d %s", rec.Code, rec.Body)
+		}
+	}
+	scrape()
+	runtime.GC()
+	cpu0 := cpuTime()
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		scrape()
+	}
+	b.StopTimer()
+	b.ReportMetric(float64((cpuTime()-cpu0).Microseconds())/1000/float64(b.N), "cpu-ms/op")
+}
+
+// cpuTime is the process's CPU time so far (user and system).
+func cpuTime() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		panic(err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
