@@ -187,6 +187,24 @@ func (c *Collector) read(limit int, keep func(*flow.Flow) bool) (*flow.Snapshot,
 	return snap, errors.Join(errs...)
 }
 
+// AttachStates counts the interfaces of the observed namespaces (not the
+// gone ones) by the state of nsflow's programs on them: what counting
+// Interfaces gives, without copying the registry.
+func (c *Collector) AttachStates() map[flow.AttachState]int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := map[flow.AttachState]int{}
+	for _, ns := range c.namespaces {
+		if !ns.gone.IsZero() {
+			continue
+		}
+		for _, i := range ns.ifaces {
+			out[i.state]++
+		}
+	}
+	return out
+}
+
 // readFlows reads the flow map: all flows (limit < 0), none (0) or the
 // limit largest, and how many live flows there are.
 // With senders set, it records there every egress flow's sending cgroup

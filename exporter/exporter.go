@@ -71,6 +71,13 @@ type RefusedSource interface {
 	Refused() map[string]uint64
 }
 
+// StateSource is a Source that counts its observed namespaces' interfaces
+// by attach state without copying them (collector.Collector.AttachStates):
+// what counting Interfaces gives.
+type StateSource interface {
+	AttachStates() map[flow.AttachState]int
+}
+
 // Exporter is a prometheus.Collector over a Source.
 type Exporter struct {
 	c   Source
@@ -242,12 +249,18 @@ func (e *Exporter) Collect(ch chan<- prometheus.Metric) {
 	gauge(e.namespaces, float64(gone), "gone")
 
 	states := map[flow.AttachState]int{flow.StateAttached: 0, flow.StateFailed: 0, flow.StateDetached: 0, flow.StatePeerObserved: 0}
-	for _, ns := range e.c.Interfaces() {
-		if ns.Gone {
-			continue
+	if ss, ok := e.c.(StateSource); ok {
+		for s, n := range ss.AttachStates() {
+			states[s] += n
 		}
-		for _, i := range ns.Interfaces {
-			states[i.State]++
+	} else {
+		for _, ns := range e.c.Interfaces() {
+			if ns.Gone {
+				continue
+			}
+			for _, i := range ns.Interfaces {
+				states[i.State]++
+			}
 		}
 	}
 	for s, n := range states {
