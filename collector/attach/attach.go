@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"os"
 	"strings"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -201,6 +202,7 @@ type clsactAttacher struct {
 }
 
 type clsactAttachment struct {
+	ns        netns.NsHandle // the interface's namespace (its qdisc lock)
 	nl        *netlink.Handle
 	ifindex   int
 	ownsQdisc bool
@@ -219,8 +221,13 @@ func clsactQdisc(ifindex int) *netlink.GenericQdisc {
 	}
 }
 
-func (a *clsactAttacher) Attach(_ netns.NsHandle, nl *netlink.Handle, _ uint64, ifindex int, progs Programs) (Attachment, error) {
-	att := &clsactAttachment{nl: nl, ifindex: ifindex, keep: a.owner.pinned}
+func (a *clsactAttacher) Attach(ns netns.NsHandle, nl *netlink.Handle, _ uint64, ifindex int, progs Programs) (Attachment, error) {
+	att := &clsactAttachment{ns: ns, nl: nl, ifindex: ifindex, keep: a.owner.pinned}
+	// Held until the filters are on: another nsflow process does not
+	// delete the qdisc meanwhile (Close). Without it (another process
+	// held the name too long: a squatter) no nsflow deletes it either.
+	unlock, _ := lockQdisc(ns, ifindex, attachLockWait)
+	defer unlock()
 	// Another tool's clsact qdisc is shared, never replaced or removed.
 	fresh := false
 	switch err := nl.QdiscAdd(clsactQdisc(ifindex)); {
@@ -335,12 +342,69 @@ func (a *clsactAttachment) Close() error {
 		}
 	}
 	a.filters = nil
-	if a.ownsQdisc && a.qdiscUnused() {
-		if err := a.nl.QdiscDel(clsactQdisc(a.ifindex)); err != nil && !gone(err) {
-			errs = append(errs, fmt.Errorf("delete clsact qdisc: %w", err))
+	if a.ownsQdisc {
+		// Checked and deleted under the qdisc lock, or left (empty): the
+		// check and the delete are two requests, between which another
+		// nsflow process could add its filters to the qdisc, and the
+		// delete would take them with it (TestQdiscDeleteRace).
+		unlock, locked := lockQdisc(a.ns, a.ifindex, closeLockWait)
+		if locked && a.qdiscUnused() {
+			if err := a.nl.QdiscDel(clsactQdisc(a.ifindex)); err != nil && !gone(err) {
+				errs = append(errs, fmt.Errorf("delete clsact qdisc: %w", err))
+			}
 		}
+		unlock()
 	}
 	return errors.Join(errs...)
+}
+
+// How long an attach, and a detach that may delete the qdisc, wait for the
+// qdisc lock. Another nsflow process holds it for a few netlink round
+// trips; a process of the namespace that holds the name for itself (a
+// tenant squatting it) makes attaches wait this long and detaches leave
+// the qdisc, never a filter of another process's deleted.
+const (
+	attachLockWait = 500 * time.Millisecond
+	closeLockWait  = 100 * time.Millisecond
+)
+
+// lockQdisc takes the lock on the clsact qdisc of interface ifindex of
+// namespace ns that nsflow processes share: the abstract unix socket
+// "nsflow-clsact/IFINDEX" bound in that namespace (abstract names belong to
+// a network namespace, so every process that attaches there contends for
+// the same one, wherever it runs; the kernel releases it when its holder
+// dies). It waits up to wait; locked is false when it did not get it.
+func lockQdisc(ns netns.NsHandle, ifindex int, wait time.Duration) (unlock func(), locked bool) {
+	fd := -1
+	name := fmt.Sprintf("\x00nsflow-clsact/%d", ifindex)
+	bind := func() error {
+		s, err := unix.Socket(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return err
+		}
+		if err := unix.Bind(s, &unix.SockaddrUnix{Name: name}); err != nil {
+			unix.Close(s)
+			return err
+		}
+		fd = s
+		return nil
+	}
+	deadline := time.Now().Add(wait)
+	for delay := 50 * time.Microsecond; ; delay = min(2*delay, 5*time.Millisecond) {
+		var err error
+		if ns >= 0 {
+			err = nsenter.Do(ns, bind)
+		} else {
+			err = bind() // the caller's own namespace
+		}
+		if err == nil {
+			return func() { unix.Close(fd) }, true
+		}
+		if !errors.Is(err, unix.EADDRINUSE) || time.Now().After(deadline) {
+			return func() {}, false
+		}
+		time.Sleep(delay)
+	}
 }
 
 func (a *clsactAttachment) Release() error {
