@@ -1,11 +1,13 @@
 package collector
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"net/netip"
-	"sort"
+	"slices"
+	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -55,26 +57,36 @@ func (c *Collector) read(limit int, keep func(*flow.Flow) bool) (*flow.Snapshot,
 		ino   uint64
 		index int
 	}
-	// Copy the registry, so that map reads do not hold the lock.
+	// Copy the registry, so that map reads do not hold the lock: the
+	// interfaces in one block, each namespace's together and sorted by
+	// index, found by key (at, nsAt).
 	c.mu.Lock()
-	names := map[uint64]*flow.NamespaceStats{}
-	ifaces := map[ifaceKey]*flow.InterfaceStats{}
-	// Host ends left out (peer-observed) are shown only while they still
-	// have counters (from before they were left out), like removed ones.
-	quiet := map[ifaceKey]bool{}
+	n := 0
+	for _, ns := range c.namespaces {
+		n += len(ns.ifaces)
+	}
+	nss := make([]flow.NamespaceStats, 0, len(c.namespaces))
+	pods := make([]flow.PodInfo, 0, len(c.namespaces))
+	all := make([]flow.InterfaceStats, 0, n)
+	nsAt := make(map[uint64]int, len(c.namespaces))
+	at := make(map[ifaceKey]int, n)
 	for ino, ns := range c.namespaces {
-		nst := &flow.NamespaceStats{Name: ns.name, Inode: ino, Gone: !ns.gone.IsZero()}
+		nst := flow.NamespaceStats{Name: ns.name, Inode: ino, Gone: !ns.gone.IsZero()}
 		if ns.pod != nil {
-			p := *ns.pod
-			nst.Pod = &p
+			pods = append(pods, *ns.pod)
+			nst.Pod = &pods[len(pods)-1]
 		}
-		names[ino] = nst
+		first := len(all)
 		for idx, i := range ns.ifaces {
-			ifaces[ifaceKey{ino, idx}] = &flow.InterfaceStats{Name: i.name, Index: idx, State: i.state}
-			if i.state == flow.StatePeerObserved {
-				quiet[ifaceKey{ino, idx}] = true
-			}
+			all = append(all, flow.InterfaceStats{Name: i.name, Index: idx, State: i.state})
 		}
+		nst.Interfaces = all[first:len(all):len(all)] // appending copies
+		slices.SortFunc(nst.Interfaces, byIndex)
+		for k := range nst.Interfaces {
+			at[ifaceKey{ino, nst.Interfaces[k].Index}] = first + k
+		}
+		nsAt[ino] = len(nss)
+		nss = append(nss, nst)
 	}
 	flowsDeleted := c.objs.FlowsDeleted()
 	c.mu.Unlock()
@@ -82,17 +94,16 @@ func (c *Collector) read(limit int, keep func(*flow.Flow) bool) (*flow.Snapshot,
 	snap := &flow.Snapshot{Time: time.Now()}
 	var errs []error
 
+	counted := make([]bool, len(all))            // by the totals
+	extra := map[ifaceKey]*flow.InterfaceStats{} // counted, not in the registry
 	err := c.objs.ReadTotals(func(ok bpf.NsflowObsKey, cv []bpf.NsflowCounters) {
 		k := ifaceKey{uint64(ok.Netns), int(ok.Ifindex)}
-		delete(quiet, k)
-		is := ifaces[k]
-		if is == nil {
-			// Not (or no longer) in the registry: still counted, never lost.
+		var is *flow.InterfaceStats
+		if i, found := at[k]; found {
+			is, counted[i] = &all[i], true
+		} else if is = extra[k]; is == nil {
 			is = &flow.InterfaceStats{Name: fmt.Sprintf("if%d", ok.Ifindex), Index: int(ok.Ifindex)}
-			ifaces[k] = is
-		}
-		if names[k.ino] == nil {
-			names[k.ino] = &flow.NamespaceStats{Name: fmt.Sprintf("netns:%d", k.ino), Inode: k.ino}
+			extra[k] = is
 		}
 		sum := &is.RX
 		if bpf.Direction(ok.Dir) == bpf.TX {
@@ -106,29 +117,50 @@ func (c *Collector) read(limit int, keep func(*flow.Flow) bool) (*flow.Snapshot,
 	if err != nil {
 		errs = append(errs, fmt.Errorf("read totals: %w", err))
 	}
-	for k, is := range ifaces {
-		if ns := names[k.ino]; ns != nil && !quiet[k] {
-			ns.Interfaces = append(ns.Interfaces, *is)
+	// Host ends left out (peer-observed) are shown only while they still
+	// have counters (from before they were left out), like removed ones.
+	for i := range nss {
+		ns := &nss[i]
+		quiet := func(is flow.InterfaceStats) bool {
+			return is.State == flow.StatePeerObserved && !counted[at[ifaceKey{ns.Inode, is.Index}]]
+		}
+		if slices.ContainsFunc(ns.Interfaces, quiet) {
+			ns.Interfaces = slices.DeleteFunc(slices.Clone(ns.Interfaces), quiet) // a copy: all is at's
 		}
 	}
-	for _, ns := range names {
-		sort.Slice(ns.Interfaces, func(a, b int) bool { return ns.Interfaces[a].Index < ns.Interfaces[b].Index })
-		snap.Namespaces = append(snap.Namespaces, *ns)
-	}
-	sort.Slice(snap.Namespaces, func(a, b int) bool {
-		if snap.Namespaces[a].Name != snap.Namespaces[b].Name {
-			return snap.Namespaces[a].Name < snap.Namespaces[b].Name
+	// Interfaces not (or no longer) in the registry: still counted, never
+	// lost.
+	for k, is := range extra {
+		i, ok := nsAt[k.ino]
+		if !ok {
+			i = len(nss)
+			nsAt[k.ino] = i
+			nss = append(nss, flow.NamespaceStats{Name: fmt.Sprintf("netns:%d", k.ino), Inode: k.ino})
 		}
-		return snap.Namespaces[a].Inode < snap.Namespaces[b].Inode
+		nss[i].Interfaces = append(nss[i].Interfaces, *is)
+		slices.SortFunc(nss[i].Interfaces, byIndex) // a copy: not all's
+	}
+	slices.SortFunc(nss, func(a, b flow.NamespaceStats) int {
+		if c := strings.Compare(a.Name, b.Name); c != 0 {
+			return c
+		}
+		return cmp.Compare(a.Inode, b.Inode)
 	})
+	for i := range nss {
+		nsAt[nss[i].Inode] = i
+	}
+	snap.Namespaces = nss
 
-	nameOf := func(ino uint64, idx int) (string, string) {
-		nsName, ifName := fmt.Sprintf("netns:%d", ino), fmt.Sprintf("if%d", idx)
-		if ns := names[ino]; ns != nil {
-			nsName = ns.Name
+	nameOf := func(ino uint64, idx int) (nsName, ifName string) {
+		if i, ok := nsAt[ino]; ok {
+			nsName = nss[i].Name
+		} else {
+			nsName = fmt.Sprintf("netns:%d", ino)
 		}
-		if is := ifaces[ifaceKey{ino, idx}]; is != nil {
-			ifName = is.Name
+		if i, ok := at[ifaceKey{ino, idx}]; ok {
+			ifName = all[i].Name
+		} else {
+			ifName = fmt.Sprintf("if%d", idx)
 		}
 		return nsName, ifName
 	}
@@ -204,6 +236,8 @@ func (c *Collector) AttachStates() map[flow.AttachState]int {
 	}
 	return out
 }
+
+func byIndex(a, b flow.InterfaceStats) int { return cmp.Compare(a.Index, b.Index) }
 
 // readFlows reads the flow map: all flows (limit < 0), none (0) or the
 // limit largest, and how many live flows there are.

@@ -103,6 +103,17 @@ func (s *synthSource) AttachErrors() map[string]uint64 {
 	}
 	return m
 }
+func (s *synthSource) AttachStates() map[flow.AttachState]int {
+	m := map[flow.AttachState]int{}
+	for _, ns := range s.snap.Namespaces {
+		for _, i := range ns.Interfaces {
+			if !ns.Gone {
+				m[i.State]++
+			}
+		}
+	}
+	return m
+}
 func (s *synthSource) Interfaces() []collector.NamespaceInfo {
 	out := make([]collector.NamespaceInfo, 0, len(s.snap.Namespaces))
 	for _, ns := range s.snap.Namespaces {
