@@ -219,7 +219,7 @@ func (e *Exporter) Collect(ch chan<- prometheus.Metric) {
 	lay := e.layout
 	e.mu.Unlock()
 	if !lay.fits(snap) {
-		lay = newLayout(snap)
+		lay = newLayout(snap, e.cfg.Flows || e.cfg.Containers)
 		e.mu.Lock()
 		e.layout = lay
 		e.mu.Unlock()

@@ -31,7 +31,7 @@ type layout struct {
 	// gone twin of a live interface).
 	point   []int
 	points  []pointKey
-	members [][]ifaceID // per point, the interfaces it sums
+	members [][]ifaceID // per point, the interfaces it sums (if asked for)
 	// order lists the points in the order the registry sorts series into
 	// (by label values in the order of the label names: direction,
 	// interface, namespace, netns, pod), so that its sort finds them
@@ -84,11 +84,19 @@ var pointLabelNames = [...]string{"direction", "interface", "namespace", "netns"
 // directions are the direction label values, rx and tx.
 var directions = [...]string{string(flow.RX), string(flow.TX)}
 
-// newLayout returns the layout of snap.
-func newLayout(snap *flow.Snapshot) *layout {
-	l := &layout{}
-	index := map[pointKey]int{}
-	var live []bool // per point: it sums live interfaces only
+// newLayout returns the layout of snap, with the interfaces each point
+// sums if members (only the flow and container series need them).
+func newLayout(snap *flow.Snapshot, members bool) *layout {
+	n := 0
+	for i := range snap.Namespaces {
+		n += len(snap.Namespaces[i].Interfaces)
+	}
+	l := &layout{ifaces: make([]ifaceShape, 0, n), point: make([]int, 0, n), points: make([]pointKey, 0, n)}
+	if members {
+		l.members = make([][]ifaceID, 0, n)
+	}
+	index := make(map[pointKey]int, n)
+	live := make([]bool, 0, n) // per point: it sums live interfaces only
 	for i := range snap.Namespaces {
 		ns := &snap.Namespaces[i]
 		for j := range ns.Interfaces {
@@ -101,25 +109,32 @@ func newLayout(snap *flow.Snapshot) *layout {
 				k = len(l.points)
 				index[p] = k
 				l.points = append(l.points, p)
-				l.members = append(l.members, nil)
+				if members {
+					l.members = append(l.members, nil)
+				}
 				live = append(live, false)
 			}
 			switch {
 			case s.live && !live[k]:
-				if len(l.members[k]) > 0 { // the live one replaces gone twins
+				if ok { // the live one replaces gone twins
 					for n, pk := range l.point {
 						if pk == k {
 							l.point[n] = -1
 						}
 					}
 				}
-				l.members[k], live[k] = nil, true
+				if members {
+					l.members[k] = nil
+				}
+				live[k] = true
 			case !s.live && live[k]:
 				l.point = append(l.point, -1) // a gone twin of a live one
 				continue
 			}
 			l.point = append(l.point, k)
-			l.members[k] = append(l.members[k], ifaceID{s.ino, s.idx, s.iface})
+			if members {
+				l.members[k] = append(l.members[k], ifaceID{s.ino, s.idx, s.iface})
+			}
 		}
 	}
 	l.order = make([]int, len(l.points))
@@ -142,7 +157,7 @@ func newLayout(snap *flow.Snapshot) *layout {
 	// The label pairs of all the series in one block, in the order a
 	// scrape sends them (near one another in memory: the registry and the
 	// encoder read each several times), names shared, values the points'.
-	n := len(l.points)
+	n = len(l.points)
 	pairs := make([]dto.LabelPair, 2*n*len(pointLabelNames))
 	ptrs := make([]*dto.LabelPair, len(pairs))
 	l.labels = make([][2][]*dto.LabelPair, n)

@@ -257,8 +257,42 @@ func benchScrapes(b *testing.B, h http.Handler, clients int, gathers func() uint
 // process (no network, no client: what the server spends). cpu-ms/op is
 // the process's CPU time (user and system, the garbage collector's
 // included) per scrape.
+//
+// pods=changing alternates between 1,000 pods and 999 (one pod gone): every
+// scrape reads namespaces other than the last one's, as during an attach
+// storm.
 func BenchmarkScrapeDefaults(b *testing.B) {
-	src := newSynthSource(1000)
+	steady := newSynthSource(1000)
+	fewer := &synthSource{snap: &flow.Snapshot{Stats: steady.snap.Stats}}
+	fewer.snap.Namespaces = append(steady.snap.Namespaces[:1:1], steady.snap.Namespaces[2:]...)
+	for _, tc := range []struct {
+		name string
+		src  Source
+	}{{"pods=1000", steady}, {"pods=changing", &flipSource{a: steady, b: fewer}}} {
+		b.Run(tc.name, func(b *testing.B) { benchScrapeDefaults(b, tc.src) })
+	}
+}
+
+// flipSource reads a and b in turn.
+type flipSource struct {
+	a, b *synthSource
+	n    atomic.Uint64
+}
+
+func (f *flipSource) next() *synthSource {
+	if f.n.Add(1)%2 == 0 {
+		return f.a
+	}
+	return f.b
+}
+func (f *flipSource) Snapshot() (*flow.Snapshot, error)      { return f.next().Snapshot() }
+func (f *flipSource) Totals() (*flow.Snapshot, error)        { return f.next().Totals() }
+func (f *flipSource) Mode() attach.Mode                      { return f.a.Mode() }
+func (f *flipSource) AttachErrors() map[string]uint64        { return f.a.AttachErrors() }
+func (f *flipSource) AttachStates() map[flow.AttachState]int { return f.a.AttachStates() }
+func (f *flipSource) Interfaces() []collector.NamespaceInfo  { return f.a.Interfaces() }
+
+func benchScrapeDefaults(b *testing.B, src Source) {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(New(src, Config{}), versioncollector.NewCollector("nsflow"),
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
