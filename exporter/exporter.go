@@ -1,7 +1,8 @@
 // Package exporter exposes collector snapshots as Prometheus metrics. The
-// maps are read at scrape time (a custom prometheus.Collector): nothing is
-// cached across scrapes, so nothing can go stale. Concurrent scrapes share
-// one read (Handler).
+// maps are read at scrape time (a custom prometheus.Collector): no value is
+// cached across scrapes, so none can go stale (what is kept is the series'
+// layout, rebuilt whenever the namespaces or interfaces read change).
+// Concurrent scrapes share one read (Handler).
 package exporter
 
 import (
