@@ -223,14 +223,20 @@ func clsactQdisc(ifindex int) *netlink.GenericQdisc {
 
 func (a *clsactAttacher) Attach(ns netns.NsHandle, nl *netlink.Handle, _ uint64, ifindex int, progs Programs) (Attachment, error) {
 	att := &clsactAttachment{ns: ns, nl: nl, ifindex: ifindex, keep: a.owner.pinned}
-	// Held until the filters are on: another nsflow process does not
-	// delete the qdisc meanwhile (Close). Without it (another process
-	// held the name too long: a squatter) no nsflow deletes it either.
-	unlock, _ := lockQdisc(ns, ifindex, attachLockWait)
-	defer unlock()
 	// Another tool's clsact qdisc is shared, never replaced or removed.
+	// A qdisc this call creates is deleted by nobody else; on one that
+	// exists, the qdisc lock is held until the filters are on, so that
+	// another nsflow process that created it does not delete it
+	// meanwhile (Close). Without the lock (a squatter held its name) no
+	// nsflow deletes the qdisc either.
 	fresh := false
-	switch err := nl.QdiscAdd(clsactQdisc(ifindex)); {
+	err := nl.QdiscAdd(clsactQdisc(ifindex))
+	if errors.Is(err, unix.EEXIST) {
+		unlock, _ := lockQdisc(ns, ifindex, attachLockWait)
+		defer unlock()
+		err = nl.QdiscAdd(clsactQdisc(ifindex)) // deleted before the lock came
+	}
+	switch {
 	case err == nil:
 		att.ownsQdisc, fresh = true, true
 	case errors.Is(err, unix.EEXIST):

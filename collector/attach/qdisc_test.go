@@ -131,9 +131,10 @@ func emptyProgs(t *testing.T) Programs {
 }
 
 // A process of the namespace that holds the qdisc lock's name for itself
-// (a tenant squatting it) delays an attach by the lock's wait, and the
-// attach succeeds; a detach then removes the filters and leaves the qdisc
-// (empty) rather than deleting it unlocked.
+// (a tenant squatting it) cannot make nsflow delete another process's
+// filters nor fail an attach: a detach that would delete the qdisc it
+// created leaves it (empty) instead, and an attach to a qdisc that exists
+// waits the lock's bound, then goes on.
 func TestQdiscLockSquatted(t *testing.T) {
 	testenv.RequireRoot(t)
 	ns, setup, l := raceNetns(t)
@@ -153,34 +154,45 @@ func TestQdiscLockSquatted(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { o.Close() })
-	start := time.Now()
-	att, err := NewClsact(o).Attach(ns, setup, 0, l.Attrs().Index, emptyProgs(t))
-	took := time.Since(start)
-	if err != nil {
-		t.Fatalf("attach with the lock squatted: %v", err)
+	at, progs := NewClsact(o), emptyProgs(t)
+	hasQdisc := func() bool {
+		qs, err := setup.QdiscList(l)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, q := range qs {
+			if q.Type() == "clsact" {
+				return true
+			}
+		}
+		return false
 	}
-	if n := ownFilters(t, setup, l, o.Name()); n != 2 {
-		t.Errorf("%d filters attached, want 2", n)
+	cycle := func(what string) time.Duration {
+		start := time.Now()
+		att, err := at.Attach(ns, setup, 0, l.Attrs().Index, progs)
+		took := time.Since(start)
+		if err != nil {
+			t.Fatalf("%s: attach with the lock squatted: %v", what, err)
+		}
+		if n := ownFilters(t, setup, l, o.Name()); n != 2 {
+			t.Errorf("%s: %d filters attached, want 2", what, n)
+		}
+		if err := att.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if n := ownFilters(t, setup, l, o.Name()); n != 0 {
+			t.Errorf("%s: %d filters left after detach", what, n)
+		}
+		if !hasQdisc() {
+			t.Errorf("%s: the clsact qdisc was deleted without the lock", what)
+		}
+		return took
 	}
-	if took < attachLockWait || took > attachLockWait+5*time.Second {
-		t.Errorf("attach took %s with the lock squatted, want about %s", took, attachLockWait)
+	if took := cycle("a qdisc of its own"); took >= attachLockWait {
+		t.Errorf("attach with a qdisc of its own took %s: it needs no lock", took)
 	}
-	if err := att.Close(); err != nil {
-		t.Fatal(err)
-	}
-	if n := ownFilters(t, setup, l, o.Name()); n != 0 {
-		t.Errorf("%d filters left after detach", n)
-	}
-	qs, err := setup.QdiscList(l)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kept := false
-	for _, q := range qs {
-		kept = kept || q.Type() == "clsact"
-	}
-	if !kept {
-		t.Errorf("the clsact qdisc was deleted without the lock")
+	if took := cycle("an existing qdisc"); took < attachLockWait || took > attachLockWait+5*time.Second {
+		t.Errorf("attach to an existing qdisc took %s with the lock squatted, want about %s", took, attachLockWait)
 	}
 }
 
