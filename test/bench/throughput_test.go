@@ -48,12 +48,15 @@ type tpConfig struct {
 	rounds int           // every variant once per round, in a random order
 	pps    int           // the fixed offered load, datagrams per second
 	nap    time.Duration // the paced sender's sleep between batches (0: 20µs)
-	window time.Duration // fixed-load measurement window
-	sat    time.Duration // saturation measurement window
-	warm   time.Duration // traffic before each window starts
-	seed   int64         // the rounds' orders and the bootstrap
-	subnet string
-	prefix string // pod name prefix (serve observes the host and ^prefix)
+	// bracket: each observer's saturation window between two without
+	// any observer (tpMeasure.SatBare)
+	bracket bool
+	window  time.Duration // fixed-load measurement window
+	sat     time.Duration // saturation measurement window
+	warm    time.Duration // traffic before each window starts
+	seed    int64         // the rounds' orders and the bootstrap
+	subnet  string
+	prefix  string // pod name prefix (serve observes the host and ^prefix)
 }
 
 const (
@@ -66,22 +69,28 @@ const (
 // tpMeasure is one variant's measurement in one round: a line of the raw
 // output ("tp key=value ...").
 type tpMeasure struct {
-	Round, Pos  int
-	Variant     string
-	Offered     int     // fixed load, datagrams/s
-	WindowS     float64 // fixed-load window, seconds (wall)
-	Sent        uint64  // datagrams sent in the fixed-load window
-	Delivered   uint64  // datagrams received in it
-	BusyS       float64 // CPU seconds, all CPUs: wall - idle - iowait - steal
-	UserS       float64 // tick-sampled breakdown of BusyS, for reading only
-	SysS        float64
-	SoftirqS    float64
-	StealS      float64
-	NsPerPkt    float64 // BusyS / Delivered
-	SatS        float64 // saturation window, seconds (wall)
-	SatSent     uint64
-	SatDeliv    uint64
-	SatPPS      float64 // SatDeliv / SatS
+	Round, Pos int
+	Variant    string
+	Offered    int     // fixed load, datagrams/s
+	WindowS    float64 // fixed-load window, seconds (wall)
+	Sent       uint64  // datagrams sent in the fixed-load window
+	Delivered  uint64  // datagrams received in it
+	BusyS      float64 // CPU seconds, all CPUs: wall - idle - iowait - steal
+	UserS      float64 // tick-sampled breakdown of BusyS, for reading only
+	SysS       float64
+	SoftirqS   float64
+	StealS     float64
+	NsPerPkt   float64 // BusyS / Delivered
+	SatS       float64 // saturation window, seconds (wall)
+	SatSent    uint64
+	SatDeliv   uint64
+	SatPPS     float64 // SatDeliv / SatS
+	// SatBare is the saturation rate with no observer in windows right
+	// before the variant's observer started and right after it stopped
+	// (their mean; 0 when not measured): its saturation rate is divided
+	// by this, seconds away, rather than by none's of the round, minutes
+	// away (the rate drifts by ±10 % over a run on this VM).
+	SatBare     float64
 	Load1       float64 // load average when the variant started
 	PodProgs    int     // TC programs/filters on the pods' eth0 (both hooks)
 	HostProgs   int     // on the pods' host-side veths
@@ -96,10 +105,14 @@ func (m tpMeasure) line() string {
 	if foreign == "" {
 		foreign = "-"
 	}
-	return fmt.Sprintf("tp round=%d pos=%d variant=%s offered_pps=%d window_s=%s sent=%d delivered=%d busy_s=%s user_s=%s sys_s=%s softirq_s=%s steal_s=%s ns_per_pkt=%s sat_s=%s sat_sent=%d sat_delivered=%d sat_pps=%s load1=%s pod_progs=%d host_progs=%d pod_sockets=%d host_sockets=%d foreign=%s",
+	bare := ""
+	if m.SatBare > 0 {
+		bare = " sat_bare_pps=" + f(math.Round(m.SatBare))
+	}
+	return fmt.Sprintf("tp round=%d pos=%d variant=%s offered_pps=%d window_s=%s sent=%d delivered=%d busy_s=%s user_s=%s sys_s=%s softirq_s=%s steal_s=%s ns_per_pkt=%s sat_s=%s sat_sent=%d sat_delivered=%d sat_pps=%s load1=%s pod_progs=%d host_progs=%d pod_sockets=%d host_sockets=%d foreign=%s%s",
 		m.Round, m.Pos, m.Variant, m.Offered, f(m.WindowS), m.Sent, m.Delivered, f(m.BusyS), f(m.UserS), f(m.SysS), f(m.SoftirqS), f(m.StealS),
 		f(math.Round(m.NsPerPkt*10)/10), f(m.SatS), m.SatSent, m.SatDeliv, f(math.Round(m.SatPPS)), f(m.Load1),
-		m.PodProgs, m.HostProgs, m.PodSockets, m.HostSockets, foreign)
+		m.PodProgs, m.HostProgs, m.PodSockets, m.HostSockets, foreign, bare)
 }
 
 // parseTPLine reads a line of the raw output back (tpAnalyze's input, so
@@ -139,6 +152,8 @@ func parseTPLine(s string) (tpMeasure, bool) {
 			m.SoftirqS = fl
 		case "steal_s":
 			m.StealS = fl
+		case "sat_bare_pps":
+			m.SatBare = fl
 		case "ns_per_pkt":
 			m.NsPerPkt = fl
 		case "sat_s":
@@ -735,6 +750,14 @@ func (e *tpEnv) observed(tb testing.TB, o *tpObserver, m *tpMeasure) {
 // saturation, then the observer stopped.
 func (e *tpEnv) measure(tb testing.TB, tr *tpTraffic, v tpVariant, round, pos int) tpMeasure {
 	m := tpMeasure{Round: round, Pos: pos, Variant: v.name, Offered: e.cfg.pps, Load1: load1()}
+	bare := func() float64 {
+		_, deliv, c0, c1 := tr.window(tb, 0, e.cfg.warm/2, e.cfg.sat)
+		return float64(deliv) / c1.at.Sub(c0.at).Seconds()
+	}
+	var before float64
+	if e.cfg.bracket {
+		before = bare()
+	}
 	o := v.start(tb, e)
 	for try := 1; o == nil; try++ {
 		if try == 3 {
@@ -742,7 +765,7 @@ func (e *tpEnv) measure(tb testing.TB, tr *tpTraffic, v tpVariant, round, pos in
 		}
 		o = v.start(tb, e)
 	}
-	defer o.stop()
+	defer func() { o.stop() }() // o.stop as it is then (a bracket stops it earlier)
 	e.observed(tb, o, &m)
 	var c0, c1 cpuStat
 	m.Sent, m.Delivered, c0, c1 = tr.window(tb, e.cfg.pps, e.cfg.warm, e.cfg.window)
@@ -759,6 +782,11 @@ func (e *tpEnv) measure(tb testing.TB, tr *tpTraffic, v tpVariant, round, pos in
 	m.SatS = c1.at.Sub(c0.at).Seconds()
 	m.SatPPS = float64(m.SatDeliv) / m.SatS
 	e.observed(tb, o, &m)
+	if e.cfg.bracket {
+		o.stop()
+		o.stop = func() {}
+		m.SatBare = (before + bare()) / 2
+	}
 	return m
 }
 
@@ -961,6 +989,11 @@ func tpAnalyze(ms []tpMeasure, seed int64) (res []tpResult, targets []tpTarget, 
 			}
 		}
 		c, s := ratio(v, cpp), ratio(v, sat)
+		for i, r := range rounds {
+			if r[v].SatBare > 0 {
+				s[i] = r[v].SatPPS / r[v].SatBare
+			}
+		}
 		costs[v] = c
 		t := tpResult{variant: v, rounds: kept, nsPerPkt: tpMedian(ns), satPPS: tpMedian(pps), delivered: worst,
 			cost: tpMedian(c), sat: tpMedian(s)}
@@ -1042,6 +1075,8 @@ func envDuration(name string, def time.Duration) time.Duration {
 // BenchmarkThroughput: the long form (make bench-throughput). Environment:
 // NSFLOW_BENCH_TP_ROUNDS (20), NSFLOW_BENCH_TP_PPS (fixed load, 40000),
 // NSFLOW_BENCH_TP_NAP (the paced sender's sleep between batches, 20µs),
+// NSFLOW_BENCH_TP_BRACKET=1 (each saturation window between two with no
+// observer, the ratio taken to their mean),
 // NSFLOW_BENCH_TP_WINDOW (4s), NSFLOW_BENCH_TP_SAT (2s),
 // NSFLOW_BENCH_TP_SEED (the time), NSFLOW_BENCH_TP_VARIANTS (a comma list of
 // variants, diagnostic ones among them: serve-stopped, serve-nohost,
@@ -1066,15 +1101,16 @@ func BenchmarkThroughput(b *testing.B) {
 		return
 	}
 	cfg := tpConfig{
-		rounds: envInt("NSFLOW_BENCH_TP_ROUNDS", 20),
-		pps:    envInt("NSFLOW_BENCH_TP_PPS", 40000),
-		nap:    envDuration("NSFLOW_BENCH_TP_NAP", 20*time.Microsecond),
-		window: envDuration("NSFLOW_BENCH_TP_WINDOW", 4*time.Second),
-		sat:    envDuration("NSFLOW_BENCH_TP_SAT", 2*time.Second),
-		warm:   time.Second,
-		seed:   seed,
-		subnet: "10.213.151.0/24",
-		prefix: "bench-tp-",
+		rounds:  envInt("NSFLOW_BENCH_TP_ROUNDS", 20),
+		pps:     envInt("NSFLOW_BENCH_TP_PPS", 40000),
+		nap:     envDuration("NSFLOW_BENCH_TP_NAP", 20*time.Microsecond),
+		bracket: os.Getenv("NSFLOW_BENCH_TP_BRACKET") == "1",
+		window:  envDuration("NSFLOW_BENCH_TP_WINDOW", 4*time.Second),
+		sat:     envDuration("NSFLOW_BENCH_TP_SAT", 2*time.Second),
+		warm:    time.Second,
+		seed:    seed,
+		subnet:  "10.213.151.0/24",
+		prefix:  "bench-tp-",
 	}
 	ms := runThroughput(b, cfg, func(s string) { fmt.Println(s) })
 	fmt.Print(tpTable(ms, seed))
@@ -1096,7 +1132,7 @@ func tpAnalyzeTargets(ms []tpMeasure, seed int64) []tpTarget {
 // harness, not the figures nor the targets.
 func TestThroughputSmoke(t *testing.T) {
 	cfg := tpConfig{rounds: 1, pps: 5000, window: 500 * time.Millisecond, sat: 300 * time.Millisecond,
-		warm: 200 * time.Millisecond, seed: 1, subnet: "10.213.152.0/24", prefix: "bench-tps-"}
+		warm: 200 * time.Millisecond, seed: 1, subnet: "10.213.152.0/24", prefix: "bench-tps-", bracket: true}
 	var lines []string
 	ms := runThroughput(t, cfg, func(s string) { lines = append(lines, s); t.Log(s) })
 	if len(ms) != len(tpVariants()) {
@@ -1107,6 +1143,9 @@ func TestThroughputSmoke(t *testing.T) {
 		// machine the fixed load is not always delivered in full.
 		if m.Sent == 0 || m.Delivered == 0 || m.SatDeliv == 0 {
 			t.Errorf("%s: no traffic: fixed load %d sent, %d delivered; saturation %d delivered", m.Variant, m.Sent, m.Delivered, m.SatDeliv)
+		}
+		if m.SatBare <= 0 {
+			t.Errorf("%s: no saturation rate measured without an observer around it", m.Variant)
 		}
 		if m.BusyS <= 0 || m.NsPerPkt <= 0 {
 			t.Errorf("%s: no CPU time measured (%v s)", m.Variant, m.BusyS)
