@@ -160,6 +160,27 @@ func (c *Collector) peerLocked(nsid, index int) (p *namespace, pi *iface, wait b
 	return nil, nil, !p.firstDone || p.busy || p.queued
 }
 
+// holdableLocked reports whether a new host end whose peer (ifindex index
+// in the namespace of host nsid nsid) is not attached may be held for
+// peerHold: when no observed namespace has that nsid (yet), or the one that
+// has it has not seen that interface yet; not when that namespace is
+// leaving, nor when its attach of the peer is done and did not count it
+// (failed, refused: the host end counts the pair at once).
+func (c *Collector) holdableLocked(nsid, index int) bool {
+	host := c.hostLocked()
+	for _, ns := range c.namespaces {
+		if ns == host || !ns.gone.IsZero() || ns.nsid != nsid {
+			continue
+		}
+		if ns.leaving {
+			return false
+		}
+		i := ns.ifaces[index]
+		return i == nil || !i.gone.IsZero()
+	}
+	return true
+}
+
 // place attaches to one interface of ns, or, for a host end whose peer is
 // attached in an observed namespace, leaves it out (or lets it wait for
 // its peer's namespace). It reports whether it attached.
@@ -174,22 +195,24 @@ func (c *Collector) place(ns *namespace, l netlink.Link) (bool, error) {
 		prior := ns.waiting[a.Index]
 		delete(ns.waiting, a.Index)
 		p, pi, wait := c.peerLocked(nsid, index)
-		if p == nil && !wait && ns.firstDone && ns.ifaces[a.Index] == nil {
-			// A new host end whose peer's namespace is not observed (yet).
+		if p == nil && !wait && ns.firstDone && ns.ifaces[a.Index] == nil && c.holdableLocked(nsid, index) {
+			// A new host end whose peer is not observed (yet): its
+			// namespace is not, or its link event is still to come.
 			until := prior.until
 			if until.IsZero() {
 				until = time.Now().Add(peerHold)
-			}
-			if time.Now().Before(until) {
-				ns.waiting[a.Index] = waitingEnd{name: a.Name, nsid: nsid, until: until}
 				index := a.Index
-				time.AfterFunc(time.Until(until), func() {
+				time.AfterFunc(peerHold, func() {
 					c.mu.Lock()
 					defer c.mu.Unlock()
 					if w, ok := ns.waiting[index]; ok && w.until.Equal(until) {
 						c.pushLocked(ns, work{kind: workPlace, index: index})
 					}
 				})
+				c.log.Debug("host end held: its peer is not observed yet", "interface", a.Name, "peer_nsid", nsid, "for", peerHold)
+			}
+			if time.Now().Before(until) {
+				ns.waiting[a.Index] = waitingEnd{name: a.Name, nsid: nsid, until: until}
 				c.mu.Unlock()
 				return false, nil
 			}
@@ -311,15 +334,22 @@ func (c *Collector) peersOf(host *namespace, inode uint64, nsid int) {
 	}
 }
 
-// leftOutFor reports whether host ends are left out for (or wait for) the
-// namespace of that nsid. Called on the host with c.mu held.
+// leftOutFor reports whether host ends are left out for (or wait for the
+// attach work of) the namespace of that nsid. Called on the host with c.mu
+// held. A held end (peerHold) does not count: the namespace going, its
+// place is decided anew (attached at once, its peer gone).
 func (host *namespace) leftOutFor(nsid int) bool {
 	for _, i := range host.ifaces {
 		if i.state == flow.StatePeerObserved && i.gone.IsZero() && i.peerNsid == nsid {
 			return true
 		}
 	}
-	return host.waitsFor(nsid)
+	for _, w := range host.waiting {
+		if w.nsid == nsid && w.until.IsZero() {
+			return true
+		}
+	}
+	return false
 }
 
 // waitingFor reports whether host ends wait for ns's attach work. Called

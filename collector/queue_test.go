@@ -668,7 +668,13 @@ func TestHostEndHeldForUnobservedPeer(t *testing.T) {
 	if err := netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "hend-pod"}, PeerName: "eth0", PeerNamespace: netlink.NsFd(pod.fd)}); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(50 * time.Millisecond) // the host's worker has seen it, discovery has not
+	// The host's worker has seen it and holds it; discovery has not
+	// observed its namespace yet.
+	for t0 := time.Now(); !strings.Contains(logs.String(), "host end held: its peer is not observed yet\" interface=hend-pod"); time.Sleep(5 * time.Millisecond) {
+		if time.Since(t0) > 10*time.Second {
+			t.Fatalf("the host end was not held:\n%s", logs.String())
+		}
+	}
 	pino, err := c.Add(collector.Target{Name: "pod", Path: pod.Path})
 	if err != nil {
 		t.Fatal(err)

@@ -224,16 +224,18 @@ func clsactQdisc(ifindex int) *netlink.GenericQdisc {
 func (a *clsactAttacher) Attach(ns netns.NsHandle, nl *netlink.Handle, _ uint64, ifindex int, progs Programs) (Attachment, error) {
 	att := &clsactAttachment{ns: ns, nl: nl, ifindex: ifindex, keep: a.owner.pinned}
 	// Another tool's clsact qdisc is shared, never replaced or removed.
-	// A qdisc this call creates is deleted by nobody else; on one that
-	// exists, the qdisc lock is held until the filters are on, so that
-	// another nsflow process that created it does not delete it
-	// meanwhile (Close). Without the lock (a squatter held its name) no
-	// nsflow deletes the qdisc either.
+	// A qdisc this call creates is deleted by no other nsflow process
+	// (only its creator deletes one); on one that exists, the qdisc lock
+	// is held until the filters are on, so that another nsflow process
+	// that created it does not delete it meanwhile (Close). Without the
+	// lock (a squatter held its name past attachLockWait) no nsflow
+	// deletes the qdisc either.
 	fresh := false
+	unlock := func() {}
+	defer func() { unlock() }()
 	err := nl.QdiscAdd(clsactQdisc(ifindex))
 	if errors.Is(err, unix.EEXIST) {
-		unlock, _ := lockQdisc(ns, ifindex, attachLockWait)
-		defer unlock()
+		unlock, _ = lockQdisc(ns, ifindex, attachLockWait)
 		err = nl.QdiscAdd(clsactQdisc(ifindex)) // deleted before the lock came
 	}
 	switch {
@@ -266,6 +268,8 @@ func (a *clsactAttacher) Attach(ns netns.NsHandle, nl *netlink.Handle, _ uint64,
 	for _, h := range hooks {
 		f, err := a.add(nl, ifindex, h.parent, h.prog, h.adopt)
 		if err != nil {
+			unlock() // Close takes it again to delete the qdisc
+			unlock = func() {}
 			_ = att.Close()
 			return nil, fmt.Errorf("add cls_bpf filter %s: %w", h.name, err)
 		}
@@ -405,6 +409,10 @@ func lockQdisc(ns netns.NsHandle, ifindex int, wait time.Duration) (unlock func(
 		}
 		if err == nil {
 			return func() { unix.Close(fd) }, true
+		}
+		if fd >= 0 { // bound, but the thread could not go back
+			unix.Close(fd)
+			fd = -1
 		}
 		if !errors.Is(err, unix.EADDRINUSE) || time.Now().After(deadline) {
 			return func() {}, false

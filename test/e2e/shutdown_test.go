@@ -10,11 +10,12 @@ import (
 	"github.com/nsflow/nsflow/test/testenv"
 )
 
-// A client that connected and sent nothing (a TCP probe, an HTTP client's
-// spare dial) is open when serve gets SIGTERM: serve still exits 0, within
-// its shutdown bound, having logged that it closed the connection. (net/http
-// counts such a connection busy for 5 s, which once made serve exit 1 at
-// the end of TestFlood.)
+// A client that connected and never finished a request (a TCP probe, an
+// HTTP client's spare dial, a slow client) is open when serve gets
+// SIGTERM: serve still exits 0, within its shutdown bound, having logged
+// that it closed the connection. (net/http counts a connection that sent
+// nothing busy for 5 s, which once made serve exit 1 at the end of
+// TestFlood.)
 func TestShutdownWithSilentConnection(t *testing.T) {
 	testenv.RequireRoot(t)
 	srv := startServe(t, "http", "--netns.host=false", "--netns.proc=false", "--netns.include", "^e2e-none$")
@@ -23,7 +24,12 @@ func TestShutdownWithSilentConnection(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { conn.Close() })
-	time.Sleep(100 * time.Millisecond) // accepted by serve
+	// Half a request: the connection is busy (net/http counts one that
+	// sent nothing as idle once it is 5-6 s old, which could come first).
+	if _, err := conn.Write([]byte("GET /metrics HTTP/1.1\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(100 * time.Millisecond) // accepted and read by serve
 	begin := time.Now()
 	srv.cmd.Process.Signal(syscall.SIGTERM)
 	done := make(chan error, 1)
