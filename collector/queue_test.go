@@ -518,19 +518,8 @@ func TestReservedPoints(t *testing.T) {
 // process), where the host's only interfaces are lo and that host end.
 func TestHostEndWaitsForPeer(t *testing.T) {
 	testenv.RequireRoot(t)
-	if os.Getenv("NSFLOW_H1_CHILD") != "1" {
-		cmd := exec.Command(os.Args[0], "-test.run=^TestHostEndWaitsForPeer$", "-test.v", "-test.count=1")
-		cmd.Env = append(os.Environ(), "NSFLOW_H1_CHILD=1")
-		cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWNET}
-		out, err := cmd.CombinedOutput()
-		t.Logf("in a network namespace of its own:\n%s", out)
-		if err != nil {
-			t.Fatal(err)
-		}
+	if !inOwnNetns(t) {
 		return
-	}
-	if lo, err := netlink.LinkByName("lo"); err != nil || netlink.LinkSetUp(lo) != nil {
-		t.Fatal("lo", err)
 	}
 	// Blockers: named namespaces whose TCX attaches keep the workers busy.
 	var blockers []*anonNetns
@@ -597,6 +586,30 @@ func TestHostEndWaitsForPeer(t *testing.T) {
 	}
 }
 
+// inOwnNetns runs the calling test again in a child process in a network
+// namespace of its own, whose host has only lo (up) and what the test
+// makes: in the parent it reports false, the child's output logged and
+// its failure the test's; in the child, true: the test goes on there.
+func inOwnNetns(t *testing.T) bool {
+	t.Helper()
+	const env = "NSFLOW_OWN_NETNS_CHILD"
+	if os.Getenv(env) != "1" {
+		cmd := exec.Command(os.Args[0], "-test.run=^"+t.Name()+"$", "-test.v", "-test.count=1")
+		cmd.Env = append(os.Environ(), env+"=1")
+		cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWNET}
+		out, err := cmd.CombinedOutput()
+		t.Logf("in a network namespace of its own:\n%s", out)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return false
+	}
+	if lo, err := netlink.LinkByName("lo"); err != nil || netlink.LinkSetUp(lo) != nil {
+		t.Fatal("lo", err)
+	}
+	return true
+}
+
 func hostEnd(c *collector.Collector, ino uint64, name string) (flow.AttachState, string) {
 	for _, ns := range c.Interfaces() {
 		if ns.Inode == ino {
@@ -637,19 +650,8 @@ func (b *syncBuffer) String() string {
 // over, and counts exactly from then on.
 func TestHostEndHeldForUnobservedPeer(t *testing.T) {
 	testenv.RequireRoot(t)
-	if os.Getenv("NSFLOW_HOLD_CHILD") != "1" {
-		cmd := exec.Command(os.Args[0], "-test.run=^TestHostEndHeldForUnobservedPeer$", "-test.v", "-test.count=1")
-		cmd.Env = append(os.Environ(), "NSFLOW_HOLD_CHILD=1")
-		cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWNET}
-		out, err := cmd.CombinedOutput()
-		t.Logf("in a network namespace of its own:\n%s", out)
-		if err != nil {
-			t.Fatal(err)
-		}
+	if !inOwnNetns(t) {
 		return
-	}
-	if lo, err := netlink.LinkByName("lo"); err != nil || netlink.LinkSetUp(lo) != nil {
-		t.Fatal("lo", err)
 	}
 	var logs syncBuffer
 	c, err := collector.New(collector.Config{Mode: attach.ModeTCX,

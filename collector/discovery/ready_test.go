@@ -61,15 +61,7 @@ func TestClassesAndReady(t *testing.T) {
 		ino, _ := f.nsInode(t.Path)
 		return ino
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- d.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Error(err)
-		}
-	})
+	runDiscovery(t, d)
 	wait(t, "the first scan's adds", func() bool {
 		o.mu.Lock()
 		defer o.mu.Unlock()

@@ -56,15 +56,7 @@ func TestWatchesNetnsDirCreatedLater(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- d.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Error(err)
-		}
-	})
+	runDiscovery(t, d)
 	<-d.Ready()
 
 	if err := os.Mkdir(dir, 0o755); err != nil {
@@ -102,6 +94,21 @@ func bindNetns(t *testing.T, path string) {
 	if out, err := exec.Command("unshare", "--net="+path, "true").CombinedOutput(); err != nil {
 		t.Fatalf("unshare --net=%s: %v\n%s", path, err, out)
 	}
+}
+
+// runDiscovery runs d until the test ends, and fails the test if Run
+// returns an error.
+func runDiscovery(t *testing.T, d *Discovery) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- d.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Error(err)
+		}
+	})
 }
 
 func wait(t *testing.T, what string, cond func() bool) {
@@ -145,15 +152,7 @@ func TestMountFoundWithoutScan(t *testing.T) {
 		t.Fatal(err)
 	}
 	o.d = d
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- d.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Error(err)
-		}
-	})
+	runDiscovery(t, d)
 	<-d.Ready()
 	before := d.Scans()
 
