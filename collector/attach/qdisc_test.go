@@ -94,16 +94,10 @@ func TestQdiscDeleteRace(t *testing.T) {
 // race0/race1; it returns the namespace, a netlink handle in it and race0.
 func raceNetns(t *testing.T) (netns.NsHandle, *netlink.Handle, netlink.Link) {
 	t.Helper()
-	var fd int
-	err := nsenter.Run(func() error { return unix.Unshare(unix.CLONE_NEWNET) }, func() error {
-		var err error
-		fd, err = unix.Open(fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid()), unix.O_RDONLY|unix.O_CLOEXEC, 0)
-		return err
-	})
+	ns, err := nsenter.NewNetns()
 	if err != nil {
 		t.Fatal(err)
 	}
-	ns := netns.NsHandle(fd)
 	t.Cleanup(func() { ns.Close() })
 	setup, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
 	if err != nil {

@@ -10,12 +10,26 @@ import (
 	"runtime"
 
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 )
 
 // Do runs fn inside the namespace ns. Sockets fn opens stay in ns after it
 // returns; processes it starts (exec.Cmd.Start) are created there.
 func Do(ns netns.NsHandle, fn func() error) error {
 	return Run(func() error { return netns.Set(ns) }, fn)
+}
+
+// NewNetns makes a network namespace held only by the handle it returns (no
+// bind mount, no process in it: no discovery finds it); closing the handle
+// lets the kernel free it.
+func NewNetns() (netns.NsHandle, error) {
+	ns := netns.None()
+	err := Run(func() error { return unix.Unshare(unix.CLONE_NEWNET) }, func() error {
+		var err error
+		ns, err = netns.Get()
+		return err
+	})
+	return ns, err
 }
 
 // Run runs enter, then fn, on a locked OS thread, and returns the thread

@@ -50,6 +50,19 @@ func TestRun(t *testing.T) {
 	if threadNetns(t) != before {
 		t.Fatal("the caller's thread changed namespace")
 	}
+	// NewNetns makes another one, held by its handle, without entering it.
+	other, err := NewNetns()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	var in string
+	if err := Do(other, func() error { in = threadNetns(t); return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if in == before || in == inside || threadNetns(t) != before {
+		t.Errorf("NewNetns: %s, want a namespace other than %s and %s, the caller's thread unchanged", in, before, inside)
+	}
 	// Do enters an existing namespace.
 	var again string
 	if err := Do(ns, func() error { again = threadNetns(t); return nil }); err != nil {

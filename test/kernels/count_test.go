@@ -58,12 +58,7 @@ type ns struct {
 
 func newNS(t *testing.T, name string) *ns {
 	t.Helper()
-	var h netns.NsHandle
-	err := nsenter.Run(func() error { return unix.Unshare(unix.CLONE_NEWNET) }, func() error {
-		var err error
-		h, err = netns.Get()
-		return err
-	})
+	h, err := nsenter.NewNetns()
 	if err != nil {
 		t.Fatalf("new namespace %s: %v", name, err)
 	}
